@@ -1,0 +1,1 @@
+"""Conformance suite (pytest plugin): arrives with the adapters issue."""

@@ -1,0 +1,56 @@
+"""hybrid-predict-trainer: train with fewer backward passes by predicting some steps.
+
+The core is written against the Python array API standard, so the same trainer
+drives NumPy, array-api-strict, PyTorch, JAX and CuPy arrays. See README.md.
+"""
+
+from ._baseline import TrendDynamics
+from ._config import HybridConfig
+from ._errors import (
+    BackendError,
+    BatchError,
+    CheckpointError,
+    ConfigError,
+    DivergenceError,
+    HybridError,
+    ModelError,
+)
+from ._features import FEATURE_DIM, FEATURE_NAMES, FEATURE_SLOTS, encode_features
+from ._metrics import MetricsCollector, StepRecord
+from ._phase import Phase, PhaseState, Signals, initial_phase_state, next_phase
+from ._protocols import DynamicsModel, Model, Optimizer, Outcome, Prediction
+from ._state import TrainingState
+from ._trainer import HybridTrainer, StepResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FEATURE_DIM",
+    "FEATURE_NAMES",
+    "FEATURE_SLOTS",
+    "BackendError",
+    "BatchError",
+    "CheckpointError",
+    "ConfigError",
+    "DivergenceError",
+    "DynamicsModel",
+    "HybridConfig",
+    "HybridError",
+    "HybridTrainer",
+    "MetricsCollector",
+    "Model",
+    "ModelError",
+    "Optimizer",
+    "Outcome",
+    "Phase",
+    "PhaseState",
+    "Prediction",
+    "Signals",
+    "StepRecord",
+    "StepResult",
+    "TrainingState",
+    "TrendDynamics",
+    "encode_features",
+    "initial_phase_state",
+    "next_phase",
+]

@@ -1,0 +1,130 @@
+"""`HybridConfig`: every knob of the trainer, validated all at once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = ["DIRECTIONS", "NONFINITE_POLICIES", "HybridConfig"]
+
+DIRECTIONS = ("extrapolate",)
+"""Where a predicted step's direction comes from; ``extrapolate`` = `Optimizer.extrapolate()`."""
+
+NONFINITE_POLICIES = ("raise", "skip")
+"""What a real step does with a NaN/Inf loss or gradient: raise `DivergenceError` or skip the batch."""
+
+_INT_MAX = 10**9
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Settings of `HybridTrainer`; invalid values raise one `ConfigError` listing every problem.
+
+    Phase lengths are in steps. Defaults follow DESIGN §4 (the earlier design's sweep).
+    """
+
+    warmup_steps: int = 100
+    """Real steps before anything is predicted (statistics baseline)."""
+    min_full_steps: int = 50
+    """Real steps in each FULL phase before a PREDICT phase may start."""
+    max_full_steps: int = 2000
+    """A FULL phase never lasts longer: at this bound a short probe PREDICT is tried."""
+    max_predict_steps: int = 75
+    """Upper bound of a PREDICT phase (the horizon)."""
+    probe_steps: int = 5
+    """Length of the probe PREDICT that ends an over-long FULL phase (checked every step)."""
+    check_interval: int = 15
+    """Forward-only loss check every this many predicted steps; 0 = never."""
+    correct_steps: int = 10
+    """Real steps in each CORRECT phase."""
+    confidence_threshold: float = 0.60
+    """The dynamics model's confidence needed to start a PREDICT phase."""
+    divergence_sigma: float = 2.2
+    """A real-step loss this many standard deviations above its EMA counts as diverging."""
+    direction: str = "extrapolate"
+    """Source of predicted-step directions, one of `DIRECTIONS`."""
+    on_nonfinite: str = "raise"
+    """NaN/Inf loss or gradient in a real step: ``raise`` or ``skip`` the batch."""
+    history_size: int = 256
+    """Capacity of each ring buffer of `TrainingState`."""
+    metrics_max_records: int = 100_000
+    """Per-step records kept in memory by `MetricsCollector` (totals are always exact)."""
+    seed: int = 0
+    """Seed of every random choice the trainer makes."""
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ConfigError(problems)
+
+    def replace(self, **changes: Any) -> HybridConfig:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError([f"unknown field {name!r}" for name in unknown])
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return HybridConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for checkpoints and reports)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _int_problem(name: str, value: Any, low: int, high: int = _INT_MAX) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name}={value!r}: must be an integer in [{low}, {high}]"
+    if not low <= value <= high:
+        return f"{name}={value!r}: must be in [{low}, {high}]"
+    return None
+
+
+def _float_problem(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> str | None:
+    left = "(" if open_low else "["
+    allowed = f"{left}{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name}={value!r}: must be a number in {allowed}"
+    if not math.isfinite(value) or value > high or value < low or (open_low and value == low):
+        return f"{name}={value!r}: must be a finite number in {allowed}"
+    return None
+
+
+def _choice_problem(name: str, value: Any, allowed: tuple[str, ...]) -> str | None:
+    if value not in allowed:
+        return f"{name}={value!r}: must be one of {', '.join(map(repr, allowed))}"
+    return None
+
+
+def _problems(c: HybridConfig) -> list[str]:
+    checks = [
+        _int_problem("warmup_steps", c.warmup_steps, 1),
+        _int_problem("min_full_steps", c.min_full_steps, 1),
+        _int_problem("max_full_steps", c.max_full_steps, 1),
+        _int_problem("max_predict_steps", c.max_predict_steps, 1, 100_000),
+        _int_problem("probe_steps", c.probe_steps, 1, 100_000),
+        _int_problem("check_interval", c.check_interval, 0, 100_000),
+        _int_problem("correct_steps", c.correct_steps, 1),
+        _float_problem("confidence_threshold", c.confidence_threshold, 0.0, 1.0),
+        _float_problem("divergence_sigma", c.divergence_sigma, 0.0, 1e6, open_low=True),
+        _choice_problem("direction", c.direction, DIRECTIONS),
+        _choice_problem("on_nonfinite", c.on_nonfinite, NONFINITE_POLICIES),
+        _int_problem("history_size", c.history_size, 16, 1_000_000),
+        _int_problem("metrics_max_records", c.metrics_max_records, 0),
+        _int_problem("seed", c.seed, 0, 2**63 - 1),
+    ]
+    problems = [p for p in checks if p is not None]
+    # Cross-field bounds only make sense once both fields are valid integers.
+    if not any(p.startswith(("min_full_steps=", "max_full_steps=")) for p in problems):
+        if c.max_full_steps < c.min_full_steps:
+            problems.append(
+                f"max_full_steps={c.max_full_steps!r}: must be >= min_full_steps ({c.min_full_steps})"
+            )
+    if not any(p.startswith(("probe_steps=", "max_predict_steps=")) for p in problems):
+        if c.probe_steps > c.max_predict_steps:
+            problems.append(
+                f"probe_steps={c.probe_steps!r}: must be <= max_predict_steps ({c.max_predict_steps})"
+            )
+    return problems

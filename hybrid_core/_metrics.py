@@ -1,0 +1,113 @@
+"""`MetricsCollector`: per-step records (bounded) and exact running totals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from ._phase import Phase
+
+__all__ = ["MetricsCollector", "StepRecord"]
+
+
+class StepRecord(NamedTuple):
+    """What one trainer step did and how long it took."""
+
+    step: int
+    phase: str
+    loss: float | None
+    predicted_loss: float | None
+    backward: bool
+    wall_seconds: float
+    confidence: float
+    skipped: bool = False
+
+
+class MetricsCollector:
+    """Keeps the newest ``max_records`` step records and exact totals over the whole run.
+
+    Totals (steps, backward passes, steps and seconds per phase, event counts) never
+    drop anything, so `summary` stays exact for runs far longer than the record buffer.
+    """
+
+    def __init__(self, max_records: int = 100_000) -> None:
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
+            raise ValueError(f"max_records must be an integer >= 0, got {max_records!r}")
+        self._records: deque[StepRecord] = deque(maxlen=max_records)
+        self._steps = 0
+        self._backward = 0
+        self._phase_steps = {p.value: 0 for p in Phase}
+        self._phase_seconds = {p.value: 0.0 for p in Phase}
+        self._events: dict[str, int] = {}
+
+    def record(self, rec: StepRecord) -> None:
+        """Add one step's record and update the totals."""
+        self._records.append(rec)
+        self._steps += 1
+        self._backward += int(rec.backward)
+        self._phase_steps[rec.phase] += 1
+        self._phase_seconds[rec.phase] += rec.wall_seconds
+
+    def count(self, event: str, n: int = 1) -> None:
+        """Add ``n`` to the counter of ``event`` (checks, failed checks, rollbacks, skips, …)."""
+        self._events[event] = self._events.get(event, 0) + n
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """The kept records, oldest first."""
+        return list(self._records)
+
+    def summary(self) -> dict[str, Any]:
+        """Totals of the run: steps, backward passes, steps and wall seconds per phase, events."""
+        return {
+            "steps": self._steps,
+            "backward_passes": self._backward,
+            "backward_passes_skipped": self._steps - self._backward,
+            "steps_per_phase": dict(self._phase_steps),
+            "wall_seconds_per_phase": dict(self._phase_seconds),
+            "wall_seconds": sum(self._phase_seconds.values()),
+            "events": dict(sorted(self._events.items())),
+            "records_kept": len(self._records),
+        }
+
+    def to_jsonl(self, path: str | os.PathLike[str]) -> int:
+        """Write the kept records as JSON Lines (one object per step); returns how many."""
+        return write_jsonl(path, (r._asdict() for r in self._records))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Totals and kept records as plain Python values."""
+        return {
+            "max_records": self._records.maxlen,
+            "records": [list(r) for r in self._records],
+            "steps": self._steps,
+            "backward": self._backward,
+            "phase_steps": dict(self._phase_steps),
+            "phase_seconds": dict(self._phase_seconds),
+            "events": dict(self._events),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self._records = deque((StepRecord(*r) for r in state["records"]), maxlen=state["max_records"])
+        self._steps = int(state["steps"])
+        self._backward = int(state["backward"])
+        self._phase_steps = {k: int(v) for k, v in state["phase_steps"].items()}
+        self._phase_seconds = {k: float(v) for k, v in state["phase_seconds"].items()}
+        self._events = {k: int(v) for k, v in state["events"].items()}
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:
+    """Write ``rows`` as JSON Lines through a temporary file renamed into place."""
+    tmp = f"{os.fspath(path)}.tmp"
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            f.write(json.dumps(clean) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n

@@ -1,0 +1,131 @@
+"""The three contracts the trainer drives: `Model`, `Optimizer`, `DynamicsModel`.
+
+They are structural (`typing.Protocol`, runtime-checkable), so a user's class
+satisfies them by having the methods; nothing needs to inherit from here.
+Arrays are whatever array-API namespace the model uses (NumPy, array-api-strict,
+PyTorch, JAX, CuPy); parameters, gradients and updates are flat lists of
+arrays in one fixed order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "Array",
+    "DynamicsModel",
+    "Model",
+    "Optimizer",
+    "Outcome",
+    "Prediction",
+]
+
+Array = Any
+"""An array of any array-API namespace (kept loose on purpose: the core is backend-neutral)."""
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A trainable model seen as a flat list of parameter arrays."""
+
+    def parameters(self) -> list[Array]:
+        """The current parameter arrays, in a fixed order shared by gradients and updates."""
+        ...
+
+    def loss(self, batch: Any) -> Array:
+        """Forward pass only: the scalar (0-d) loss on ``batch``, in the model's namespace."""
+        ...
+
+    def loss_and_grad(self, batch: Any) -> tuple[Array, list[Array]]:
+        """Forward and backward pass: the scalar loss and one gradient per parameter."""
+        ...
+
+    def apply_update(self, update: Sequence[Array], scale: float) -> None:
+        """θ ← θ + scale·update for every parameter (functional backends rebind)."""
+        ...
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """Turns gradients into parameter updates and can guess the next update."""
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate."""
+        ...
+
+    @lr.setter
+    def lr(self, value: float) -> None: ...
+
+    def step(self, grads: Sequence[Array]) -> list[Array]:
+        """Apply one real update to the model and return the update Δθ it applied."""
+        ...
+
+    def extrapolate(self) -> list[Array]:
+        """The predicted next update Δθ from the optimizer's own state, with no new gradient.
+
+        Does not change the model or the optimizer state.
+        """
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: scalars and arrays."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        ...
+
+
+class Outcome(NamedTuple):
+    """What a real step showed, fed to `DynamicsModel.observe`.
+
+    ``loss`` is the loss measured after the features were taken; ``step_scale``
+    is the best scale for a predicted step when a correction measured one
+    (``None`` otherwise).
+    """
+
+    loss: float
+    step_scale: float | None = None
+
+
+class Prediction(NamedTuple):
+    """A predicted loss trajectory for the next ``horizon`` steps.
+
+    ``loss[k]``, ``lower[k]``, ``upper[k]`` are the expected loss and a band
+    around it after ``k + 1`` predicted steps; ``step_scale[k]`` is how far the
+    ``k``-th predicted step should go along its direction (1.0 = one full
+    optimizer update). ``confidence`` is in [0, 1].
+    """
+
+    loss: tuple[float, ...]
+    lower: tuple[float, ...]
+    upper: tuple[float, ...]
+    step_scale: tuple[float, ...]
+    confidence: float
+
+
+@runtime_checkable
+class DynamicsModel(Protocol):
+    """Learns the loss trajectory from features and predicts the next steps."""
+
+    def observe(self, features: Array, outcome: Outcome) -> None:
+        """Learn from one real step: ``features`` before it, ``outcome`` after it."""
+        ...
+
+    def predict(self, features: Array, horizon: int) -> Prediction:
+        """Predict the next ``horizon`` steps from ``features``."""
+        ...
+
+    def confidence(self) -> float:
+        """Trust in the predictions, in [0, 1]; cached until the next `observe`."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: scalars and arrays."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        ...

@@ -1,0 +1,213 @@
+"""`TrainingState`: bounded history of the run that the feature encoder reads."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RingBuffer", "TrainingState"]
+
+_FAST, _SLOW = 0.1, 0.01
+
+
+class RingBuffer:
+    """A fixed-capacity float64 history; appending past capacity drops the oldest value."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._data = np.zeros(capacity, dtype=np.float64)
+        self._next = 0
+        self._size = 0
+
+    @property
+    def capacity(self) -> int:
+        """How many values the buffer holds at most."""
+        return self._data.shape[0]
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, value: float) -> None:
+        """Add ``value``, overwriting the oldest one when full."""
+        self._data[self._next] = value
+        self._next = (self._next + 1) % self.capacity
+        self._size = min(self._size + 1, self.capacity)
+
+    def last(self, n: int | None = None) -> np.ndarray:
+        """The newest ``n`` values (all when ``None``), oldest first, as a copy."""
+        n = self._size if n is None else max(0, min(n, self._size))
+        idx = (self._next - n + np.arange(n)) % self.capacity
+        return self._data[idx]
+
+    def get(self, age: int) -> float:
+        """The value ``age`` appends ago (0 = newest); requires ``age < len(self)``."""
+        if not 0 <= age < self._size:
+            raise IndexError(f"age {age} outside history of {self._size}")
+        return float(self._data[(self._next - 1 - age) % self.capacity])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The values (oldest first) and capacity."""
+        return {"capacity": self.capacity, "values": self.last().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        values = list(state["values"])
+        self._data = np.zeros(int(state["capacity"]), dtype=np.float64)
+        self._next = self._size = 0
+        for v in values[-self.capacity:]:
+            self.append(float(v))
+
+
+class TrainingState:
+    """Running statistics and bounded histories of one training run.
+
+    Only Python floats live here (read from the device once per real step), so the
+    whole state is small: ``history_size`` values per buffer, whatever the run length.
+    """
+
+    def __init__(self, history_size: int = 256) -> None:
+        self.losses = RingBuffer(history_size)
+        """Loss of each real step (finite only)."""
+        self.grad_norms = RingBuffer(history_size)
+        """Gradient L2 norm of each real step."""
+        self.step = 0
+        self.real_steps = 0
+        self.predicted_steps = 0
+        self.skipped_steps = 0
+        self.first_loss = math.nan
+        self.min_loss = math.inf
+        self.steps_since_min = 0
+        self.loss_ema_fast = math.nan
+        self.loss_ema_slow = math.nan
+        self.loss_var_ema = 0.0
+        self.delta_ema = 0.0
+        self.abs_delta_ema = 0.0
+        self.grad_norm = 0.0
+        self.grad_norm_ema = math.nan
+        self.grad_max = 0.0
+        self.grad_rms = 0.0
+        self.warmup_grad_norm = math.nan
+        self.update_norm = 0.0
+        self.update_norm_ema = 0.0
+        self.cos_grad_update = 0.0
+        self.cos_ema = 0.0
+        self.lr = 0.0
+        self.initial_lr = math.nan
+        self.param_count = 0
+        self.steps_since_correction = 0
+        self.pred_err_last = 0.0
+        self.pred_err_ema = 0.0
+        self.last_horizon = 0
+        self.last_check = 0.5
+        self.nonfinite_ema = 0.0
+        self.warmup_done = False
+
+    # -- recording -------------------------------------------------------------------------
+
+    def record_real(
+        self,
+        loss: float,
+        grad_sq: float,
+        update_sq: float,
+        grad_dot_update: float,
+        grad_max: float,
+        param_count: int,
+        lr: float,
+        warmup: bool,
+    ) -> None:
+        """Record one real step: its loss, gradient statistics and the previous update's."""
+        prev_loss = self.losses.get(0) if len(self.losses) else loss
+        self.losses.append(loss)
+        gnorm = math.sqrt(max(grad_sq, 0.0))
+        self.grad_norms.append(gnorm)
+        if self.real_steps == 0:
+            self.first_loss = loss
+            self.loss_ema_fast = self.loss_ema_slow = loss
+            self.grad_norm_ema = gnorm
+            self.initial_lr = lr
+        if loss < self.min_loss:
+            self.min_loss, self.steps_since_min = loss, 0
+        else:
+            self.steps_since_min += 1
+        delta = _log(loss) - _log(prev_loss)
+        self.delta_ema += _FAST * (delta - self.delta_ema)
+        self.abs_delta_ema += _FAST * (abs(delta) - self.abs_delta_ema)
+        dev = loss - self.loss_ema_fast
+        self.loss_var_ema += _FAST * (dev * dev - self.loss_var_ema)
+        self.loss_ema_fast += _FAST * (loss - self.loss_ema_fast)
+        self.loss_ema_slow += _SLOW * (loss - self.loss_ema_slow)
+        self.grad_norm = gnorm
+        self.grad_norm_ema += _FAST * (gnorm - self.grad_norm_ema)
+        self.grad_max = grad_max
+        self.grad_rms = gnorm / math.sqrt(max(param_count, 1))
+        if warmup:
+            n = self.real_steps + 1
+            base = 0.0 if math.isnan(self.warmup_grad_norm) else self.warmup_grad_norm
+            self.warmup_grad_norm = base + (gnorm - base) / n
+        self.update_norm = math.sqrt(max(update_sq, 0.0))
+        self.update_norm_ema += _FAST * (self.update_norm - self.update_norm_ema)
+        denom = gnorm * self.update_norm
+        self.cos_grad_update = grad_dot_update / denom if denom > 0 else 0.0
+        self.cos_ema += _FAST * (self.cos_grad_update - self.cos_ema)
+        self.lr = lr
+        self.param_count = param_count
+        self.nonfinite_ema *= 1.0 - _FAST
+        self.real_steps += 1
+        self.step += 1
+        self.steps_since_correction += 1
+        self.warmup_done = self.warmup_done or not warmup
+
+    def record_skip(self) -> None:
+        """Record a real step whose batch was skipped for a NaN/Inf loss or gradient."""
+        self.skipped_steps += 1
+        self.step += 1
+        self.nonfinite_ema += _FAST * (1.0 - self.nonfinite_ema)
+
+    def record_predicted(self) -> None:
+        """Record one predicted (backward-free) step."""
+        self.predicted_steps += 1
+        self.step += 1
+        self.steps_since_correction += 1
+
+    def record_prediction_error(self, predicted: float, actual: float) -> None:
+        """Record how far a predicted loss was from the measured one (in log space)."""
+        err = abs(_log(actual) - _log(predicted))
+        self.pred_err_last = err
+        self.pred_err_ema += _FAST * (err - self.pred_err_ema)
+
+    def record_check(self, passed: bool) -> None:
+        """Record the result of a forward-only check during PREDICT."""
+        self.last_check = 1.0 if passed else 0.0
+
+    def start_predict(self, horizon: int) -> None:
+        """Record that a PREDICT phase of ``horizon`` steps starts."""
+        self.last_horizon = horizon
+
+    def mark_correction(self) -> None:
+        """Record that a CORRECT phase ended."""
+        self.steps_since_correction = 0
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """All fields as plain Python values."""
+        out: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            out[key] = value.state_dict() if isinstance(value, RingBuffer) else value
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        for key, value in state.items():
+            current = getattr(self, key)
+            if isinstance(current, RingBuffer):
+                current.load_state_dict(value)
+            else:
+                setattr(self, key, value)
+
+
+def _log(x: float) -> float:
+    return math.log(max(x, 1e-30))

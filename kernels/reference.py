@@ -1,0 +1,39 @@
+"""Array-API reference implementations of the fused whole-parameter operations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+__all__ = ["STATS_FIELDS", "fused_stats"]
+
+STATS_FIELDS = ("loss", "grad_sq", "update_sq", "grad_dot_update", "grad_max_abs", "nonfinite")
+"""Order of the entries of the vector `fused_stats` returns."""
+
+
+def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
+    """One 1-D array: loss, Σg², Σu², Σg·u, max|g| and the count of non-finite gradient entries.
+
+    Stays on the device in the loss's namespace and dtype, so the caller reads every
+    per-step scalar with a single host transfer. ``updates`` may be ``None`` (no
+    update yet): its entries are then 0.
+    """
+    xp = array_api_compat.array_namespace(loss, *grads)
+    dtype = loss.dtype
+    zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(loss))
+    grad_sq = update_sq = dot = grad_max = nonfinite = zero
+    for i, g in enumerate(grads):
+        g = xp.astype(g, dtype) if g.dtype != dtype else g
+        if array_api_compat.size(g) == 0:
+            continue
+        grad_sq = grad_sq + xp.sum(g * g)
+        grad_max = xp.maximum(grad_max, xp.max(xp.abs(g)))
+        nonfinite = nonfinite + xp.astype(xp.sum(xp.astype(~xp.isfinite(g), xp.int32)), dtype)
+        if updates is not None:
+            u = updates[i]
+            u = xp.astype(u, dtype) if u.dtype != dtype else u
+            update_sq = update_sq + xp.sum(u * u)
+            dot = dot + xp.sum(g * u)
+    return xp.stack([xp.reshape(loss, ()), grad_sq, update_sq, dot, grad_max, nonfinite])
