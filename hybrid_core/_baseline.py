@@ -4,7 +4,10 @@ Holt's linear-trend smoothing of log-loss: a level ℓ and a per-step trend b,
 updated on every observed real step. The forecast k steps ahead is
 exp(ℓ + k·b); its band comes from the one-step residuals. Confidence is the
 recent accuracy of the model's own ``lookahead``-step forecasts of the level,
-so it is only high when the trajectory has been predictable lately.
+beyond what batch noise alone explains (the level itself jitters by about
+σ·√(α/(2−α)) when the one-step residuals have spread σ), so it is only high when
+the trend has been predictable lately; pure noise around a good trend is not
+held against it, a wandering trajectory is.
 """
 
 from __future__ import annotations
@@ -108,13 +111,16 @@ class TrendDynamics:
         )
 
     def confidence(self) -> float:
-        """exp(−recent forecast error / tolerance) once enough steps were seen; 0 before."""
+        """exp(−(forecast error − level noise)₊ / tolerance) once enough steps were seen; 0 before."""
         return self._confidence
 
     def _compute_confidence(self) -> float:
         if self._seen < self.min_observations or math.isnan(self._forecast_err):
             return 0.0
-        return float(min(1.0, max(0.0, math.exp(-self._forecast_err / self.tolerance))))
+        a = self.level_rate
+        level_noise = math.sqrt(max(self._resid_var, 0.0) * a / (2.0 - a))
+        excess = max(0.0, self._forecast_err - level_noise)
+        return float(min(1.0, max(0.0, math.exp(-excess / self.tolerance))))
 
     def state_dict(self) -> dict[str, Any]:
         """Scalars and the pending forecasts."""

@@ -1,0 +1,5 @@
+"""Reference models written in the pure array API (run on every backend)."""
+
+from .mlp import MLP
+
+__all__ = ["MLP"]
