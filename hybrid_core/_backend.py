@@ -46,7 +46,7 @@ def as_namespace(xp: ModuleType | None) -> ModuleType:
         xp = numpy
     try:
         probe = xp.asarray(0.0)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not an array module"
+    except Exception as exc:
         raise BackendError(
             f"{xp!r} is not an array namespace: xp.asarray(0.0) failed ({exc})",
             "Pass an array module such as numpy, array_api_strict, torch or jax.numpy.",
@@ -105,7 +105,7 @@ def to_numpy(x: Any) -> np.ndarray:
         return x.get()
     try:
         return np.asarray(x)
-    except Exception:  # noqa: BLE001 - array-api-strict refuses __array__ on some versions
+    except Exception:
         return np.asarray(x.tolist()) if hasattr(x, "tolist") else np.from_dlpack(x)
 
 

@@ -27,7 +27,7 @@ from .data import split_digits
 from .models import MLP
 from .optim import Adam
 
-__all__ = ["BACKENDS", "DemoRow", "load_backend", "run_demo", "format_table"]
+__all__ = ["BACKENDS", "DemoRow", "format_table", "load_backend", "run_demo"]
 
 BACKENDS = {
     "numpy": "numpy",

@@ -38,5 +38,5 @@ def split_digits(val_fraction: float = 0.2, seed: int = 0) -> Split:
     x, y = load_digits()
     order = np.random.default_rng(seed).permutation(len(y))
     x, y = x[order] / 16.0, y[order]
-    n_val = int(round(len(y) * val_fraction))
+    n_val = round(len(y) * val_fraction)
     return Split(x[n_val:], y[n_val:], x[:n_val], y[:n_val])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from types import ModuleType
@@ -61,7 +62,7 @@ class MLP:
         self.device = device
         rng = np.random.default_rng(seed)
         params = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             w = rng.normal(0.0, 1.0 / math.sqrt(fan_in), size=(fan_in, fan_out))
             params += [from_numpy(self.xp, w, dtype=self.dtype, device=device),
                        from_numpy(self.xp, np.zeros(fan_out), dtype=self.dtype, device=device)]
