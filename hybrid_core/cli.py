@@ -30,7 +30,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"rollbacks {events.get('rollbacks', 0)}, probes {events.get('probes', 0)}")
     print(f"final validation loss: hybrid {hybrid.val_loss:.4f} vs plain {plain.val_loss:.4f} (same steps) "
           f"vs {rows[2].val_loss:.4f} (same backward passes)")
-    print("Wall-clock here is not a speed claim: see `hybrid-train bench` (DESIGN §8) for measured speed-ups.")
+    print("Wall-clock here is not a speed claim: speed is only claimed through the benchmark protocol "
+          "(DESIGN §8, `hybrid-train bench`, not built yet).")
     if args.jsonl:
         n = trainer.metrics.to_jsonl(args.jsonl)
         print(f"wrote {n} step records to {args.jsonl}")
