@@ -17,20 +17,14 @@ __all__ = [
     "library_name",
     "namespace_of",
     "same_namespace",
-    "to_float",
     "to_numpy",
 ]
 
 
 def library_name(xp: ModuleType) -> str:
     """A short human name for an array namespace ('numpy', 'torch', 'jax', ...)."""
-    name = getattr(xp, "__name__", str(xp))
-    for prefix in ("array_api_compat.", "jax.", "jax"):
-        if name.startswith(prefix) and prefix != "jax":
-            name = name[len(prefix):]
-    if name.startswith("jax"):
-        return "jax"
-    return name.split(".")[0]
+    name = getattr(xp, "__name__", str(xp)).removeprefix("array_api_compat.")
+    return "jax" if name.startswith("jax") else name.split(".")[0]
 
 
 def as_namespace(xp: ModuleType | None) -> ModuleType:
@@ -107,11 +101,6 @@ def to_numpy(x: Any) -> np.ndarray:
         return np.asarray(x)
     except Exception:
         return np.asarray(x.tolist()) if hasattr(x, "tolist") else np.from_dlpack(x)
-
-
-def to_float(x: Any) -> float:
-    """A Python float from a 0-d array or number (a host sync when ``x`` is an array)."""
-    return float(x)
 
 
 def _array_library(a: Any) -> str:

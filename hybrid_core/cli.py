@@ -42,6 +42,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conformance(args: argparse.Namespace) -> int:
+    import pytest
+
+    extra = [arg for spec in args.cases for arg in ("--hybrid-case", spec)]
+    return int(pytest.main(["--pyargs", "hybrid_core.conformance", "-q", "-p", "no:cacheprovider", *extra]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `hybrid-train`."""
     parser = argparse.ArgumentParser(
@@ -60,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="PATH", help="write the comparison table as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(func=_demo)
+    conf = sub.add_parser("conformance", help="run the conformance suite (needs pytest) on built-in or your cases")
+    conf.add_argument("cases", nargs="*", metavar="MODULE:FACTORY",
+                      help="factories returning ConformanceCase objects; none = the built-in cases")
+    conf.set_defaults(func=_conformance)
     return parser
 
 

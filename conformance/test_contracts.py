@@ -1,0 +1,143 @@
+"""The contracts every `Model`/`Optimizer` pair must keep; each failure names its contract."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from hybrid_core import HybridConfig, HybridTrainer, Phase
+from hybrid_core._backend import from_numpy, to_numpy
+from hybrid_core.conformance import ConformanceCase
+
+SHORT_RUN = HybridConfig(warmup_steps=10, min_full_steps=10, max_full_steps=20, max_predict_steps=10,
+                         probe_steps=3, check_interval=3, correct_steps=3)
+
+
+def _is64(params: list[Any]) -> bool:
+    return all("64" in str(p.dtype) for p in params)
+
+
+def _setup(case: ConformanceCase, seed: int = 0) -> tuple[Any, Any, Any, Any]:
+    model = case.make_model(seed)
+    return model, case.make_optimizer(model), case.make_batches(seed), array_api_compat.array_namespace(
+        *model.parameters())
+
+
+def _host(params: list[Any]) -> list[np.ndarray]:
+    return [np.array(to_numpy(p), dtype=np.float64) for p in params]
+
+
+def test_loss_is_a_finite_scalar_of_the_model_namespace(hybrid_case: ConformanceCase) -> None:
+    model, _, batches, xp = _setup(hybrid_case)
+    loss = model.loss(next(batches))
+    contract = "contract 'loss is a finite scalar of the model's namespace and device'"
+    assert array_api_compat.array_namespace(loss) is xp, f"{contract}: loss is of another array library"
+    assert tuple(loss.shape) == (), f"{contract}: loss has shape {tuple(loss.shape)}"
+    assert math.isfinite(float(to_numpy(loss))), f"{contract}: loss is {float(to_numpy(loss))}"
+    device = array_api_compat.device(model.parameters()[0])
+    assert array_api_compat.device(loss) == device, f"{contract}: loss on {array_api_compat.device(loss)}"
+
+
+def test_loss_and_grad_matches_finite_differences(hybrid_case: ConformanceCase) -> None:
+    model, _, batches, xp = _setup(hybrid_case)
+    batch = next(batches)
+    params = model.parameters()
+    wide = not _is64(params)
+    eps = hybrid_case.fd_eps or (1e-2 if wide else 1e-6)
+    rtol = hybrid_case.grad_rtol or (5e-2 if wide else 1e-5)
+    rng = np.random.default_rng(7)
+    direction = [from_numpy(xp, rng.normal(size=tuple(p.shape)), dtype=p.dtype,
+                            device=array_api_compat.device(p)) for p in params]
+    _, grads = model.loss_and_grad(batch)
+    analytic = sum(float(np.sum(g * d)) for g, d in zip(_host(grads), _host(direction)))
+    model.apply_update(direction, eps)
+    up = float(to_numpy(model.loss(batch)))
+    model.apply_update(direction, -2 * eps)
+    down = float(to_numpy(model.loss(batch)))
+    model.apply_update(direction, eps)
+    numeric = (up - down) / (2 * eps)
+    scale = max(abs(numeric), abs(analytic), 1e-8)
+    assert abs(numeric - analytic) <= rtol * scale, (
+        f"contract 'loss_and_grad agrees with a finite-difference directional derivative': "
+        f"gradient·d = {analytic:.6g}, (L(θ+εd) − L(θ−εd))/2ε = {numeric:.6g} (rtol {rtol}); "
+        "check the gradient's sign and scale"
+    )
+
+
+def test_apply_update_round_trip_restores_parameters(hybrid_case: ConformanceCase) -> None:
+    model, _, _, xp = _setup(hybrid_case)
+    before = _host(model.parameters())
+    rng = np.random.default_rng(3)
+    update = [from_numpy(xp, rng.normal(size=tuple(p.shape)), dtype=p.dtype,
+                         device=array_api_compat.device(p)) for p in model.parameters()]
+    model.apply_update(update, 0.37)
+    moved = _host(model.parameters())
+    model.apply_update(update, -0.37)
+    atol = hybrid_case.round_trip_atol or (1e-5 if not _is64(model.parameters()) else 1e-12)
+    contract = "contract 'apply_update(u, s) then apply_update(u, -s) restores the parameters'"
+    assert any(not np.allclose(a, b) for a, b in zip(before, moved)), f"{contract}: apply_update changed nothing"
+    for i, (a, b) in enumerate(zip(before, _host(model.parameters()))):
+        assert np.allclose(a, b, atol=atol, rtol=0), f"{contract}: parameter {i} off by {np.max(np.abs(a - b))}"
+
+
+def test_optimizer_step_changes_parameters_and_extrapolate_matches_them(hybrid_case: ConformanceCase) -> None:
+    model, opt, batches, xp = _setup(hybrid_case)
+    before = _host(model.parameters())
+    for _ in range(3):
+        opt.step(model.loss_and_grad(next(batches))[1])
+    after = _host(model.parameters())
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after)), (
+        "contract 'Optimizer.step changes the parameters': nothing moved after 3 steps")
+    guess = list(opt.extrapolate())
+    params = model.parameters()
+    contract = "contract 'extrapolate() matches the parameters in structure, shape, dtype, namespace and device'"
+    assert len(guess) == len(params), f"{contract}: {len(guess)} arrays for {len(params)} parameters"
+    for i, (g, p) in enumerate(zip(guess, params)):
+        assert tuple(g.shape) == tuple(p.shape), f"{contract}: array {i} shape {tuple(g.shape)} vs {tuple(p.shape)}"
+        assert g.dtype == p.dtype, f"{contract}: array {i} dtype {g.dtype} vs {p.dtype}"
+        assert array_api_compat.array_namespace(g) is xp, f"{contract}: array {i} is of another library"
+        assert array_api_compat.device(g) == array_api_compat.device(p), f"{contract}: array {i} device"
+    assert _host(model.parameters())[0].tobytes() == after[0].tobytes(), (
+        "contract 'extrapolate() changes nothing': it moved the parameters")
+
+
+def test_state_dict_round_trip_resumes_identically(hybrid_case: ConformanceCase) -> None:
+    model_a, opt_a, batches_a, _ = _setup(hybrid_case, seed=1)
+    for _ in range(3):
+        opt_a.step(model_a.loss_and_grad(next(batches_a))[1])
+    model_b, opt_b, _, _ = _setup(hybrid_case, seed=1)
+    model_b.apply_update([a - b for a, b in zip(model_a.parameters(), model_b.parameters())], 1.0)
+    opt_b.load_state_dict(opt_a.state_dict())
+    batch = next(batches_a)
+    ua = _host(opt_a.step(model_a.loss_and_grad(batch)[1]))
+    ub = _host(opt_b.step(model_b.loss_and_grad(batch)[1]))
+    for i, (a, b) in enumerate(zip(ua, ub)):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-7), (
+            f"contract 'state_dict round trip': update {i} differs after load_state_dict")
+
+
+def test_same_seed_gives_same_losses(hybrid_case: ConformanceCase) -> None:
+    runs = []
+    for _ in range(2):
+        model, opt, batches, _ = _setup(hybrid_case, seed=5)
+        losses = []
+        for _ in range(5):
+            loss, grads = model.loss_and_grad(next(batches))
+            losses.append(float(to_numpy(loss)))
+            opt.step(grads)
+        runs.append(losses)
+    assert runs[0] == runs[1], f"contract 'same seed gives the same losses': {runs[0]} vs {runs[1]}"
+
+
+def test_short_hybrid_run_visits_every_phase_without_nan(hybrid_case: ConformanceCase) -> None:
+    model, opt, batches, _ = _setup(hybrid_case, seed=2)
+    trainer = HybridTrainer(model, opt, SHORT_RUN)
+    summary = trainer.fit(batches, 80, progress=False)
+    counts = summary["steps_per_phase"]
+    contract = "contract 'a short HybridTrainer run visits every phase, counts backward passes, makes no NaN'"
+    assert all(counts[p.value] > 0 for p in Phase), f"{contract}: phases {counts}"
+    assert summary["backward_passes"] == summary["steps"] - counts["predict"], f"{contract}: {summary}"
+    assert all(np.all(np.isfinite(p)) for p in _host(model.parameters())), f"{contract}: NaN in parameters"
