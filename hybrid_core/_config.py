@@ -10,8 +10,9 @@ from ._errors import ConfigError
 
 __all__ = ["DIRECTIONS", "NONFINITE_POLICIES", "HybridConfig"]
 
-DIRECTIONS = ("extrapolate",)
-"""Where a predicted step's direction comes from; ``extrapolate`` = `Optimizer.extrapolate()`."""
+DIRECTIONS = ("extrapolate", "linefit")
+"""Where a predicted step's direction comes from: ``extrapolate`` = `Optimizer.extrapolate()`,
+``linefit`` = a least-squares line through parameter snapshots."""
 
 NONFINITE_POLICIES = ("raise", "skip")
 """What a real step does with a NaN/Inf loss or gradient: raise `DivergenceError` or skip the batch."""
@@ -46,6 +47,20 @@ class HybridConfig:
     """A real-step loss this many standard deviations above its EMA counts as diverging."""
     direction: str = "extrapolate"
     """Source of predicted-step directions, one of `DIRECTIONS`."""
+    linefit_snapshots: int = 5
+    """``linefit``: how many parameter snapshots the line goes through (memory: that many copies)."""
+    linefit_spacing: int = 10
+    """``linefit``: real steps between snapshots."""
+    horizon_arms: tuple[int, ...] = (0, 5, 15, 30, 50, 75)
+    """PREDICT horizons the bandit chooses from; must include 0 (do not predict)."""
+    bandit_alpha: float = 0.5
+    """LinUCB exploration weight; 0 = greedy."""
+    use_bandit: bool = True
+    """Let the bandit pick the horizon (False: always ``max_predict_steps``)."""
+    correction_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
+    """Fractions of the PREDICT displacement to roll back that CORRECT's line search tries."""
+    explode_ratio: float = 10.0
+    """Gradient norm this many times the WARMUP mean forces real steps."""
     on_nonfinite: str = "raise"
     """NaN/Inf loss or gradient in a real step: ``raise`` or ``skip`` the batch."""
     history_size: int = 256
@@ -98,6 +113,20 @@ def _choice_problem(name: str, value: Any, allowed: tuple[str, ...]) -> str | No
     return None
 
 
+def _arms_problem(arms: Any) -> str | None:
+    ok = isinstance(arms, tuple) and len(arms) >= 1 and all(
+        isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= 100_000 for a in arms)
+    if not ok or 0 not in arms or len(set(arms)) != len(arms):
+        return f"horizon_arms={arms!r}: must be a tuple of distinct integers in [0, 100000] including 0"
+    return None
+
+
+def _fractions_problem(fractions: Any) -> str | None:
+    ok = isinstance(fractions, tuple) and len(fractions) >= 1 and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 <= f <= 1.0 for f in fractions)
+    return None if ok else f"correction_fractions={fractions!r}: must be a non-empty tuple of numbers in [0, 1]"
+
+
 def _problems(c: HybridConfig) -> list[str]:
     checks = [
         _int_problem("warmup_steps", c.warmup_steps, 1),
@@ -111,6 +140,13 @@ def _problems(c: HybridConfig) -> list[str]:
         _float_problem("divergence_sigma", c.divergence_sigma, 0.0, 1e6, open_low=True),
         _choice_problem("direction", c.direction, DIRECTIONS),
         _choice_problem("on_nonfinite", c.on_nonfinite, NONFINITE_POLICIES),
+        _int_problem("linefit_snapshots", c.linefit_snapshots, 2, 1000),
+        _int_problem("linefit_spacing", c.linefit_spacing, 1),
+        _arms_problem(c.horizon_arms),
+        _float_problem("bandit_alpha", c.bandit_alpha, 0.0, 1e6),
+        None if isinstance(c.use_bandit, bool) else f"use_bandit={c.use_bandit!r}: must be True or False",
+        _fractions_problem(c.correction_fractions),
+        _float_problem("explode_ratio", c.explode_ratio, 1.0, 1e12, open_low=True),
         _int_problem("history_size", c.history_size, 16, 1_000_000),
         _int_problem("metrics_max_records", c.metrics_max_records, 0),
         _int_problem("seed", c.seed, 0, 2**63 - 1),

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from ._phase import Phase
 
-__all__ = ["MetricsCollector", "StepRecord"]
+__all__ = ["Decision", "MetricsCollector", "StepRecord"]
 
 
 class StepRecord(NamedTuple):
@@ -25,6 +25,14 @@ class StepRecord(NamedTuple):
     wall_seconds: float
     confidence: float
     skipped: bool = False
+
+
+class Decision(NamedTuple):
+    """A horizon the bandit chose and the reward it got (``None`` until the cycle ends)."""
+
+    step: int
+    horizon: int
+    reward: float | None
 
 
 class MetricsCollector:
@@ -43,6 +51,21 @@ class MetricsCollector:
         self._phase_steps = {p.value: 0 for p in Phase}
         self._phase_seconds = {p.value: 0.0 for p in Phase}
         self._events: dict[str, int] = {}
+        self._decisions: deque[Decision] = deque(maxlen=max(max_records, 1))
+        self._arm_pulls: dict[int, int] = {}
+        self._arm_reward_sum: dict[int, float] = {}
+
+    def record_decision(self, step: int, horizon: int, reward: float | None) -> None:
+        """Record a bandit choice; ``reward`` once known (arm 0 gets its 0 at once)."""
+        self._decisions.append(Decision(step, horizon, reward))
+        if reward is not None:
+            self._arm_pulls[horizon] = self._arm_pulls.get(horizon, 0) + 1
+            self._arm_reward_sum[horizon] = self._arm_reward_sum.get(horizon, 0.0) + reward
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """The kept bandit decisions, oldest first."""
+        return list(self._decisions)
 
     def record(self, rec: StepRecord) -> None:
         """Add one step's record and update the totals."""
@@ -71,6 +94,10 @@ class MetricsCollector:
             "wall_seconds_per_phase": dict(self._phase_seconds),
             "wall_seconds": sum(self._phase_seconds.values()),
             "events": dict(sorted(self._events.items())),
+            "bandit": {
+                str(arm): {"pulls": n, "mean_reward": self._arm_reward_sum[arm] / n}
+                for arm, n in sorted(self._arm_pulls.items())
+            },
             "records_kept": len(self._records),
         }
 
@@ -88,6 +115,9 @@ class MetricsCollector:
             "phase_steps": dict(self._phase_steps),
             "phase_seconds": dict(self._phase_seconds),
             "events": dict(self._events),
+            "decisions": [list(d) for d in self._decisions],
+            "arm_pulls": {str(k): v for k, v in self._arm_pulls.items()},
+            "arm_reward_sum": {str(k): v for k, v in self._arm_reward_sum.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -98,6 +128,9 @@ class MetricsCollector:
         self._phase_steps = {k: int(v) for k, v in state["phase_steps"].items()}
         self._phase_seconds = {k: float(v) for k, v in state["phase_seconds"].items()}
         self._events = {k: int(v) for k, v in state["events"].items()}
+        self._decisions = deque((Decision(*d) for d in state["decisions"]), maxlen=self._decisions.maxlen)
+        self._arm_pulls = {int(k): int(v) for k, v in state["arm_pulls"].items()}
+        self._arm_reward_sum = {int(k): float(v) for k, v in state["arm_reward_sum"].items()}
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:

@@ -190,6 +190,21 @@ class TrainingState:
         """Record that a CORRECT phase ended."""
         self.steps_since_correction = 0
 
+    def trend(self, window: int = 32) -> tuple[float, float, float]:
+        """Least-squares line through the last ``window`` log-losses.
+
+        Returns (log-loss level at the newest step, slope per step, residual standard
+        deviation); (0, 0, 0) before two real steps.
+        """
+        y = np.log(np.maximum(self.losses.last(window), 1e-30))
+        n = y.size
+        if n < 2:
+            return (float(y[-1]) if n else 0.0), 0.0, 0.0
+        t = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        slope = float(np.dot(t, y - y.mean()) / np.dot(t, t))
+        resid = y - y.mean() - slope * t
+        return float(y.mean() + slope * (n - 1) / 2.0), slope, float(np.sqrt(np.mean(resid * resid)))
+
     # -- persistence ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

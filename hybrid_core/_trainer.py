@@ -9,19 +9,27 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from ._backend import library_name, namespace_of, same_namespace, to_numpy
+from ._backend import library_name, namespace_of
+from ._bandit import LinUCBBandit
 from ._baseline import TrendDynamics
+from ._checks import call_model, check_loss_and_grads, read_host, require_protocol
 from ._config import HybridConfig
-from ._errors import BatchError, ConfigError, DivergenceError, HybridError, ModelError
-from ._features import encode_features
+from ._corrector import ResidualCorrector, ResidualStore
+from ._cycle import PredictCycle, corrected, cycle_reward
+from ._directions import make_direction
+from ._errors import ConfigError, DivergenceError, ModelError
+from ._features import CONTEXT_NAMES, compact_context, encode_features
 from ._metrics import MetricsCollector, StepRecord
+from ._monitor import DivergenceMonitor, Level
 from ._phase import Phase, PhaseState, Signals, initial_phase_state, next_phase
 from ._progress import Progress
-from ._protocols import Array, DynamicsModel, Model, Optimizer, Outcome, Prediction
+from ._protocols import Array, DynamicsModel, Model, Optimizer, Outcome
 from ._state import TrainingState
 from .kernels import fused_stats
 
 __all__ = ["HybridTrainer", "StepResult"]
+
+_FAST = 0.1
 
 
 class StepResult(NamedTuple):
@@ -49,14 +57,18 @@ class HybridTrainer:
     """Trains ``model`` with ``optimizer``, predicting some steps instead of computing them.
 
     Real steps (WARMUP, FULL, CORRECT) run forward + backward + optimizer step and
-    teach ``dynamics`` the loss trajectory. A PREDICT step runs no backward pass: it
-    applies ``step_scale · direction`` where the direction is the optimizer's own
-    predicted next update (`Optimizer.extrapolate`), and every ``check_interval``
-    steps a forward-only check compares the loss with the predicted band; leaving
-    the band rolls the unchecked predicted steps back and ends the phase.
+    teach ``dynamics`` the loss trajectory. In FULL a LinUCB bandit picks the next
+    PREDICT horizon, 0 (keep training normally) included. A PREDICT step runs no
+    backward pass: it applies ``step_scale · direction`` (the optimizer's predicted
+    next update, or a line fitted through parameter snapshots) and every
+    ``check_interval`` steps a forward-only check compares the loss with the
+    predicted band; leaving it rolls back to the last good point. CORRECT first
+    line-searches how much of the predicted displacement to keep, then runs real
+    steps whose residuals train a corrector; the cycle's reward (time saved minus
+    loss above the trend) teaches the bandit.
 
-    Host reads: one per real step (loss and gradient statistics in one transfer)
-    and one per forward check; `host_syncs` counts them.
+    Host reads: one per real step (loss and gradient statistics in one transfer),
+    one per forward check and one per CORRECT line search; `host_syncs` counts them.
     """
 
     def __init__(
@@ -69,10 +81,10 @@ class HybridTrainer:
         config = HybridConfig() if config is None else config
         if not isinstance(config, HybridConfig):
             raise ConfigError(f"config must be a HybridConfig, got {type(config).__name__}")
-        _require(model, Model, "model")
-        _require(optimizer, Optimizer, "optimizer")
+        require_protocol(model, Model, "model")
+        require_protocol(optimizer, Optimizer, "optimizer")
         dynamics = TrendDynamics() if dynamics is None else dynamics
-        _require(dynamics, DynamicsModel, "dynamics")
+        require_protocol(dynamics, DynamicsModel, "dynamics")
         params = list(model.parameters())
         if not params:
             raise ModelError("model.parameters() is empty: nothing to train")
@@ -89,13 +101,20 @@ class HybridTrainer:
         self.dynamics = dynamics
         self.state = TrainingState(config.history_size)
         self.metrics = MetricsCollector(config.metrics_max_records)
+        self.monitor = DivergenceMonitor(config.divergence_sigma, config.explode_ratio)
+        arms = [a for a in config.horizon_arms if a <= config.max_predict_steps]
+        self.bandit = LinUCBBandit(arms, len(CONTEXT_NAMES), alpha=config.bandit_alpha)
+        self.residuals = ResidualStore()
+        self.corrector = ResidualCorrector(len(CONTEXT_NAMES))
+        self.directions = make_direction(config.direction, config.linefit_snapshots, config.linefit_spacing)
         self.host_syncs = 0
         self._param_count = sum(int(array_api_compat.size(p)) for p in params)
         self._phase = initial_phase_state()
         self._last_update: list[Array] | None = None
-        self._direction: list[Array] | None = None
-        self._prediction: Prediction | None = None
-        self._unchecked_scale = 0.0
+        self._cycle: PredictCycle | None = None
+        self._pending: tuple[int, Any] | None = None  # (arm, context) chosen for the next PREDICT
+        self._horizon_scale = 1.0
+        self._full_seconds = math.nan
 
     @property
     def phase(self) -> Phase:
@@ -121,18 +140,12 @@ class HybridTrainer:
         else:
             result, signals = self._real_step(batch, current)
         self._advance(current, next_phase(current, self.config, signals))
-        self.metrics.record(
-            StepRecord(
-                step=result.step,
-                phase=result.phase.value,
-                loss=result.loss,
-                predicted_loss=result.predicted_loss,
-                backward=result.backward,
-                wall_seconds=time.perf_counter() - start,
-                confidence=result.confidence,
-                skipped=result.skipped,
-            )
-        )
+        seconds = time.perf_counter() - start
+        if current.phase in (Phase.WARMUP, Phase.FULL) and not result.skipped:
+            self._full_seconds = seconds if math.isnan(self._full_seconds) else (
+                self._full_seconds + _FAST * (seconds - self._full_seconds))
+        self.metrics.record(StepRecord(result.step, result.phase.value, result.loss, result.predicted_loss,
+                                       result.backward, seconds, result.confidence, result.skipped))
         return result
 
     def fit(
@@ -180,31 +193,74 @@ class HybridTrainer:
 
     def _real_step(self, batch: Any, current: PhaseState) -> tuple[StepResult, Signals]:
         features = encode_features(self.state, current, self.config.max_predict_steps)
-        loss, grads = _call_model(self.model.loss_and_grad, batch, "loss_and_grad")
+        cycle = self._cycle
+        first_correct = current.phase is Phase.CORRECT and current.steps_in_phase == 0 and cycle is not None
+        if first_correct:
+            self._line_search(batch, cycle)
+        loss, grads = call_model(self.model.loss_and_grad, batch, "loss_and_grad")
         grads = list(grads)
-        self._check_loss_and_grads(loss, grads)
+        check_loss_and_grads(self._xp, self.model, loss, grads)
         stats = self._read(fused_stats(loss, grads, self._last_update))
         loss_f, grad_sq, update_sq, grad_dot, grad_max, nonfinite = stats
         step_index = self.state.step
-        if nonfinite > 0 or not math.isfinite(loss_f):
+        verdict = self.monitor.assess(self.state, loss_f, math.sqrt(grad_sq) if nonfinite == 0 else math.nan)
+        if verdict.level is Level.FATAL:
             return self._nonfinite(step_index, current, loss_f, int(nonfinite))
-        diverging = self._is_diverging(loss_f)
+        diverging = verdict.level >= Level.FORCE_FULL
+        if verdict.level >= Level.SHRINK:
+            # Not cumulative: one bad reading halves the next horizon, a worse one quarters it,
+            # and a cycle that pays restores it.
+            self._horizon_scale = min(self._horizon_scale, 0.25 if diverging else 0.5)
+            self.metrics.count("monitor_" + ("force_full" if diverging else "shrink"))
         update = list(self.optimizer.step(grads))
         self._last_update = update
-        self.state.record_real(
-            loss_f, grad_sq, update_sq, grad_dot, grad_max, self._param_count,
-            float(self.optimizer.lr), warmup=current.phase is Phase.WARMUP,
-        )
+        self.state.record_real(loss_f, grad_sq, update_sq, grad_dot, grad_max, self._param_count,
+                               float(self.optimizer.lr), warmup=current.phase is Phase.WARMUP)
+        self.directions.observe(self.state.step, self.model)
         predicted = None
-        if current.phase is Phase.CORRECT and self._prediction is not None:
-            predicted = self._prediction.loss[min(current.steps_in_phase, len(self._prediction.loss) - 1)]
-            self.state.record_prediction_error(predicted, loss_f)
-        self.dynamics.observe(features, Outcome(loss_f))
+        step_scale = None
+        if current.phase is Phase.CORRECT and cycle is not None and cycle.correct_prediction is not None:
+            predicted = self._record_residual(cycle, current.steps_in_phase, loss_f)
+            if first_correct and cycle.best_fraction is not None and cycle.applied:
+                step_scale = (1.0 - cycle.best_fraction) * cycle.prediction.step_scale[0]
+        self.dynamics.observe(features, Outcome(loss_f, step_scale))
         confidence = float(self.dynamics.confidence())
-        if diverging:
-            self.metrics.count("divergence_warnings")
+        horizon = 0
+        if current.phase is Phase.FULL and not diverging:
+            horizon = self._choose_horizon(current, confidence)
         result = StepResult(step_index, current.phase, loss_f, predicted, True, confidence)
-        return result, Signals(confidence, self.config.max_predict_steps, False, diverging)
+        return result, Signals(confidence, horizon, False, diverging)
+
+    def _choose_horizon(self, current: PhaseState, confidence: float) -> int:
+        done = current.steps_in_phase + 1
+        cfg = self.config
+        if done < cfg.min_full_steps or (done - cfg.min_full_steps) % cfg.min_full_steps:
+            return 0
+        if confidence < cfg.confidence_threshold:
+            return 0
+        if not cfg.use_bandit:
+            arm, context = cfg.max_predict_steps, None
+        else:
+            features = encode_features(self.state, current, cfg.max_predict_steps)
+            context = compact_context(features, confidence)
+            arm = self.bandit.choose(context)
+            if arm == 0:
+                self.bandit.update(0, context, 0.0)
+                self.metrics.record_decision(self.state.step, 0, 0.0)
+                return 0
+        self._pending = (arm, context)
+        return max(1, round(arm * self._horizon_scale))
+
+    def _record_residual(self, cycle: PredictCycle, k: int, loss: float) -> float:
+        assert cycle.correct_prediction is not None and cycle.correct_raw is not None
+        k = min(k, len(cycle.correct_prediction.loss) - 1)
+        predicted = cycle.correct_prediction.loss[k]
+        context = cycle.correct_context if cycle.correct_context is not None else cycle.context
+        res = self.residuals.add(self.state.step, context, cycle.correct_raw.loss[k], loss)
+        self.corrector.update(context, res.residual)
+        self.state.record_prediction_error(predicted, loss)
+        cycle.correct_losses.append(loss)
+        return predicted
 
     def _nonfinite(self, step_index: int, current: PhaseState, loss: float, count: int
                    ) -> tuple[StepResult, Signals]:
@@ -221,97 +277,136 @@ class HybridTrainer:
         result = StepResult(step_index, current.phase, loss, None, True, confidence, skipped=True)
         return result, Signals(confidence, 0, False, True)
 
-    def _is_diverging(self, loss: float) -> bool:
-        st = self.state
-        if not st.warmup_done or st.loss_var_ema <= 0.0:
-            return False
-        return loss > st.loss_ema_fast + self.config.divergence_sigma * math.sqrt(st.loss_var_ema)
-
     # -- predicted steps -----------------------------------------------------------------------
 
     def _predicted_step(self, batch: Any, current: PhaseState) -> tuple[StepResult, Signals]:
-        assert self._prediction is not None and self._direction is not None
+        cycle = self._cycle
+        assert cycle is not None
         k = current.steps_in_phase
-        pred = self._prediction
+        pred = cycle.prediction
         predicted = pred.loss[k]
         interval = 1 if current.probe else self.config.check_interval
         step_index = self.state.step
         confidence = float(pred.confidence)
         loss_f: float | None = None
         if interval and k > 0 and k % interval == 0:
-            loss_f = self._read(self._forward_loss(batch))[0]
+            loss = call_model(self.model.loss, batch, "loss")
+            check_loss_and_grads(self._xp, self.model, loss, None)
+            loss_f = self._read(self._xp.reshape(loss, (1,)))[0]
             self.metrics.count("checks")
-            self.state.record_prediction_error(predicted, loss_f)
-            if not (math.isfinite(loss_f) and loss_f <= pred.upper[k]):
-                self._roll_back_unchecked()
+            verdict = self.monitor.assess(self.state, loss_f, None)
+            if math.isfinite(loss_f):
+                self.state.record_prediction_error(predicted, loss_f)
+            else:
+                self.metrics.count("nonfinite_in_predict")
+            if verdict.level >= Level.FORCE_FULL or loss_f > pred.upper[k]:
+                undone = cycle.roll_back_to(self.model, cycle.good)
+                self.metrics.count("rollbacks" if undone else "checks_failed_at_good_point")
                 self.state.record_check(False)
                 self.state.record_predicted()
+                cycle.predicted_steps += 1
                 self.metrics.count("checks_failed")
                 result = StepResult(step_index, Phase.PREDICT, loss_f, predicted, False, confidence)
                 return result, Signals(confidence, 0, True, False)
             self.state.record_check(True)
-            self._unchecked_scale = 0.0
+            cycle.good = len(cycle.applied)
         scale = pred.step_scale[k]
-        self.model.apply_update(self._direction, scale)
-        self._unchecked_scale += scale
+        self.model.apply_update(cycle.direction, scale)
+        cycle.applied.append(scale)
+        cycle.predicted_steps += 1
         self.state.record_predicted()
         result = StepResult(step_index, Phase.PREDICT, loss_f, predicted, False, confidence)
         return result, Signals(confidence, 0, False, False)
 
-    def _forward_loss(self, batch: Any) -> Array:
-        loss = _call_model(self.model.loss, batch, "loss")
-        self._check_loss_and_grads(loss, None)
-        return self._xp.reshape(loss, (1,))
+    # -- CORRECT's weight correction ---------------------------------------------------------
 
-    def _roll_back_unchecked(self) -> None:
-        if self._unchecked_scale != 0.0 and self._direction is not None:
-            self.model.apply_update(self._direction, -self._unchecked_scale)
-            self.metrics.count("rollbacks")
-        self._unchecked_scale = 0.0
+    def _line_search(self, batch: Any, cycle: PredictCycle) -> None:
+        """Roll back the fraction of the PREDICT displacement that fits ``batch`` best (forward passes only)."""
+        total = cycle.net_scale()
+        if not cycle.applied or total == 0.0:
+            cycle.paired_gain = 0.0
+            cycle.search_seconds = time.perf_counter() - cycle.start_time
+            return
+        # 0 (keep everything) and 1 (back to the entry point) are always measured: their
+        # paired difference on one batch is what the bandit's reward is made of.
+        fractions = sorted({0.0, 1.0, *self.config.correction_fractions})
+        losses = []
+        at = 0.0
+        for f in fractions:
+            self.model.apply_update(cycle.direction, -(f - at) * total)
+            at = f
+            loss = call_model(self.model.loss, batch, "loss")
+            check_loss_and_grads(self._xp, self.model, loss, None)
+            losses.append(self._xp.reshape(loss, (1,)))
+        values = self._read(self._xp.concat(losses))
+        self.metrics.count("line_searches")
+        self.metrics.count("line_search_forwards", len(fractions))
+        finite = [(v, f) for v, f in zip(values, fractions) if math.isfinite(v)]
+        best = min(finite)[1] if finite else 1.0
+        if not finite:
+            self.metrics.count("nonfinite_in_predict")
+        self.model.apply_update(cycle.direction, -(best - at) * total)
+        cycle.best_fraction = best
+        entry, kept = values[-1], values[fractions.index(best)]
+        if math.isfinite(entry) and math.isfinite(kept) and entry > 0 and kept > 0:
+            cycle.paired_gain = math.log(entry) - math.log(kept)
+        cycle.search_seconds = time.perf_counter() - cycle.start_time
+        self.metrics.count("line_search_rollback_pct", round(100 * best))
 
     # -- phase changes -------------------------------------------------------------------------
 
     def _advance(self, current: PhaseState, nxt: PhaseState) -> None:
         if nxt.phase is Phase.PREDICT and current.phase is not Phase.PREDICT:
+            self._start_cycle(nxt)
+        elif nxt.phase is Phase.CORRECT and current.phase is not Phase.CORRECT and self._cycle is not None:
             features = encode_features(self.state, nxt, self.config.max_predict_steps)
-            self._direction = list(self.optimizer.extrapolate())
-            self._prediction = self.dynamics.predict(features, nxt.horizon)
-            self._unchecked_scale = 0.0
-            self.state.start_predict(nxt.horizon)
-            self.metrics.count("probes" if nxt.probe else "predict_phases")
-        elif nxt.phase is Phase.CORRECT and current.phase is not Phase.CORRECT:
-            self._direction = None
-            features = encode_features(self.state, nxt, self.config.max_predict_steps)
-            self._prediction = self.dynamics.predict(features, self.config.correct_steps)
+            context = compact_context(features, float(self.dynamics.confidence()))
+            raw = self.dynamics.predict(features, self.config.correct_steps)
+            self._cycle.correct_raw = raw
+            self._cycle.correct_context = context
+            self._cycle.correct_prediction = corrected(raw, math.exp(self.corrector.log_correction(context)))
         elif current.phase is Phase.CORRECT and nxt.phase is not Phase.CORRECT:
-            self._prediction = None
-            self.state.mark_correction()
+            self._finish_cycle()
         self._phase = nxt
 
-    # -- checks and host reads -----------------------------------------------------------------
+    def _start_cycle(self, nxt: PhaseState) -> None:
+        features = encode_features(self.state, nxt, self.config.max_predict_steps)
+        confidence = float(self.dynamics.confidence())
+        arm, context = self._pending if (self._pending and not nxt.probe) else (None, None)
+        self._pending = None
+        context = compact_context(features, confidence) if context is None else context
+        raw = self.dynamics.predict(features, nxt.horizon)
+        _, slope, _ = self.state.trend(self.config.history_size)
+        self._cycle = PredictCycle(
+            horizon=nxt.horizon,
+            arm=arm,
+            direction=self.directions.direction(self.model, self.optimizer),
+            prediction=corrected(raw, math.exp(self.corrector.log_correction(context))),
+            context=context,
+            entry_slope=slope,
+            start_time=time.perf_counter(),
+        )
+        self.state.start_predict(nxt.horizon)
+        self.metrics.count("probes" if nxt.probe else "predict_phases")
+
+    def _finish_cycle(self) -> None:
+        cycle = self._cycle
+        self._cycle = None
+        self.state.mark_correction()
+        if cycle is None:
+            return
+        reward = cycle_reward(cycle, self._full_seconds)
+        if cycle.arm is not None and self.config.use_bandit:
+            self.bandit.update(cycle.arm, cycle.context, reward)
+            self.metrics.record_decision(self.state.step, cycle.arm, reward)
+        if reward > 0:
+            self._horizon_scale = 1.0
+
+    # -- host reads ----------------------------------------------------------------------------
 
     def _read(self, values: Array) -> list[float]:
         self.host_syncs += 1
-        return [float(v) for v in to_numpy(values).tolist()]
-
-    def _check_loss_and_grads(self, loss: Any, grads: list[Any] | None) -> None:
-        same_namespace(self._xp, [loss], "the loss")
-        if tuple(loss.shape) not in ((), (1,)):
-            raise BatchError(
-                f"the model returned a loss of shape {tuple(loss.shape)}; a scalar was expected",
-                "Reduce the loss to a scalar (e.g. mean over the batch) inside Model.loss/loss_and_grad.",
-            )
-        if grads is None:
-            return
-        params = self.model.parameters()
-        if len(grads) != len(params):
-            raise ModelError(f"loss_and_grad returned {len(grads)} gradients for {len(params)} parameters")
-        same_namespace(self._xp, grads, "the gradients")
-        for i, (g, p) in enumerate(zip(grads, params)):
-            if tuple(g.shape) != tuple(p.shape):
-                raise ModelError(
-                    f"gradient {i} has shape {tuple(g.shape)} but parameter {i} has {tuple(p.shape)}"
-                )
+        return read_host(values)
 
     def _progress_text(self, result: StepResult) -> str:
         s = self.metrics.summary()
@@ -322,32 +417,6 @@ class HybridTrainer:
     def __repr__(self) -> str:
         return (f"HybridTrainer(step={self.state.step}, phase={self.phase.value}, "
                 f"backend={library_name(self._xp)})")
-
-
-def _call_model(method: Callable[[Any], Any], batch: Any, name: str) -> Any:
-    """Call a model method on a batch; the model's own errors become `BatchError` (chained)."""
-    try:
-        return method(batch)
-    except HybridError:
-        raise
-    except Exception as exc:
-        raise BatchError(
-            f"Model.{name} failed on this batch: {type(exc).__name__}: {exc}",
-            "Check the batch's shapes, dtypes and device against the model; the trainer was not changed.",
-        ) from exc
-
-
-def _require(obj: Any, protocol: type, what: str) -> None:
-    if not isinstance(obj, protocol):
-        missing = [name for name in _protocol_members(protocol) if not hasattr(obj, name)]
-        raise ModelError(
-            f"{what} ({type(obj).__name__}) does not implement {protocol.__name__}: missing {', '.join(missing)}",
-            f"Implement {', '.join(missing)} (see hybrid_core.{protocol.__name__}).",
-        )
-
-
-def _protocol_members(protocol: type) -> list[str]:
-    return sorted(n for n in vars(protocol) if not n.startswith("_"))
 
 
 def _stderr_is_tty() -> bool:

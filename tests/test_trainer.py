@@ -183,8 +183,9 @@ def test_one_host_read_per_real_step_and_per_check():
     batches = regression_batches(np)
     results = [trainer.step(next(batches)) for _ in range(80)]
     real = sum(r.backward for r in results)
-    checks = trainer.metrics.summary()["events"].get("checks", 0)
-    assert checks > 0 and trainer.host_syncs == real + checks
+    events = trainer.metrics.summary()["events"]
+    checks, searches = events.get("checks", 0), events.get("line_searches", 0)
+    assert checks > 0 and searches > 0 and trainer.host_syncs == real + checks + searches
 
 
 def test_fit_accepts_a_function_and_callbacks_stop_it():
@@ -208,5 +209,7 @@ def test_predicted_loss_reported_in_correct_phase():
     batches = regression_batches(np)
     results = [trainer.step(next(batches)) for _ in range(40)]
     correct = [r for r in results if r.phase is Phase.CORRECT]
-    assert correct and all(r.predicted_loss == 0.1 and math.isfinite(r.loss) for r in correct)
+    assert correct and all(r.predicted_loss > 0 and math.isfinite(r.loss) for r in correct)
+    assert correct[0].predicted_loss == 0.1  # before any residual, the corrector leaves predictions alone
+    assert trainer.residuals.total == len(correct) and trainer.corrector.updates == len(correct)
     assert trainer.state.pred_err_last > 0

@@ -1,0 +1,100 @@
+"""`LinUCBBandit`: picks the PREDICT horizon from a small context, learning what pays.
+
+Disjoint LinUCB (Li et al., 2010) with a full matrix per arm. Each arm keeps
+A⁻¹ = (λI + Σ x xᵀ)⁻¹, updated by Sherman–Morrison, and b = Σ r·x; it scores
+θᵀx + α·√(xᵀA⁻¹x) with θ = A⁻¹b. Arm 0 means "do not predict" and is always
+present: its reward is 0 by definition (plain training is the yardstick), so the
+bandit settles on it whenever predicting loses on average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._errors import ConfigError
+
+__all__ = ["LinUCBBandit"]
+
+
+class LinUCBBandit:
+    """Contextual bandit over PREDICT horizons (``arms``, which must include 0)."""
+
+    def __init__(self, arms: Sequence[int], dim: int, alpha: float = 0.5, ridge: float = 1.0) -> None:
+        arms = list(arms)
+        problems = []
+        if not arms or 0 not in arms or any(isinstance(a, bool) or not isinstance(a, int) or a < 0 for a in arms):
+            problems.append(f"arms={arms!r}: must be non-negative integers including 0")
+        if len(set(arms)) != len(arms):
+            problems.append(f"arms={arms!r}: must not repeat")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            problems.append(f"dim={dim!r}: must be an integer >= 1")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+            problems.append(f"alpha={alpha!r}: must be a finite number >= 0")
+        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge > 0):
+            problems.append(f"ridge={ridge!r}: must be a finite number > 0")
+        if problems:
+            raise ConfigError(problems)
+        self.arms = sorted(arms)
+        self.dim = dim
+        self.alpha = float(alpha)
+        self.ridge = float(ridge)
+        self._a_inv = np.stack([np.eye(dim) / ridge for _ in self.arms])
+        self._b = np.zeros((len(self.arms), dim))
+        self.pulls = np.zeros(len(self.arms), dtype=np.int64)
+
+    def scores(self, context: np.ndarray) -> np.ndarray:
+        """Upper confidence bound of each arm's reward for ``context``."""
+        x = self._context(context)
+        theta = np.einsum("aij,aj->ai", self._a_inv, self._b)
+        width = np.sqrt(np.maximum(np.einsum("i,aij,j->a", x, self._a_inv, x), 0.0))
+        return theta @ x + self.alpha * width
+
+    def choose(self, context: np.ndarray) -> int:
+        """The horizon with the highest score; ties go to the shorter horizon (0 first)."""
+        return self.arms[int(np.argmax(self.scores(context)))]
+
+    def update(self, arm: int, context: np.ndarray, reward: float) -> None:
+        """Learn ``reward`` for ``arm`` in ``context`` (Sherman–Morrison rank-one update)."""
+        if arm not in self.arms:
+            raise ConfigError(f"arm={arm!r}: not one of {self.arms}")
+        if not math.isfinite(reward):
+            raise ConfigError(f"reward={reward!r}: must be finite")
+        i = self.arms.index(arm)
+        x = self._context(context)
+        a_inv = self._a_inv[i]
+        ax = a_inv @ x
+        self._a_inv[i] = a_inv - np.outer(ax, ax) / (1.0 + x @ ax)
+        self._b[i] += reward * x
+        self.pulls[i] += 1
+
+    def theta(self, arm: int) -> np.ndarray:
+        """The arm's current reward weights A⁻¹b."""
+        i = self.arms.index(arm)
+        return self._a_inv[i] @ self._b[i]
+
+    def _context(self, context: np.ndarray) -> np.ndarray:
+        x = np.asarray(context, dtype=np.float64).reshape(-1)
+        if x.shape != (self.dim,) or not np.all(np.isfinite(x)):
+            raise ConfigError(f"context must be {self.dim} finite numbers, got shape {x.shape}")
+        return x
+
+    def state_dict(self) -> dict[str, Any]:
+        """Arms, hyper-parameters and the per-arm matrices (as nested lists)."""
+        return {"arms": list(self.arms), "dim": self.dim, "alpha": self.alpha, "ridge": self.ridge,
+                "a_inv": self._a_inv.tolist(), "b": self._b.tolist(), "pulls": self.pulls.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        a_inv = np.asarray(state["a_inv"], dtype=np.float64)
+        b = np.asarray(state["b"], dtype=np.float64)
+        n, d = len(state["arms"]), int(state["dim"])
+        if a_inv.shape != (n, d, d) or b.shape != (n, d):
+            raise ConfigError("bandit state does not match its arms and dimension")
+        self.arms, self.dim = list(state["arms"]), d
+        self.alpha, self.ridge = float(state["alpha"]), float(state["ridge"])
+        self._a_inv, self._b = a_inv, b
+        self.pulls = np.asarray(state["pulls"], dtype=np.int64)

@@ -1,0 +1,83 @@
+"""`PredictCycle`: one PREDICT phase and the CORRECT phase after it, and what it earned."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._protocols import Array, Model, Prediction
+
+__all__ = ["PredictCycle", "corrected", "cycle_reward"]
+
+
+@dataclass
+class PredictCycle:
+    """Everything the trainer tracks between entering PREDICT and leaving CORRECT.
+
+    ``applied`` holds the scale of every predicted step still applied along
+    ``direction``, so rolling back to any point of the phase is one update by
+    −(sum of the later scales): no copy of the weights is kept.
+    """
+
+    horizon: int
+    arm: int | None
+    direction: list[Array]
+    prediction: Prediction
+    context: np.ndarray
+    entry_slope: float
+    start_time: float
+    applied: list[float] = field(default_factory=list)
+    good: int = 0
+    """How many of ``applied`` a forward check has vouched for."""
+    predicted_steps: int = 0
+    correct_prediction: Prediction | None = None
+    correct_raw: Prediction | None = None
+    correct_context: np.ndarray | None = None
+    correct_losses: list[float] = field(default_factory=list)
+    best_fraction: float | None = None
+    paired_gain: float | None = None
+    """log L(entry point) − log L(kept point) on the line-search batch."""
+    search_seconds: float | None = None
+    """Wall time from entering PREDICT to the end of the line search."""
+
+    def roll_back_to(self, model: Model, index: int) -> float:
+        """Undo the applied predicted steps after ``index``; returns the scale undone."""
+        undo = math.fsum(self.applied[index:])
+        if undo:
+            model.apply_update(self.direction, -undo)
+        del self.applied[index:]
+        self.good = min(self.good, index)
+        return undo
+
+    def net_scale(self) -> float:
+        """Total scale still applied along the direction."""
+        return math.fsum(self.applied)
+
+
+def corrected(prediction: Prediction, factor: float) -> Prediction:
+    """``prediction`` with its loss and band multiplied by ``factor``."""
+    return prediction._replace(
+        loss=tuple(v * factor for v in prediction.loss),
+        lower=tuple(v * factor for v in prediction.lower),
+        upper=tuple(v * factor for v in prediction.upper),
+    )
+
+
+def cycle_reward(cycle: PredictCycle, full_step_seconds: float) -> float:
+    """Plain steps the predicted steps saved, per predicted step, clipped to [-1, 1].
+
+    Gain: the line search measured, on one batch, the loss with the predicted
+    displacement undone (fraction 1: back at the PREDICT entry point) and with the kept
+    part applied; the log-loss drop between them, divided by the plain-training trend
+    (log-loss per real step), is the number of plain steps the kept displacement is
+    worth. Both points see the same batch, so batch noise largely cancels. Cost: the
+    wall time of PREDICT and the line search, in plain-step units. Arm 0 (no PREDICT)
+    earns exactly 0, so the bandit prefers it whenever predicting loses.
+    """
+    if cycle.paired_gain is None or cycle.search_seconds is None or not full_step_seconds > 0:
+        return -1.0 if cycle.predicted_steps else 0.0
+    worth = cycle.paired_gain / max(-cycle.entry_slope, 1e-4)
+    cost = cycle.search_seconds / full_step_seconds
+    return float(np.clip((worth - cost) / max(cycle.predicted_steps, 1), -1.0, 1.0))
