@@ -27,6 +27,7 @@ class PredictCycle:
     prediction: Prediction
     context: np.ndarray
     entry_slope: float
+    slope_stderr: float
     start_time: float
     applied: list[float] = field(default_factory=list)
     good: int = 0
@@ -38,7 +39,7 @@ class PredictCycle:
     correct_losses: list[float] = field(default_factory=list)
     best_fraction: float | None = None
     paired_gain: float | None = None
-    """log L(entry point) − log L(kept point) on the line-search batch."""
+    """log L(entry point) − log L(all predicted steps applied) on the line-search batch."""
     search_seconds: float | None = None
     """Wall time from entering PREDICT to the end of the line search."""
 
@@ -68,16 +69,18 @@ def corrected(prediction: Prediction, factor: float) -> Prediction:
 def cycle_reward(cycle: PredictCycle, full_step_seconds: float) -> float:
     """Plain steps the predicted steps saved, per predicted step, clipped to [-1, 1].
 
-    Gain: the line search measured, on one batch, the loss with the predicted
-    displacement undone (fraction 1: back at the PREDICT entry point) and with the kept
-    part applied; the log-loss drop between them, divided by the plain-training trend
-    (log-loss per real step), is the number of plain steps the kept displacement is
-    worth. Both points see the same batch, so batch noise largely cancels. Cost: the
-    wall time of PREDICT and the line search, in plain-step units. Arm 0 (no PREDICT)
-    earns exactly 0, so the bandit prefers it whenever predicting loses.
+    Gain: the line search measured, on one batch, the loss at the PREDICT entry point
+    (fraction 1) and with the whole predicted displacement applied (fraction 0); the
+    log-loss drop between them, divided by the plain-training trend (log-loss per real
+    step, floored at its own standard error so a flat trend does not inflate it), is
+    the number of plain steps the predicted steps were worth. Both points see the same
+    batch, so batch noise largely cancels, and neither is the line search's pick, so
+    the estimate is not biased by that selection. Cost: the wall time of PREDICT and
+    the line search, in plain-step units. Arm 0 (no PREDICT) earns exactly 0, so the
+    bandit prefers it whenever predicting loses.
     """
     if cycle.paired_gain is None or cycle.search_seconds is None or not full_step_seconds > 0:
         return -1.0 if cycle.predicted_steps else 0.0
-    worth = cycle.paired_gain / max(-cycle.entry_slope, 1e-4)
+    worth = cycle.paired_gain / max(-cycle.entry_slope, cycle.slope_stderr, 1e-8)
     cost = cycle.search_seconds / full_step_seconds
     return float(np.clip((worth - cost) / max(cycle.predicted_steps, 1), -1.0, 1.0))

@@ -209,23 +209,20 @@ def _slope(y: np.ndarray) -> float:
     return float(np.dot(x, y - y.mean()) / np.dot(x, x))
 
 
-CONTEXT_NAMES = ("bias", "confidence", "trend_window", "loss_std_rel", "pred_err_ema", "log_grad_ratio_warmup",
-                 "last_check", "oscillation")
-"""Slots of the compact context the horizon bandit and the residual corrector read."""
+CONTEXT_NAMES = ("bias", "confidence", "trend_window", "loss_std_rel", "pred_err_ema")
+"""Slots of the compact context the horizon bandit and the residual corrector read.
+
+Few on purpose: every slot is a weight each bandit arm must learn from a handful of
+rewards, so only the readings that say whether prediction can pay are kept."""
 
 _TREND = FEATURE_NAMES.index("trend_window")
 _NOISE = FEATURE_NAMES.index("loss_std_rel")
 _PRED_ERR = FEATURE_NAMES.index("pred_err_ema")
-_GRAD_WARMUP = FEATURE_NAMES.index("grad_ratio_warmup")
-_CHECK = FEATURE_NAMES.index("last_check")
-_OSC = FEATURE_NAMES.index("oscillation")
 
 
 def compact_context(features: np.ndarray, confidence: float) -> np.ndarray:
-    """An 8-number summary of ``features`` on comparable scales (each clipped to [-5, 5])."""
+    """A summary of ``features`` (see `CONTEXT_NAMES`) on comparable scales, each clipped to [-5, 5]."""
     trend = features[_TREND] * 100.0  # log-loss change per 100 steps
-    grad = math.log(max(features[_GRAD_WARMUP], 1e-6))
-    values = np.array([1.0, confidence, trend, features[_NOISE], features[_PRED_ERR], grad, features[_CHECK],
-                       features[_OSC]], dtype=np.float64)
+    values = np.array([1.0, confidence, trend, features[_NOISE], features[_PRED_ERR]], dtype=np.float64)
     np.nan_to_num(values, copy=False, nan=0.0, posinf=5.0, neginf=-5.0)
     return np.clip(values, -5.0, 5.0, out=values)

@@ -190,11 +190,12 @@ class TrainingState:
         """Record that a CORRECT phase ended."""
         self.steps_since_correction = 0
 
-    def trend(self, window: int = 32) -> tuple[float, float, float]:
+    def trend(self, window: int = 32, stderr: bool = False) -> tuple[float, float, float]:
         """Least-squares line through the last ``window`` log-losses.
 
         Returns (log-loss level at the newest step, slope per step, residual standard
-        deviation); (0, 0, 0) before two real steps.
+        deviation — or, with ``stderr``, the slope's standard error); (level, 0, 0)
+        before two real steps.
         """
         y = np.log(np.maximum(self.losses.last(window), 1e-30))
         n = y.size
@@ -203,7 +204,10 @@ class TrainingState:
         t = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
         slope = float(np.dot(t, y - y.mean()) / np.dot(t, t))
         resid = y - y.mean() - slope * t
-        return float(y.mean() + slope * (n - 1) / 2.0), slope, float(np.sqrt(np.mean(resid * resid)))
+        spread = float(np.sqrt(np.mean(resid * resid)))
+        if stderr:
+            spread /= float(np.sqrt(np.dot(t, t)))
+        return float(y.mean() + slope * (n - 1) / 2.0), slope, spread
 
     # -- persistence ------------------------------------------------------------------------
 

@@ -347,9 +347,10 @@ class HybridTrainer:
             self.metrics.count("nonfinite_in_predict")
         self.model.apply_update(cycle.direction, -(best - at) * total)
         cycle.best_fraction = best
-        entry, kept = values[-1], values[fractions.index(best)]
-        if math.isfinite(entry) and math.isfinite(kept) and entry > 0 and kept > 0:
-            cycle.paired_gain = math.log(entry) - math.log(kept)
+        entry, predicted_end = values[-1], values[0]
+        if math.isfinite(entry) and entry > 0:
+            cycle.paired_gain = (math.log(entry) - math.log(predicted_end)
+                                 if math.isfinite(predicted_end) and predicted_end > 0 else -math.inf)
         cycle.search_seconds = time.perf_counter() - cycle.start_time
         self.metrics.count("line_search_rollback_pct", round(100 * best))
 
@@ -376,7 +377,7 @@ class HybridTrainer:
         self._pending = None
         context = compact_context(features, confidence) if context is None else context
         raw = self.dynamics.predict(features, nxt.horizon)
-        _, slope, _ = self.state.trend(self.config.history_size)
+        _, slope, slope_stderr = self.state.trend(self.config.history_size, stderr=True)
         self._cycle = PredictCycle(
             horizon=nxt.horizon,
             arm=arm,
@@ -384,6 +385,7 @@ class HybridTrainer:
             prediction=corrected(raw, math.exp(self.corrector.log_correction(context))),
             context=context,
             entry_slope=slope,
+            slope_stderr=slope_stderr,
             start_time=time.perf_counter(),
         )
         self.state.start_predict(nxt.horizon)
