@@ -135,7 +135,7 @@ def test_bandit_learns_to_stop_predicting_when_it_hurts():
     for _ in range(3000):
         opt.step(plain.loss_and_grad(next(batches))[1])
     trainer, model = _noisy_run(use_bandit=True)
-    always, always_model = _noisy_run(use_bandit=False)
+    always, _ = _noisy_run(use_bandit=False)
     decisions = trainer.metrics.decisions
     late = decisions[len(decisions) // 2:]
     assert sum(d.horizon == 0 for d in late) > 0.7 * len(late)
