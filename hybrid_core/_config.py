@@ -59,6 +59,10 @@ class HybridConfig:
     """Let the bandit pick the horizon (False: always ``max_predict_steps``)."""
     correction_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
     """Fractions of the PREDICT displacement to roll back that CORRECT's line search tries."""
+    forward_cost: float = 0.35
+    """Price of a forward-only pass in FULL steps, for the bandit's reward (counted, not timed)."""
+    predict_step_cost: float = 0.05
+    """Price of one predicted step in FULL steps, for the bandit's reward."""
     explode_ratio: float = 10.0
     """Gradient norm this many times the WARMUP mean forces real steps."""
     on_nonfinite: str = "raise"
@@ -146,6 +150,8 @@ def _problems(c: HybridConfig) -> list[str]:
         _float_problem("bandit_alpha", c.bandit_alpha, 0.0, 1e6),
         None if isinstance(c.use_bandit, bool) else f"use_bandit={c.use_bandit!r}: must be True or False",
         _fractions_problem(c.correction_fractions),
+        _float_problem("forward_cost", c.forward_cost, 0.0, 1.0),
+        _float_problem("predict_step_cost", c.predict_step_cost, 0.0, 1.0),
         _float_problem("explode_ratio", c.explode_ratio, 1.0, 1e12, open_low=True),
         _int_problem("history_size", c.history_size, 16, 1_000_000),
         _int_problem("metrics_max_records", c.metrics_max_records, 0),

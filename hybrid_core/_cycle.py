@@ -28,7 +28,6 @@ class PredictCycle:
     context: np.ndarray
     entry_slope: float
     slope_stderr: float
-    start_time: float
     applied: list[float] = field(default_factory=list)
     good: int = 0
     """How many of ``applied`` a forward check has vouched for."""
@@ -40,8 +39,8 @@ class PredictCycle:
     best_fraction: float | None = None
     paired_gain: float | None = None
     """log L(entry point) − log L(all predicted steps applied) on the line-search batch."""
-    search_seconds: float | None = None
-    """Wall time from entering PREDICT to the end of the line search."""
+    forward_passes: int = 0
+    """Forward-only passes spent on checks and the line search."""
 
     def roll_back_to(self, model: Model, index: int) -> float:
         """Undo the applied predicted steps after ``index``; returns the scale undone."""
@@ -66,7 +65,7 @@ def corrected(prediction: Prediction, factor: float) -> Prediction:
     )
 
 
-def cycle_reward(cycle: PredictCycle, full_step_seconds: float) -> float:
+def cycle_reward(cycle: PredictCycle, forward_cost: float, predict_step_cost: float) -> float:
     """Plain steps the predicted steps saved, per predicted step, clipped to [-1, 1].
 
     Gain: the line search measured, on one batch, the loss at the PREDICT entry point
@@ -75,12 +74,14 @@ def cycle_reward(cycle: PredictCycle, full_step_seconds: float) -> float:
     step, floored at its own standard error so a flat trend does not inflate it), is
     the number of plain steps the predicted steps were worth. Both points see the same
     batch, so batch noise largely cancels, and neither is the line search's pick, so
-    the estimate is not biased by that selection. Cost: the wall time of PREDICT and
-    the line search, in plain-step units. Arm 0 (no PREDICT) earns exactly 0, so the
-    bandit prefers it whenever predicting loses.
+    the estimate is not biased by that selection. Cost: the predicted steps and
+    forward passes spent, in plain-step units (``forward_cost`` and ``predict_step_cost``
+    are their prices relative to a FULL step). Costs are counted, not timed, so a run
+    is reproducible; the benchmark measures real wall-clock. Arm 0 (no PREDICT) earns
+    exactly 0, so the bandit prefers it whenever predicting loses.
     """
-    if cycle.paired_gain is None or cycle.search_seconds is None or not full_step_seconds > 0:
+    if cycle.paired_gain is None:
         return -1.0 if cycle.predicted_steps else 0.0
     worth = cycle.paired_gain / max(-cycle.entry_slope, cycle.slope_stderr, 1e-8)
-    cost = cycle.search_seconds / full_step_seconds
+    cost = cycle.forward_passes * forward_cost + cycle.predicted_steps * predict_step_cost
     return float(np.clip((worth - cost) / max(cycle.predicted_steps, 1), -1.0, 1.0))

@@ -29,8 +29,6 @@ from .kernels import fused_stats
 
 __all__ = ["HybridTrainer", "StepResult"]
 
-_FAST = 0.1
-
 
 class StepResult(NamedTuple):
     """What one `HybridTrainer.step` did.
@@ -114,7 +112,6 @@ class HybridTrainer:
         self._cycle: PredictCycle | None = None
         self._pending: tuple[int, Any] | None = None  # (arm, context) chosen for the next PREDICT
         self._horizon_scale = 1.0
-        self._full_seconds = math.nan
 
     @property
     def phase(self) -> Phase:
@@ -141,9 +138,6 @@ class HybridTrainer:
             result, signals = self._real_step(batch, current)
         self._advance(current, next_phase(current, self.config, signals))
         seconds = time.perf_counter() - start
-        if current.phase in (Phase.WARMUP, Phase.FULL) and not result.skipped:
-            self._full_seconds = seconds if math.isnan(self._full_seconds) else (
-                self._full_seconds + _FAST * (seconds - self._full_seconds))
         self.metrics.record(StepRecord(result.step, result.phase.value, result.loss, result.predicted_loss,
                                        result.backward, seconds, result.confidence, result.skipped))
         return result
@@ -294,6 +288,7 @@ class HybridTrainer:
             check_loss_and_grads(self._xp, self.model, loss, None)
             loss_f = self._read(self._xp.reshape(loss, (1,)))[0]
             self.metrics.count("checks")
+            cycle.forward_passes += 1
             verdict = self.monitor.assess(self.state, loss_f, None)
             if math.isfinite(loss_f):
                 self.state.record_prediction_error(predicted, loss_f)
@@ -325,7 +320,6 @@ class HybridTrainer:
         total = cycle.net_scale()
         if not cycle.applied or total == 0.0:
             cycle.paired_gain = 0.0
-            cycle.search_seconds = time.perf_counter() - cycle.start_time
             return
         # 0 (keep everything) and 1 (back to the entry point) are always measured: their
         # paired difference on one batch is what the bandit's reward is made of.
@@ -341,6 +335,7 @@ class HybridTrainer:
         values = self._read(self._xp.concat(losses))
         self.metrics.count("line_searches")
         self.metrics.count("line_search_forwards", len(fractions))
+        cycle.forward_passes += len(fractions)
         finite = [(v, f) for v, f in zip(values, fractions) if math.isfinite(v)]
         best = min(finite)[1] if finite else 1.0
         if not finite:
@@ -351,7 +346,6 @@ class HybridTrainer:
         if math.isfinite(entry) and entry > 0:
             cycle.paired_gain = (math.log(entry) - math.log(predicted_end)
                                  if math.isfinite(predicted_end) and predicted_end > 0 else -math.inf)
-        cycle.search_seconds = time.perf_counter() - cycle.start_time
         self.metrics.count("line_search_rollback_pct", round(100 * best))
 
     # -- phase changes -------------------------------------------------------------------------
@@ -386,7 +380,6 @@ class HybridTrainer:
             context=context,
             entry_slope=slope,
             slope_stderr=slope_stderr,
-            start_time=time.perf_counter(),
         )
         self.state.start_predict(nxt.horizon)
         self.metrics.count("probes" if nxt.probe else "predict_phases")
@@ -397,7 +390,7 @@ class HybridTrainer:
         self.state.mark_correction()
         if cycle is None:
             return
-        reward = cycle_reward(cycle, self._full_seconds)
+        reward = cycle_reward(cycle, self.config.forward_cost, self.config.predict_step_cost)
         if cycle.arm is not None and self.config.use_bandit:
             self.bandit.update(cycle.arm, cycle.context, reward)
             self.metrics.record_decision(self.state.step, cycle.arm, reward)

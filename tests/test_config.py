@@ -29,6 +29,8 @@ INVALID = {
     "use_bandit": (1, "True or False"),
     "correction_fractions": ((0.5, 2.0), "[0, 1]"),
     "explode_ratio": (1.0, "(1.0,"),
+    "forward_cost": (1.5, "[0.0, 1.0]"),
+    "predict_step_cost": (-0.1, "[0.0, 1.0]"),
     "history_size": (8, "[16,"),
     "metrics_max_records": (-1, "[0,"),
     "seed": (-5, "[0,"),

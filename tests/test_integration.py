@@ -4,7 +4,7 @@ import contextlib
 
 import numpy as np
 import pytest
-from conftest import NAMESPACES, load_namespace
+from _namespaces import NAMESPACES, namespace
 
 from hybrid_core import HybridConfig, HybridTrainer, Phase
 from hybrid_core._backend import from_numpy, to_numpy
@@ -29,8 +29,7 @@ def _strict_flags(name):
 
 @pytest.mark.parametrize("name", NAMESPACES)
 def test_300_steps_visit_every_phase_and_skip_backward_passes(name):
-    xp = load_namespace(name)
-    with _strict_flags(name):
+    with namespace(name) as xp, _strict_flags(name):
         split = split_digits(seed=0)
         x = from_numpy(xp, split.x_train, dtype=xp.float64)
         y = from_numpy(xp, split.y_train)
@@ -54,15 +53,19 @@ def test_numpy_and_strict_runs_agree():
     runs = []
     for name in ("numpy", "array_api_strict"):
         pytest.importorskip(name)
-        xp = load_namespace(name)
-        split = split_digits(seed=1)
-        x = from_numpy(xp, split.x_train, dtype=xp.float64)
-        y = from_numpy(xp, split.y_train)
-        model = MLP([64, 16, 10], xp=xp, dtype=xp.float64, seed=1)
-        trainer = HybridTrainer(model, Adam(model, lr=3e-3), SHORT)
-        trainer.fit(_batches(xp, x, y, split.y_train.shape[0], 32, 1), 200, progress=False)
-        runs.append([(r.phase, r.loss) for r in trainer.metrics.records])
+        with namespace(name) as xp:
+            runs.append(_run(xp))
     assert [p for p, _ in runs[0]] == [p for p, _ in runs[1]]
     a = np.array([v for _, v in runs[0] if v is not None])
     b = np.array([v for _, v in runs[1] if v is not None])
     np.testing.assert_allclose(a, b, rtol=1e-9)
+
+
+def _run(xp):
+    split = split_digits(seed=1)
+    x = from_numpy(xp, split.x_train, dtype=xp.float64)
+    y = from_numpy(xp, split.y_train)
+    model = MLP([64, 16, 10], xp=xp, dtype=xp.float64, seed=1)
+    trainer = HybridTrainer(model, Adam(model, lr=3e-3), SHORT)
+    trainer.fit(_batches(xp, x, y, split.y_train.shape[0], 32, 1), 200, progress=False)
+    return [(r.phase, r.loss) for r in trainer.metrics.records]

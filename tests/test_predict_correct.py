@@ -37,7 +37,7 @@ class Always:
 
 def _cycle(direction):
     return PredictCycle(horizon=10, arm=5, direction=direction, prediction=Always().predict(None, 10),
-                        context=np.zeros(5), entry_slope=-0.01, slope_stderr=0.001, start_time=0.0)
+                        context=np.zeros(5), entry_slope=-0.01, slope_stderr=0.001)
 
 
 @settings(max_examples=40, deadline=None)
@@ -152,10 +152,13 @@ def test_bandit_learns_to_stop_predicting_when_it_hurts():
 def test_cycle_reward_signs():
     cycle = _cycle([np.zeros(1)])
     cycle.predicted_steps = 10
-    cycle.search_seconds = 0.01
+    cycle.forward_passes = 2
     cycle.paired_gain = 0.1  # worth 10 plain steps at slope −0.01
-    assert cycle_reward(cycle, full_step_seconds=0.01) == pytest.approx((10 - 1) / 10)
+    cost = 2 * 0.35 + 10 * 0.05
+    assert cycle_reward(cycle, 0.35, 0.05) == pytest.approx((10 - cost) / 10)
     cycle.paired_gain = -0.05
-    assert cycle_reward(cycle, full_step_seconds=0.01) == -0.6
+    assert cycle_reward(cycle, 0.35, 0.05) == pytest.approx((-5 - cost) / 10)
+    cycle.paired_gain = -1.0
+    assert cycle_reward(cycle, 0.35, 0.05) == -1.0
     cycle.paired_gain = None
-    assert cycle_reward(cycle, full_step_seconds=0.01) == -1.0
+    assert cycle_reward(cycle, 0.35, 0.05) == -1.0

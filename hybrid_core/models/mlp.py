@@ -1,4 +1,4 @@
-"""`MLP`: a multi-layer perceptron with hand-written backprop in the pure array API."""
+"""`MLP`: a dense network with hand-written backprop in the pure array API (runs on any namespace)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import itertools
 import math
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, final
 
 import array_api_compat
 import numpy as np
 
 from .._backend import as_namespace, from_numpy, library_name
 from .._errors import BackendError, BatchError, ConfigError
+from ._checks import check_like_parameters, library_problem
 
 __all__ = ["MLP"]
 
@@ -20,13 +21,20 @@ _LOSSES = ("cross_entropy", "mse")
 _ACTIVATIONS = ("tanh", "relu")
 
 
+@final
 class MLP:
-    """A dense network x → act(x·W₀ + b₀) → … → x·W_L + b_L implementing `Model`.
+    """x → act(x·W₀ + b₀) → … → x·W_L + b_L, trained on a cross-entropy or squared-error loss; a `Model`.
 
-    Losses: ``cross_entropy`` (softmax over the outputs, integer labels, mean over
-    the batch) or ``mse`` (mean over the batch of ½‖output − target‖²). ``l2`` adds
-    ½·l2·Σ‖W‖² (weights only). Works on any array-API namespace; weights start from a
-    seeded NumPy generator (N(0, 1/fan_in)), biases at zero.
+    On a batch of n rows, with f(x) the network output and Wₖ the weight matrices:
+
+    - ``cross_entropy``: L = −(1/n)·Σᵢ log softmax(f(xᵢ))[yᵢ] + ½·l2·Σₖ‖Wₖ‖²; y holds integer
+      class ids in [0, sizes[-1]), shape (n,). Ids are not range-checked (that would need a host
+      sync); an out-of-range id contributes nothing.
+    - ``mse``: L = (1/n)·Σᵢ ½·‖f(xᵢ) − yᵢ‖² + ½·l2·Σₖ‖Wₖ‖²; y has shape (n, sizes[-1]).
+
+    Weights start N(0, 1/fan_in) from ``numpy.random.default_rng(seed)``, biases at zero, in ``dtype``
+    (default: the namespace's float32) on ``device``. Updates rebind the parameter list instead of
+    writing into arrays, so immutable arrays (JAX) work.
     """
 
     def __init__(
@@ -41,152 +49,208 @@ class MLP:
         device: Any = None,
         l2: float = 0.0,
     ) -> None:
-        problems = []
-        sizes = list(sizes)
-        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            problems.append(f"sizes={sizes!r}: must list at least two positive integers")
-        if loss not in _LOSSES:
-            problems.append(f"loss={loss!r}: must be one of {', '.join(_LOSSES)}")
-        if activation not in _ACTIVATIONS:
-            problems.append(f"activation={activation!r}: must be one of {', '.join(_ACTIVATIONS)}")
-        if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
-            problems.append(f"l2={l2!r}: must be a finite number >= 0")
+        sizes = tuple(sizes)
+        problems = _problems(sizes, loss, activation, seed, l2)
         if problems:
             raise ConfigError(problems)
-        self.xp = as_namespace(xp)
-        self.sizes = sizes
-        self.loss_kind = loss
-        self.activation = activation
-        self.l2 = float(l2)
-        self.dtype = self.xp.float32 if dtype is None else dtype
-        self.device = device
+        self._xp = as_namespace(xp)
+        self._sizes = sizes
+        self._loss_kind = loss
+        self._activation = activation
+        self._l2 = float(l2)
+        self._params = self._initial_parameters(seed, self._xp.float32 if dtype is None else dtype, device)
+
+    def _initial_parameters(self, seed: int, dtype: Any, device: Any) -> list[Any]:
+        xp, lib = self._xp, library_name(self._xp)
         rng = np.random.default_rng(seed)
         params = []
-        for fan_in, fan_out in itertools.pairwise(sizes):
-            w = rng.normal(0.0, 1.0 / math.sqrt(fan_in), size=(fan_in, fan_out))
-            params += [from_numpy(self.xp, w, dtype=self.dtype, device=device),
-                       from_numpy(self.xp, np.zeros(fan_out), dtype=self.dtype, device=device)]
-        self._params = params
+        try:
+            for fan_in, fan_out in itertools.pairwise(self._sizes):
+                w = rng.normal(0.0, 1.0 / math.sqrt(fan_in), size=(fan_in, fan_out))
+                params += [from_numpy(xp, w, dtype=dtype, device=device),
+                           from_numpy(xp, np.zeros(fan_out), dtype=dtype, device=device)]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(
+                f"dtype={dtype!r}, device={device!r}: {lib} cannot make parameters with them ({exc})",
+                f"Pass a floating dtype and a device of {lib} (or leave both at None).",
+            ) from exc
+        got = params[0].dtype
+        if not xp.isdtype(got, "real floating") or got != dtype:
+            raise ConfigError(
+                f"dtype={dtype!r}: {lib} made {got} parameters; a real floating dtype is needed",
+                "Pass e.g. xp.float32 or xp.float64 (JAX needs jax_enable_x64 for float64).",
+            )
+        return params
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Layer widths, input first."""
+        return self._sizes
+
+    @property
+    def xp(self) -> ModuleType:
+        """The array-API namespace of the parameters."""
+        return self._xp
+
+    @property
+    def dtype(self) -> Any:
+        """The parameters' dtype; inputs (and ``mse`` targets) must have it too."""
+        return self._params[0].dtype
 
     def parameters(self) -> list[Any]:
-        """[W₀, b₀, W₁, b₁, …]; W_i has shape (sizes[i], sizes[i+1])."""
+        """[W₀, b₀, W₁, b₁, …]; Wₖ has shape (sizes[k], sizes[k+1]), bₖ shape (sizes[k+1],)."""
         return list(self._params)
 
     def apply_update(self, update: Sequence[Any], scale: float) -> None:
-        """θ ← θ + scale·update (rebinds the arrays, so immutable backends work)."""
-        update = list(update)
-        if len(update) != len(self._params):
-            raise BatchError(f"update has {len(update)} arrays for {len(self._params)} parameters")
-        for i, (p, u) in enumerate(zip(self._params, update)):
-            if tuple(u.shape) != tuple(p.shape):
-                raise BatchError(f"update {i} has shape {tuple(u.shape)}, parameter {i} has {tuple(p.shape)}")
-        self._check_library(update, "the update")
-        self._params = [p + scale * u for p, u in zip(self._params, update)]
+        """θ ← θ + scale·update for every parameter (rebinds, never writes in place)."""
+        update = check_like_parameters(self._xp, self._params, update, "the update")
+        scale = float(scale)
+        self._params = [p + scale * u for p, u in zip(self._params, update, strict=True)]
 
     def outputs(self, x: Any) -> Any:
-        """The network's output for inputs ``x`` (logits for cross-entropy)."""
-        self._check_x(x)
+        """The network output for inputs ``x`` of shape (n, sizes[0]) (logits for ``cross_entropy``)."""
+        self._check_inputs(x)
         return self._forward(x)[1]
 
-    def loss(self, batch: Any) -> Any:
-        """The scalar loss on ``batch = (x, y)``, forward only."""
+    def loss(self, batch: tuple[Any, Any]) -> Any:
+        """The 0-d loss on ``batch = (x, y)``, forward pass only."""
         x, y = self._unpack(batch)
-        return self._loss_from_output(self._forward(x)[1], y)[0]
+        return self._head(self._forward(x)[1], y, with_delta=False)[0]
 
-    def loss_and_grad(self, batch: Any) -> tuple[Any, list[Any]]:
-        """The scalar loss and its gradient w.r.t. every parameter (hand-written backprop)."""
-        xp = self.xp
+    def loss_and_grad(self, batch: tuple[Any, Any]) -> tuple[Any, list[Any]]:
+        """The 0-d loss on ``batch = (x, y)`` and its gradient for every parameter, by backprop."""
         x, y = self._unpack(batch)
-        inputs, out = self._forward(x)
-        loss, delta = self._loss_from_output(out, y)
-        grads: list[Any] = [None] * len(self._params)
-        for layer in range(len(inputs) - 1, -1, -1):
-            w = self._params[2 * layer]
-            gw = xp.matmul(xp.permute_dims(inputs[layer], (1, 0)), delta)
-            grads[2 * layer] = gw + self.l2 * w if self.l2 else gw
-            grads[2 * layer + 1] = xp.sum(delta, axis=0)
-            if layer:
-                delta = xp.matmul(delta, xp.permute_dims(w, (1, 0))) * self._act_grad(inputs[layer])
+        acts, out = self._forward(x)
+        loss, delta = self._head(out, y, with_delta=True)
+        grads: list[Any] = []
+        for k in range(len(acts) - 1, -1, -1):
+            w = self._params[2 * k]
+            gw = acts[k].T @ delta
+            grads[:0] = [gw + self._l2 * w if self._l2 else gw, self._xp.sum(delta, axis=0)]
+            if k:
+                delta = (delta @ w.T) * self._activation_slope(acts[k])
         return loss, grads
 
-    def accuracy(self, batch: Any) -> Any:
-        """Fraction of correctly classified samples (0-d array); cross-entropy models only."""
-        if self.loss_kind != "cross_entropy":
-            raise ConfigError("accuracy() needs loss='cross_entropy'")
+    def accuracy(self, batch: tuple[Any, Any]) -> Any:
+        """The fraction of rows whose largest logit is the label, as a 0-d array (``cross_entropy`` only)."""
+        if self._loss_kind != "cross_entropy":
+            raise ConfigError("accuracy() needs a classifier, but this MLP has loss='mse'",
+                              "Build the MLP with loss='cross_entropy' to measure accuracy.")
+        xp = self._xp
         x, y = self._unpack(batch)
-        pred = self.xp.argmax(self._forward(x)[1], axis=1)
-        return self.xp.mean(self.xp.astype(pred == self.xp.astype(y, pred.dtype), self.dtype))
+        predicted = xp.argmax(self._forward(x)[1], axis=1)
+        return xp.mean(xp.astype(predicted == xp.astype(y, predicted.dtype), self.dtype))
 
-    # -- internals ------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"MLP(sizes={list(self._sizes)}, loss={self._loss_kind!r}, activation={self._activation!r}, "
+                f"l2={self._l2}, backend={library_name(self._xp)}, dtype={self.dtype})")
 
     def _forward(self, x: Any) -> tuple[list[Any], Any]:
-        """The input of every layer (what backprop needs) and the network output."""
-        xp = self.xp
-        inputs = [x]
-        for layer in range(len(self._params) // 2 - 1):
-            z = xp.matmul(inputs[-1], self._params[2 * layer]) + self._params[2 * layer + 1]
-            inputs.append(xp.tanh(z) if self.activation == "tanh" else xp.maximum(z, xp.zeros_like(z)))
-        return inputs, xp.matmul(inputs[-1], self._params[-2]) + self._params[-1]
+        """Every layer's input (what backprop needs) and the network output."""
+        xp = self._xp
+        acts = [x]
+        for k in range(len(self._params) // 2 - 1):
+            z = acts[-1] @ self._params[2 * k] + self._params[2 * k + 1]
+            acts.append(xp.tanh(z) if self._activation == "tanh" else xp.maximum(z, xp.zeros_like(z)))
+        return acts, acts[-1] @ self._params[-2] + self._params[-1]
 
-    def _act_grad(self, h: Any) -> Any:
-        xp = self.xp
-        if self.activation == "tanh":
+    def _activation_slope(self, h: Any) -> Any:
+        """act'(z) written in terms of h = act(z), so backprop needs no pre-activations."""
+        if self._activation == "tanh":
             return 1.0 - h * h
-        return xp.astype(h > 0, h.dtype)
+        return self._xp.astype(h > 0, h.dtype)
 
-    def _loss_from_output(self, out: Any, y: Any) -> tuple[Any, Any]:
-        """Loss and d(loss)/d(output) (already divided by the batch size), plus the L2 term."""
-        xp = self.xp
+    def _head(self, out: Any, y: Any, *, with_delta: bool) -> tuple[Any, Any]:
+        """The loss (with the L2 term) and, if asked, dL/d(output)."""
+        xp = self._xp
         n = out.shape[0]
-        if self.loss_kind == "cross_entropy":
+        delta = None
+        if self._loss_kind == "cross_entropy":
+            # Shifting by the row max keeps exp() finite for any finite logits.
             shifted = out - xp.max(out, axis=1, keepdims=True)
             expd = xp.exp(shifted)
             total = xp.sum(expd, axis=1, keepdims=True)
-            log_probs = shifted - xp.log(total)
             classes = xp.arange(out.shape[1], device=array_api_compat.device(out))
-            onehot = xp.astype(xp.reshape(y, (n, 1)) == xp.reshape(xp.astype(classes, y.dtype), (1, -1)),
-                               out.dtype)
-            loss = -xp.sum(onehot * log_probs) / n
-            delta = (expd / total - onehot) / n
+            # One label dtype for the comparison: mixed signed/unsigned integers do not promote.
+            labels = xp.astype(y, classes.dtype)
+            onehot = xp.astype(labels[:, None] == classes[None, :], out.dtype)
+            loss = -xp.sum(onehot * (shifted - xp.log(total))) / n
+            if with_delta:
+                delta = (expd / total - onehot) / n
         else:
             diff = out - y
             loss = 0.5 * xp.sum(diff * diff) / n
-            delta = diff / n
-        if self.l2:
-            loss = loss + 0.5 * self.l2 * sum(xp.sum(w * w) for w in self._params[0::2])
+            if with_delta:
+                delta = diff / n
+        if self._l2:
+            penalty = xp.sum(self._params[0] * self._params[0])
+            for w in self._params[2::2]:
+                penalty = penalty + xp.sum(w * w)
+            loss = loss + 0.5 * self._l2 * penalty
         return loss, delta
 
     def _unpack(self, batch: Any) -> tuple[Any, Any]:
+        """``(x, y)`` after the cheap checks: library, device, shapes and dtypes."""
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise BatchError(f"a batch must be a pair (x, y), got {type(batch).__name__}")
+            raise BatchError(f"a batch must be a pair (x, y); got {type(batch).__name__}",
+                             "Pass batch=(inputs, targets).")
         x, y = batch
-        self._check_library([x, y], "the batch")
-        self._check_x(x)
-        n = x.shape[0]
-        if self.loss_kind == "cross_entropy":
+        self._check_inputs(x)
+        self._check_array(y, "y")
+        n, width = x.shape[0], self._sizes[-1]
+        if self._loss_kind == "cross_entropy":
             if tuple(y.shape) != (n,):
-                raise BatchError(f"labels have shape {tuple(y.shape)}; expected ({n},) integer class ids",
-                                 "Pass y as a 1-D integer array with one class id per row of x.")
-        elif tuple(y.shape) != (n, self.sizes[-1]):
-            raise BatchError(f"targets have shape {tuple(y.shape)}; expected ({n}, {self.sizes[-1]})")
+                raise BatchError(f"labels y have shape {tuple(y.shape)}; expected ({n},) for x of shape "
+                                 f"{tuple(x.shape)}",
+                                 "Pass one integer class id per row of x (not one-hot rows).")
+            if not self._xp.isdtype(y.dtype, "integral"):
+                raise BatchError(f"labels y have dtype {y.dtype}; expected an integer dtype",
+                                 f"Cast the labels to an integer dtype (class ids in [0, {width})).")
+            return x, y
+        if tuple(y.shape) != (n, width):
+            raise BatchError(f"targets y have shape {tuple(y.shape)}; expected ({n}, {width}) for x of shape "
+                             f"{tuple(x.shape)}",
+                             f"Pass one row of {width} targets per row of x.")
+        if y.dtype != self.dtype:
+            raise BatchError(f"targets y have dtype {y.dtype}; the model's parameters are {self.dtype}",
+                             f"Cast y to {self.dtype}.")
         return x, y
 
-    def _check_x(self, x: Any) -> None:
-        if len(x.shape) != 2 or x.shape[1] != self.sizes[0]:
-            raise BatchError(f"inputs have shape {tuple(x.shape)}; expected (n, {self.sizes[0]})",
-                             "Reshape the inputs to (batch, features).")
+    def _check_inputs(self, x: Any) -> None:
+        self._check_array(x, "x")
+        if len(x.shape) != 2 or x.shape[1] != self._sizes[0]:
+            raise BatchError(f"inputs x have shape {tuple(x.shape)}; expected (n, {self._sizes[0]})",
+                             f"Reshape the inputs to (batch, {self._sizes[0]}).")
         if x.shape[0] == 0:
-            raise BatchError("the batch is empty", "Drop empty batches before the step.")
+            raise BatchError("the batch is empty: x has 0 rows", "Skip empty batches before the step.")
+        if x.dtype != self.dtype:
+            raise BatchError(f"inputs x have dtype {x.dtype}; the model's parameters are {self.dtype}",
+                             f"Cast x to {self.dtype} (or build the MLP with dtype={x.dtype}).")
 
-    def _check_library(self, arrays: Sequence[Any], what: str) -> None:
-        for a in arrays:
-            try:
-                got = array_api_compat.array_namespace(a)
-            except TypeError as exc:
-                raise BackendError(f"{what} holds a {type(a).__name__}, not an array of "
-                                   f"{library_name(self.xp)}") from exc
-            if got is not self.xp:
-                raise BackendError(
-                    f"{what} is a {library_name(got)} array but the model uses {library_name(self.xp)}",
-                    f"Convert {what} to {library_name(self.xp)} before the step.",
-                )
+    def _check_array(self, a: Any, what: str) -> None:
+        problem = library_problem(self._xp, a)
+        lib = library_name(self._xp)
+        if problem:
+            raise BackendError(f"batch {what} {problem}", f"Convert the batch to {lib} arrays first.")
+        here, there = array_api_compat.device(a), array_api_compat.device(self._params[0])
+        if here != there:
+            raise BackendError(f"batch {what} is on device {here}; the model's parameters are on {there}",
+                               f"Move the batch to {there}.")
+
+
+def _problems(sizes: tuple[Any, ...], loss: Any, activation: Any, seed: Any, l2: Any) -> list[str]:
+    """Every problem with the constructor's plain arguments."""
+    problems = []
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        problems.append(f"sizes={list(sizes)!r}: must list at least two positive integers (input first)")
+    if loss not in _LOSSES:
+        problems.append(f"loss={loss!r}: must be one of {', '.join(_LOSSES)}")
+    elif loss == "cross_entropy" and sizes and sizes[-1] == 1:
+        problems.append("sizes[-1]=1: cross_entropy needs at least 2 classes")
+    if activation not in _ACTIVATIONS:
+        problems.append(f"activation={activation!r}: must be one of {', '.join(_ACTIVATIONS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"seed={seed!r}: must be an integer >= 0")
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not math.isfinite(l2) or l2 < 0:
+        problems.append(f"l2={l2!r}: must be a finite number >= 0")
+    return problems

@@ -1,4 +1,4 @@
-"""Reference optimizers in the pure array API, with `extrapolate()` from their own state."""
+"""Reference optimizers in the pure array API, each with `extrapolate()` from its own state."""
 
 from ._adam import Adam, AdamW
 from ._sgd import SGD

@@ -1,0 +1,61 @@
+"""Cheap checks that a list of arrays lines up with a model's parameters (metadata only, no host sync)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+from .._backend import library_name
+from .._errors import BackendError, BatchError
+
+__all__ = ["check_like_parameters", "library_problem"]
+
+_LAYOUT_HINT = "Pass one array per parameter, in model.parameters() order, with their shapes and dtype."
+
+
+def library_problem(xp: ModuleType, value: Any) -> str | None:
+    """Why ``value`` is not an array of namespace ``xp`` (``None`` if it is)."""
+    try:
+        got = array_api_compat.array_namespace(value)
+    except TypeError:
+        return f"is a {type(value).__module__}.{type(value).__name__}, not an array"
+    if got is not xp:
+        return f"is a {library_name(got)} array but the model's parameters are {library_name(xp)} arrays"
+    return None
+
+
+def check_like_parameters(
+    xp: ModuleType, params: Sequence[Any], arrays: Sequence[Any], what: str
+) -> list[Any]:
+    """``arrays`` as a list after checking it matches ``params`` one to one.
+
+    `BackendError` for another library or device, `BatchError` for a wrong count, shape or dtype;
+    each names the index and both sides.
+    """
+    arrays = list(arrays)
+    if len(arrays) != len(params):
+        raise BatchError(f"{what} holds {len(arrays)} arrays but the model has {len(params)} parameters",
+                         _LAYOUT_HINT)
+    for i, (a, p) in enumerate(zip(arrays, params, strict=True)):
+        problem = library_problem(xp, a)
+        if problem:
+            raise BackendError(f"{what}[{i}] {problem}",
+                               f"Convert {what} to {library_name(xp)} arrays on the parameters' device.")
+        if array_api_compat.device(a) != array_api_compat.device(p):
+            raise BackendError(
+                f"{what}[{i}] is on device {array_api_compat.device(a)}; parameter {i} is on "
+                f"{array_api_compat.device(p)}",
+                f"Move {what} to the parameters' device.",
+            )
+        if tuple(a.shape) != tuple(p.shape):
+            raise BatchError(f"{what}[{i}] has shape {tuple(a.shape)}; parameter {i} has {tuple(p.shape)}",
+                             _LAYOUT_HINT)
+        if a.dtype != p.dtype:
+            raise BatchError(
+                f"{what}[{i}] has dtype {a.dtype}; parameter {i} has dtype {p.dtype}",
+                f"Cast {what} to {p.dtype}; mixing dtypes would silently change the parameters' dtype.",
+            )
+    return arrays
