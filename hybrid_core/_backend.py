@@ -30,9 +30,9 @@ def library_name(xp: ModuleType) -> str:
 def as_namespace(xp: ModuleType | None) -> ModuleType:
     """The array-API-compatible namespace for a module the user passed (``numpy``, ``torch``, ...).
 
-    ``None`` means NumPy. Modules that already follow the standard (array-api-strict,
-    ``jax.numpy``) are returned through `array_api_compat` so every caller sees the
-    same kind of object.
+    ``None`` means NumPy. The result is what `array_api_compat.array_namespace` gives for
+    an array of that module: the compat wrapper for NumPy and PyTorch, the module itself
+    for array-api-strict and ``jax.numpy``, which already follow the standard.
     """
     if xp is None:
         import numpy
@@ -66,8 +66,6 @@ def namespace_of(*arrays: Any, what: str = "arrays") -> ModuleType:
 def same_namespace(expected: ModuleType, arrays: Iterable[Any], what: str) -> None:
     """Raise `BackendError` naming both libraries if ``arrays`` are not of ``expected``."""
     for a in _flatten(arrays):
-        if a is None or isinstance(a, (int, float, bool)):
-            continue
         try:
             got = array_api_compat.array_namespace(a)
         except TypeError as exc:
@@ -83,7 +81,11 @@ def same_namespace(expected: ModuleType, arrays: Iterable[Any], what: str) -> No
 
 
 def from_numpy(xp: ModuleType, value: Any, *, dtype: Any = None, device: Any = None) -> Any:
-    """Convert a NumPy array (or scalar) to namespace ``xp``; the way randomness enters the core."""
+    """Convert a NumPy array (or scalar) to namespace ``xp``; the way randomness enters the core.
+
+    The result may share memory with ``value`` (NumPy, CPU PyTorch): pass a copy if the
+    source will be modified later.
+    """
     arr = np.asarray(value)
     if device is None:
         return xp.asarray(arr, dtype=dtype) if dtype is not None else xp.asarray(arr)
@@ -91,7 +93,7 @@ def from_numpy(xp: ModuleType, value: Any, *, dtype: Any = None, device: Any = N
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A host NumPy copy of any array (a host sync)."""
+    """A host NumPy view or copy of any array (a host sync for device arrays); do not modify it."""
     xp = array_api_compat.array_namespace(x)
     if array_api_compat.is_torch_namespace(xp):
         return x.detach().cpu().numpy()

@@ -34,7 +34,10 @@ class Model(Protocol):
         ...
 
     def loss(self, batch: Any) -> Array:
-        """Forward pass only: the scalar (0-d) loss on ``batch``, in the model's namespace."""
+        """Forward pass only: the scalar loss on ``batch``, in the model's namespace.
+
+        0-d is expected; a shape-(1,) array is accepted too.
+        """
         ...
 
     def loss_and_grad(self, batch: Any) -> tuple[Array, list[Array]]:

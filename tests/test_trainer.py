@@ -213,3 +213,11 @@ def test_predicted_loss_reported_in_correct_phase():
     assert correct[0].predicted_loss == 0.1  # before any residual, the corrector leaves predictions alone
     assert trainer.residuals.total == len(correct) and trainer.corrector.updates == len(correct)
     assert trainer.state.pred_err_last > 0
+
+
+def test_python_float_loss_is_a_backend_error():
+    trainer, model = _trainer()
+    x, y = next(regression_batches(np))
+    model.loss_and_grad = lambda batch: (0.5, [np.zeros(3), np.zeros(1)])
+    with pytest.raises(BackendError, match="not an array"):
+        trainer.step((x, y))
