@@ -17,12 +17,13 @@ from ._errors import (
 )
 from ._features import FEATURE_DIM, FEATURE_NAMES, FEATURE_SLOTS, encode_features
 from ._metrics import MetricsCollector, StepRecord
+from ._persist import CheckpointPolicy
 from ._phase import Phase, PhaseState, Signals, initial_phase_state, next_phase
 from ._protocols import DynamicsModel, Model, Optimizer, Outcome, Prediction
 from ._state import TrainingState
 from ._trainer import HybridTrainer, StepResult
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "FEATURE_DIM",
@@ -31,6 +32,7 @@ __all__ = [
     "BackendError",
     "BatchError",
     "CheckpointError",
+    "CheckpointPolicy",
     "ConfigError",
     "DivergenceError",
     "DynamicsModel",

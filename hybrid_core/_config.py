@@ -69,7 +69,7 @@ class HybridConfig:
     """NaN/Inf loss or gradient in a real step: ``raise`` or ``skip`` the batch."""
     history_size: int = 256
     """Capacity of each ring buffer of `TrainingState`."""
-    metrics_max_records: int = 100_000
+    metrics_max_records: int = 10_000
     """Per-step records kept in memory by `MetricsCollector` (totals are always exact)."""
     seed: int = 0
     """Seed of every random choice the trainer makes."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -17,10 +19,12 @@ from ._config import HybridConfig
 from ._corrector import ResidualCorrector, ResidualStore
 from ._cycle import PredictCycle, corrected, cycle_reward
 from ._directions import make_direction
-from ._errors import ConfigError, DivergenceError, ModelError
+from ._codec import DEFAULT_MAX_BYTES
+from ._errors import CheckpointError, ConfigError, DivergenceError, ModelError
 from ._features import CONTEXT_NAMES, compact_context, encode_features
 from ._metrics import MetricsCollector, StepRecord
 from ._monitor import DivergenceMonitor, Level
+from ._persist import CheckpointPolicy, checkpoint_path, load_trainer, newest_checkpoint, save_trainer
 from ._phase import Phase, PhaseState, Signals, initial_phase_state, next_phase
 from ._progress import Progress
 from ._protocols import Array, DynamicsModel, Model, Optimizer, Outcome
@@ -149,19 +153,26 @@ class HybridTrainer:
         *,
         progress: bool | None = None,
         callbacks: Sequence[Callback] = (),
+        checkpoint: CheckpointPolicy | None = None,
     ) -> dict[str, Any]:
-        """Step through ``batches`` (an iterable, or a function of the step index) and return the summary.
+        """Step through ``batches`` and return the metrics summary.
 
-        Stops after ``steps`` steps, when the iterable ends, or when a callback
-        returns True. ``progress`` shows a progress line on stderr (default: when
-        stderr is a terminal).
+        ``batches`` is an iterable, or a function of the global step index (so a resumed
+        run gets the batches it would have seen). Stops after ``steps`` steps, when the
+        iterable ends, or when a callback returns True. ``progress`` shows a progress
+        line on stderr (default: when stderr is a terminal). ``checkpoint`` saves the
+        whole trainer every ``checkpoint.every`` steps, keeps the newest
+        ``checkpoint.keep`` files, and first resumes from the newest good one.
         """
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
             raise ConfigError(f"steps={steps!r}: must be an integer >= 0 or None")
+        if checkpoint is not None and checkpoint.resume:
+            self._resume_from(checkpoint.directory)
         if callable(batches) and not isinstance(batches, Iterable):
             if steps is None:
                 raise ConfigError("steps is required when batches is a function of the step index")
-            source: Iterator[Any] = (batches(i) for i in range(steps))
+            first = self.state.step
+            source: Iterator[Any] = (batches(first + i) for i in range(steps))
         else:
             source = iter(batches)
         show = Progress(steps, "train") if progress or (progress is None and _stderr_is_tty()) else None
@@ -176,12 +187,56 @@ class HybridTrainer:
                 done += 1
                 if show is not None:
                     show.update(done, self._progress_text(result))
+                if checkpoint is not None and self.state.step % checkpoint.every == 0:
+                    self._auto_save(checkpoint)
                 if any(cb(self, result) for cb in callbacks):
                     break
         finally:
             if show is not None:
                 show.close()
         return self.metrics.summary()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole trainer (model, optimizer, dynamics, bandit, metrics, …) to ``path`` atomically."""
+        save_trainer(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: Model,
+        optimizer: Optimizer,
+        dynamics: DynamicsModel | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> HybridTrainer:
+        """A trainer restored from ``path`` around ``model`` and ``optimizer``.
+
+        Their states are overwritten with the saved ones; the run then continues exactly
+        as if it had never stopped (bit for bit on deterministic CPU backends). A
+        truncated, corrupted, foreign or newer file raises `CheckpointError` before
+        anything is changed; ``max_bytes`` bounds what is read.
+        """
+        return load_trainer(cls, path, model, optimizer, dynamics, max_bytes)
+
+    def _auto_save(self, policy: CheckpointPolicy) -> None:
+        os.makedirs(policy.directory, exist_ok=True)
+        self.save(checkpoint_path(policy.directory, self.state.step))
+        for old in newest_checkpoint(policy.directory)[policy.keep:]:
+            old.unlink(missing_ok=True)
+        self.metrics.count("checkpoints_saved")
+
+    def _resume_from(self, directory: str | os.PathLike[str]) -> None:
+        for path in newest_checkpoint(directory):
+            try:
+                loaded = load_trainer(type(self), path, self.model, self.optimizer, self.dynamics)
+            except CheckpointError as err:
+                print(f"hybrid_core: skipping unreadable checkpoint {path}: {err.message}", file=sys.stderr)
+                continue
+            self.__dict__.update(loaded.__dict__)
+            self.metrics.count("resumed")
+            return
 
     # -- real steps ----------------------------------------------------------------------------
 
@@ -415,6 +470,4 @@ class HybridTrainer:
 
 
 def _stderr_is_tty() -> bool:
-    import sys
-
     return bool(getattr(sys.stderr, "isatty", lambda: False)())

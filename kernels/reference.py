@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 __all__ = ["STATS_FIELDS", "fused_stats"]
 
@@ -20,6 +21,11 @@ def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) 
     per-step scalar with a single host transfer. ``updates`` may be ``None`` (no
     update yet): its entries are then 0.
     """
+    with np.errstate(all="ignore"):  # NaN/Inf entries are counted below, not warned about
+        return _fused_stats(loss, grads, updates)
+
+
+def _fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
     xp = array_api_compat.array_namespace(loss, *grads)
     dtype = loss.dtype
     zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(loss))

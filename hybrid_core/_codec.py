@@ -1,0 +1,172 @@
+"""The checkpoint file format: msgpack with arrays as ExtType, a header and a checksum.
+
+Layout: ``MAGIC`` (8 bytes) · format version (uint16) · payload length (uint64) ·
+SHA-256 of the payload (32 bytes) · payload (msgpack). Arrays are ExtType 1 holding
+msgpack ``[dtype, shape, bytes, library]`` (little-endian, C order, dtypes from a fixed list);
+integers beyond 64 bits (NumPy generator states) are ExtType 2 holding their decimal
+text. Decoding never runs code (no pickle anywhere) and every length is checked
+against the file before anything is allocated, so a crafted file cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+
+from ._errors import CheckpointError
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "ForeignArray", "decode", "encode", "read_file", "write_atomic"]
+
+MAGIC = b"HYBRIDCK"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">8sHQ32s")
+_ARRAY, _BIGINT = 1, 2
+_DTYPES = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+     "float16", "float32", "float64", "complex64", "complex128"]
+)
+_LIBRARIES = frozenset(["numpy", "array_api_strict", "torch", "jax", "cupy"])
+DEFAULT_MAX_BYTES = 8 * 2**30
+"""Largest checkpoint `read_file` accepts unless told otherwise (8 GiB)."""
+
+
+class ForeignArray(NamedTuple):
+    """A decoded array that was saved from another library than NumPy (restored by the caller)."""
+
+    library: str
+    array: np.ndarray
+
+
+def encode(obj: Any, to_host: Callable[[Any], tuple[np.ndarray, str] | None]) -> bytes:
+    """msgpack bytes of ``obj``: dicts, lists, tuples, scalars, strings, None and arrays.
+
+    ``to_host`` turns any non-NumPy array (torch, jax, …) into ``(numpy array, library
+    name)``, or returns None for objects that are not arrays.
+    """
+
+    def default(value: Any) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, int):  # only reached for ints msgpack cannot hold
+            return msgpack.ExtType(_BIGINT, str(value).encode("ascii"))
+        host = (value, "numpy") if isinstance(value, np.ndarray) else to_host(value)
+        if host is None:
+            raise CheckpointError(f"cannot store a {type(value).__name__} in a checkpoint",
+                                  "State dicts may hold numbers, strings, lists, dicts and arrays only.")
+        arr, library = host
+        dtype = arr.dtype.name
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"cannot store an array of dtype {dtype}")
+        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        record = [dtype, list(arr.shape), data, library]
+        return msgpack.ExtType(_ARRAY, msgpack.packb(record, use_bin_type=True))
+
+    try:
+        return msgpack.packb(obj, default=default, use_bin_type=True, strict_types=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"cannot encode the training state: {exc}") from exc
+
+
+def decode(payload: bytes) -> Any:
+    """The object `encode` wrote; `CheckpointError` for anything malformed."""
+    limit = len(payload)
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == _BIGINT:
+            text = data.decode("ascii")
+            if not text.lstrip("-").isdigit() or len(text) > 200:
+                raise CheckpointError("malformed big integer in checkpoint")
+            return int(text)
+        if code != _ARRAY:
+            raise CheckpointError(f"unknown msgpack extension type {code} in checkpoint")
+        fields = msgpack.unpackb(data, raw=False, max_bin_len=len(data), max_array_len=64, max_map_len=0,
+                                 max_str_len=32, max_ext_len=0)
+        if not (isinstance(fields, list) and len(fields) == 4):
+            raise CheckpointError("malformed array record in checkpoint")
+        dtype, shape, raw, library = fields
+        if dtype not in _DTYPES or not isinstance(shape, list) or not isinstance(raw, bytes) or (
+                library not in _LIBRARIES):
+            raise CheckpointError(f"malformed array record (dtype {dtype!r}) in checkpoint")
+        if any(not isinstance(n, int) or n < 0 for n in shape):
+            raise CheckpointError("negative or non-integer array shape in checkpoint")
+        itemsize = np.dtype(dtype).itemsize
+        if int(np.prod(shape, dtype=object)) * itemsize != len(raw):
+            raise CheckpointError("array byte count does not match its shape in checkpoint")
+        arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
+        return arr if library == "numpy" else ForeignArray(library, arr)
+
+    try:
+        return msgpack.unpackb(payload, raw=False, ext_hook=ext_hook, strict_map_key=False,
+                               max_bin_len=limit, max_str_len=limit, max_array_len=limit,
+                               max_map_len=limit, max_ext_len=limit)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # msgpack raises several types for malformed input
+        raise CheckpointError(f"checkpoint payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+
+
+def write_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Write header + ``payload`` to ``path`` via a temporary file, fsync and rename.
+
+    A crash at any point leaves either the old file or the new one, never a mix.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """Read, verify (magic, version, length, checksum) and decode a checkpoint."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise CheckpointError(f"{path}: {size} bytes exceeds the limit of {max_bytes}",
+                                  "Pass a larger max_bytes if this file is trusted.")
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                raise CheckpointError(f"{path}: truncated header ({len(head)} bytes)")
+            magic, version, length, digest = _HEADER.unpack(head)
+            if magic != MAGIC:
+                raise CheckpointError(f"{path}: not a hybrid-predict-trainer checkpoint (bad magic)")
+            if version > FORMAT_VERSION:
+                raise CheckpointError(f"{path}: format version {version} is newer than this library's "
+                                      f"{FORMAT_VERSION}", "Upgrade hybrid-predict-trainer to read it.")
+            if version < 1:
+                raise CheckpointError(f"{path}: unknown format version {version}")
+            if length != size - _HEADER.size:
+                raise CheckpointError(f"{path}: header promises {length} payload bytes, file holds "
+                                      f"{size - _HEADER.size} (truncated or padded)")
+            payload = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
+    return decode(payload)
