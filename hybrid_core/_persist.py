@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import array_api_compat
 import numpy as np
 
-from ._version import __version__ as _version
 from ._backend import from_numpy, library_name, to_numpy
 from ._codec import DEFAULT_MAX_BYTES, ForeignArray, encode, read_file, write_atomic
 from ._config import HybridConfig
@@ -20,6 +19,7 @@ from ._cycle import PredictCycle
 from ._errors import CheckpointError, HybridError
 from ._phase import Phase, PhaseState
 from ._protocols import DynamicsModel, Model, Optimizer, Prediction
+from ._version import __version__ as _version
 
 if TYPE_CHECKING:
     from ._trainer import HybridTrainer

@@ -15,11 +15,11 @@ from ._backend import library_name, namespace_of
 from ._bandit import LinUCBBandit
 from ._baseline import TrendDynamics
 from ._checks import call_model, check_loss_and_grads, read_host, require_protocol
+from ._codec import DEFAULT_MAX_BYTES
 from ._config import HybridConfig
 from ._corrector import ResidualCorrector, ResidualStore
 from ._cycle import PredictCycle, corrected, cycle_reward
 from ._directions import make_direction
-from ._codec import DEFAULT_MAX_BYTES
 from ._errors import CheckpointError, ConfigError, DivergenceError, ModelError
 from ._features import CONTEXT_NAMES, compact_context, encode_features
 from ._metrics import MetricsCollector, StepRecord

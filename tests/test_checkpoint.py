@@ -156,7 +156,7 @@ def test_auto_checkpoints_keep_the_newest_and_resume(tmp_path):
     rng = np.random.default_rng(0)
     data = [(rng.normal(size=(8, 6)), rng.integers(0, 3, size=8)) for _ in range(100)]
     policy = CheckpointPolicy(tmp_path / "ckpts", every=10, keep=2)
-    trainer, model = _trainer()
+    trainer, _ = _trainer()
     assert trainer.state.step == 30
     trainer.fit(lambda i: data[i % 100], 25, progress=False, checkpoint=policy)  # steps 30..54
     files = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
