@@ -22,8 +22,7 @@ from ._phase import Phase, PhaseState, Signals, initial_phase_state, next_phase
 from ._protocols import DynamicsModel, Model, Optimizer, Outcome, Prediction
 from ._state import TrainingState
 from ._trainer import HybridTrainer, StepResult
-
-from ._version import __version__
+from ._version import __version__ as __version__
 
 __all__ = [
     "FEATURE_DIM",
