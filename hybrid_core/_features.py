@@ -109,20 +109,23 @@ def encode_features(state: TrainingState, phase: PhaseState, max_predict_steps: 
 
 
 def _encode(state: TrainingState, phase: PhaseState, max_predict_steps: int) -> np.ndarray:
-    hist = state.losses.last()
-    has = hist.size > 0
-    loss = float(hist[-1]) if has else 0.0
-    logs = np.log(np.maximum(hist, 1e-30))
-    log_loss = float(logs[-1]) if has else 0.0
-    win = hist[-_WINDOW:]
+    # Windows are a few dozen floats: plain Python beats NumPy's per-call overhead here,
+    # and this runs on every real step.
+    recent = state.losses.last(_LAGS[-1] + 1).tolist()
+    has = bool(recent)
+    loss = recent[-1] if has else 0.0
+    logs = [math.log(max(v, 1e-30)) for v in recent]
+    log_loss = logs[-1] if has else 0.0
+    win = recent[-_WINDOW:]
     wlog = logs[-_WINDOW:]
     ema_fast = _finite(state.loss_ema_fast)
     ema_slow = _finite(state.loss_ema_slow)
     steps = max(state.step, 1)
-    diffs = np.diff(win)
-    signs = np.sign(diffs[diffs != 0])
+    diffs = [b - a for a, b in zip(win, win[1:])]
+    signs = [d > 0 for d in diffs if d != 0]
     grads = state.grad_norms
     gnorm = state.grad_norm
+    n = len(recent)
 
     values = [
         loss,
@@ -133,21 +136,21 @@ def _encode(state: TrainingState, phase: PhaseState, max_predict_steps: int) -> 
         _log(ema_slow),
         _ratio(ema_fast - ema_slow, ema_slow),
         _ratio(math.sqrt(max(state.loss_var_ema, 0.0)), ema_fast),
-        float(np.var(wlog)) if wlog.size > 1 else 0.0,
+        _variance(wlog),
         _slope(wlog),
         _slope(logs[-_SHORT:]),
-        _slope(logs),
+        _long_slope(state),
         _ratio(loss, state.min_loss) if math.isfinite(state.min_loss) else 1.0,
         log_loss - _log(state.first_loss) if math.isfinite(state.first_loss) else 0.0,
-        _ratio(float(np.min(win)), ema_fast) if has else 1.0,
-        _ratio(float(np.median(win)), ema_fast) if has else 1.0,
-        _ratio(float(np.max(win)), ema_fast) if has else 1.0,
-        float(logs[-1] - logs[-2]) if hist.size > 1 else 0.0,
+        _ratio(min(win), ema_fast) if has else 1.0,
+        _ratio(sorted(win)[len(win) // 2], ema_fast) if has else 1.0,
+        _ratio(max(win), ema_fast) if has else 1.0,
+        logs[-1] - logs[-2] if n > 1 else 0.0,
         state.delta_ema,
         state.abs_delta_ema,
-        float(np.mean(signs[1:] != signs[:-1])) if signs.size > 1 else 0.0,
-        float(np.mean(diffs > 0)) if diffs.size else 0.0,
-        *(float(logs[-1] - logs[-1 - lag]) if hist.size > lag else 0.0 for lag in _LAGS),
+        sum(a != b for a, b in zip(signs, signs[1:])) / (len(signs) - 1) if len(signs) > 1 else 0.0,
+        sum(d > 0 for d in diffs) / len(diffs) if diffs else 0.0,
+        *(logs[-1] - logs[-1 - lag] if n > lag else 0.0 for lag in _LAGS),
         gnorm,
         _log(gnorm),
         _finite(state.grad_norm_ema),
@@ -182,9 +185,7 @@ def _encode(state: TrainingState, phase: PhaseState, max_predict_steps: int) -> 
         math.log1p(state.steps_since_min),
         1.0,
     ]
-    out = np.asarray(values, dtype=np.float64)
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=_CLIP, neginf=-_CLIP)
-    return np.clip(out, -_CLIP, _CLIP, out=out)
+    return np.array([_clip(v) for v in values], dtype=np.float64)
 
 
 def _finite(x: float) -> float:
@@ -201,13 +202,37 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def _slope(y: np.ndarray) -> float:
+def _clip(v: float) -> float:
+    if v != v:  # NaN
+        return 0.0
+    return _CLIP if v > _CLIP else -_CLIP if v < -_CLIP else float(v)
+
+
+def _variance(y: list[float]) -> float:
+    n = len(y)
+    if n < 2:
+        return 0.0
+    mean = sum(y) / n
+    return sum((v - mean) * (v - mean) for v in y) / n
+
+
+def _slope(y: list[float]) -> float:
+    n = len(y)
+    if n < 2:
+        return 0.0
+    centre = (n - 1) / 2.0
+    mean = sum(y) / n
+    num = sum((i - centre) * (v - mean) for i, v in enumerate(y))
+    return num / (n * (n * n - 1) / 12.0)
+
+
+def _long_slope(state: TrainingState) -> float:
+    y = np.log(np.maximum(state.losses.last(), 1e-30))
     n = y.size
     if n < 2:
         return 0.0
     x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
     return float(np.dot(x, y - y.mean()) / np.dot(x, x))
-
 
 CONTEXT_NAMES = ("bias", "confidence", "trend_window", "loss_std_rel", "pred_err_ema")
 """Slots of the compact context the horizon bandit and the residual corrector read.

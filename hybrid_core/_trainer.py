@@ -116,6 +116,7 @@ class HybridTrainer:
         self._cycle: PredictCycle | None = None
         self._pending: tuple[int, Any] | None = None  # (arm, context) chosen for the next PREDICT
         self._horizon_scale = 1.0
+        self._grads_checked = False
 
     @property
     def phase(self) -> Phase:
@@ -248,7 +249,10 @@ class HybridTrainer:
             self._line_search(batch, cycle)
         loss, grads = call_model(self.model.loss_and_grad, batch, "loss_and_grad")
         grads = list(grads)
-        check_loss_and_grads(self._xp, self.model, loss, grads)
+        # The loss is checked every step (it reveals a batch from another library); the
+        # gradients' library and shapes once, since a model cannot change them silently.
+        check_loss_and_grads(self._xp, self.model, loss, None if self._grads_checked else grads)
+        self._grads_checked = True
         stats = self._read(fused_stats(loss, grads, self._last_update))
         loss_f, grad_sq, update_sq, grad_dot, grad_max, nonfinite = stats
         step_index = self.state.step

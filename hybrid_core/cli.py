@@ -49,6 +49,32 @@ def _conformance(args: argparse.Namespace) -> int:
     return int(pytest.main(["--pyargs", "hybrid_core.conformance", "-q", "-p", "no:cacheprovider", *extra]))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import format_table, run_benchmark, summarize
+    from .bench._report import plot
+    from .bench._tasks import get_task
+
+    task = get_task(args.task)
+    seeds = list(range(args.seeds))
+    command = "hybrid-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else (
+        f"hybrid-train bench --task {args.task} --backend {args.backend} --seeds {args.seeds} "
+        f"--steps {args.steps or task.steps}")
+    print(f"{task.name}: {task.description}; backend {args.backend}; baseline, tuned baseline "
+          f"(lr x0.5/x1/x2/x4) and hybrid, {args.seeds} seed(s), one process", flush=True)
+    results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet)
+    doc = summarize(results, task.name, args.backend, args.steps or task.steps, command)
+    print(format_table(doc))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {args.plot}" if plot(doc, args.plot) else "no plot: matplotlib is not installed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `hybrid-train`."""
     parser = argparse.ArgumentParser(
@@ -67,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="PATH", help="write the comparison table as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="the honest benchmark: baseline, tuned baseline and hybrid, one process")
+    bench.add_argument("--task", default="digits-mlp")
+    bench.add_argument("--backend", default="numpy")
+    bench.add_argument("--seeds", type=_positive_int, default=3)
+    bench.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (task default)")
+    bench.add_argument("--out", metavar="JSON")
+    bench.add_argument("--plot", metavar="PNG")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=_bench)
     conf = sub.add_parser("conformance", help="run the conformance suite (needs pytest) on built-in or your cases")
     conf.add_argument("cases", nargs="*", metavar="MODULE:FACTORY",
                       help="factories returning ConformanceCase objects; none = the built-in cases")

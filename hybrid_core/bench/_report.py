@@ -1,0 +1,182 @@
+"""Turns benchmark runs into the reported figures, a JSON document, a table and a plot."""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ._runner import RunResult, median_step
+
+__all__ = ["SCHEMA", "format_table", "plot", "summarize", "time_to_target"]
+
+SCHEMA = "hybrid-bench/1"
+"""Version tag of the JSON document (docs/benchmarks.md describes every field)."""
+
+
+def time_to_target(result: RunResult, target: float) -> tuple[float, float] | None:
+    """(wall seconds, backward passes) at the first evaluation with validation loss ≤ ``target``."""
+    for wall, backward, _, val in result.curve:
+        if val <= target:
+            return wall, backward
+    return None
+
+
+def val_at_wall(result: RunResult, wall: float) -> float:
+    """Validation loss of the last evaluation made within ``wall`` seconds of training."""
+    within = [row[3] for row in result.curve if row[0] <= wall]
+    return within[-1] if within else result.curve[0][3]
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": float(np.median(finite)), "min": float(min(finite)), "max": float(max(finite)),
+            "n": len(finite)}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def summarize(results: list[RunResult], task: str, backend: str, steps: int, command: str) -> dict[str, Any]:
+    """The benchmark document: every run, per-seed comparisons and their median and min–max."""
+    seeds = sorted({r.seed for r in results})
+    per_seed = []
+    for seed in seeds:
+        runs = [r for r in results if r.seed == seed]
+        base = next(r for r in runs if r.kind == "baseline")
+        hybrid = next(r for r in runs if r.kind == "hybrid")
+        tuned = min((r for r in runs if r.kind in ("baseline", "tuned")), key=lambda r: r.final_val)
+        target = base.final_val
+        ttt = {k: time_to_target(r, target) for k, r in (("baseline", base), ("tuned", tuned), ("hybrid", hybrid))}
+        plain_step = median_step(base, "plain")
+        full_step = median_step(hybrid, "full")
+        total_wall = base.curve[-1][0]
+        per_seed.append({
+            "seed": seed,
+            "target_val": target,
+            "tuned_lr": tuned.lr,
+            "final_val": {"baseline": base.final_val, "tuned": tuned.final_val, "hybrid": hybrid.final_val},
+            "time_to_target_s": {k: None if v is None else v[0] for k, v in ttt.items()},
+            "backward_to_target": {k: None if v is None else v[1] for k, v in ttt.items()},
+            "speedup_wall_vs_baseline": _ratio(*_pair(ttt, "baseline", 0)),
+            "speedup_wall_vs_tuned": _ratio(*_pair(ttt, "tuned", 0)),
+            "speedup_backward_vs_baseline": _ratio(*_pair(ttt, "baseline", 1)),
+            "speedup_backward_vs_tuned": _ratio(*_pair(ttt, "tuned", 1)),
+            "val_at_baseline_wall": {"baseline": base.final_val, "tuned": val_at_wall(tuned, total_wall),
+                                     "hybrid": val_at_wall(hybrid, total_wall)},
+            "overhead_full_step_pct": 100.0 * (full_step / plain_step - 1.0),
+            "predict_cost_vs_full_no_check": median_step(hybrid, "predict") / plain_step,
+            "predict_cost_vs_full_with_check": median_step(hybrid, "predict_checked") / plain_step,
+            "peak_memory_overhead_pct": 100.0 * (hybrid.peak_bytes / max(base.peak_bytes, 1) - 1.0),
+            "predicted_fraction": sum(len(v) for k, v in hybrid.step_seconds.items() if k.startswith("predict"))
+            / steps,
+        })
+    keys = ["speedup_wall_vs_baseline", "speedup_wall_vs_tuned", "speedup_backward_vs_baseline",
+            "speedup_backward_vs_tuned", "overhead_full_step_pct", "predict_cost_vs_full_no_check",
+            "predict_cost_vs_full_with_check", "peak_memory_overhead_pct", "predicted_fraction"]
+    summary = {k: _spread([s[k] for s in per_seed]) for k in keys}
+    for kind in ("baseline", "tuned", "hybrid"):
+        summary[f"final_val_{kind}"] = _spread([s["final_val"][kind] for s in per_seed])
+        summary[f"val_at_baseline_wall_{kind}"] = _spread([s["val_at_baseline_wall"][kind] for s in per_seed])
+    return {
+        "schema": SCHEMA,
+        "task": task,
+        "backend": backend,
+        "steps": steps,
+        "seeds": seeds,
+        "command": command,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine(), "library": __version__},
+        "summary": summary,
+        "per_seed": per_seed,
+        "runs": [_run_dict(r) for r in results],
+    }
+
+
+def _pair(ttt: dict[str, tuple[float, float] | None], peer: str, index: int) -> tuple[float | None, float | None]:
+    a, b = ttt[peer], ttt["hybrid"]
+    return (None if a is None else a[index]), (None if b is None else b[index])
+
+
+def _run_dict(r: RunResult) -> dict[str, Any]:
+    return {"seed": r.seed, "kind": r.kind, "lr": r.lr, "final_val": r.final_val, "curve": r.curve,
+            "median_step_s": {k: median_step(r, k) for k in r.step_seconds},
+            "steps_by_kind": {k: len(v) for k, v in r.step_seconds.items()},
+            "peak_traced_bytes": r.peak_bytes, "predict_spans": r.predict_spans, "hybrid": r.events or None}
+
+
+def _fmt(spread: dict[str, float | None], pattern: str = "{:.2f}") -> str:
+    if spread["median"] is None:
+        return "not reached"
+    if spread["n"] == 1:
+        return pattern.format(spread["median"])
+    return f"{pattern.format(spread['median'])} [{pattern.format(spread['min'])}–{pattern.format(spread['max'])}]"
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The headline figures as text: median and [min–max] over seeds."""
+    s = doc["summary"]
+    rows = [
+        ("time-to-target speed-up vs same-settings baseline (wall)", _fmt(s["speedup_wall_vs_baseline"])),
+        ("time-to-target speed-up vs tuned baseline (wall)", _fmt(s["speedup_wall_vs_tuned"])),
+        ("backward-pass speed-up vs same-settings baseline", _fmt(s["speedup_backward_vs_baseline"])),
+        ("backward-pass speed-up vs tuned baseline", _fmt(s["speedup_backward_vs_tuned"])),
+        ("final val loss: baseline", _fmt(s["final_val_baseline"], "{:.4f}")),
+        ("final val loss: tuned baseline", _fmt(s["final_val_tuned"], "{:.4f}")),
+        ("final val loss: hybrid", _fmt(s["final_val_hybrid"], "{:.4f}")),
+        ("val loss at the baseline's wall-clock: hybrid", _fmt(s["val_at_baseline_wall_hybrid"], "{:.4f}")),
+        ("val loss at the baseline's wall-clock: tuned", _fmt(s["val_at_baseline_wall_tuned"], "{:.4f}")),
+        ("hybrid overhead per FULL step (%)", _fmt(s["overhead_full_step_pct"], "{:.1f}")),
+        ("PREDICT step cost / FULL step, no check", _fmt(s["predict_cost_vs_full_no_check"])),
+        ("PREDICT step cost / FULL step, with check", _fmt(s["predict_cost_vs_full_with_check"])),
+        ("peak traced memory overhead (%)", _fmt(s["peak_memory_overhead_pct"], "{:.1f}")),
+        ("fraction of steps predicted", _fmt(s["predicted_fraction"])),
+    ]
+    width = max(len(a) for a, _ in rows)
+    head = f"{doc['task']} on {doc['backend']}, {doc['steps']} steps, seeds {doc['seeds']} (speed-up > 1 = hybrid faster)"
+    return "\n".join([head, *(f"  {a.ljust(width)}  {b}" for a, b in rows)])
+
+
+def plot(doc: dict[str, Any], path: str) -> bool:
+    """Validation loss against wall-clock and against backward passes, PREDICT spans shaded; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    seed = doc["seeds"][0]
+    runs = [r for r in doc["runs"] if r["seed"] == seed]
+    best_tuned = min((r for r in runs if r["kind"] in ("baseline", "tuned")), key=lambda r: r["final_val"])
+    shown = [("baseline", next(r for r in runs if r["kind"] == "baseline")),
+             (f"tuned (lr {best_tuned['lr']:g})", best_tuned), ("hybrid", next(r for r in runs if r["kind"] == "hybrid"))]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, col, label in ((axes[0], 0, "wall-clock seconds (training only)"), (axes[1], 1, "backward passes")):
+        for name, run in shown:
+            curve = np.asarray(run["curve"])
+            axis.plot(curve[:, col], curve[:, 3], label=name)
+        hybrid = np.asarray(shown[2][1]["curve"])
+        for first, last in shown[2][1]["predict_spans"]:
+            lo = np.interp(first, hybrid[:, 2], hybrid[:, col])
+            hi = np.interp(last + 1, hybrid[:, 2], hybrid[:, col])
+            axis.axvspan(lo, hi, color="tab:green", alpha=0.15, lw=0)
+        axis.set_xlabel(label)
+        axis.set_ylabel("validation loss")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{doc['task']} / {doc['backend']} (seed {seed}); shaded: PREDICT phases")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,147 @@
+"""Runs the baseline, the tuned baseline and the hybrid trainer in one process."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._config import HybridConfig
+from .._phase import Phase
+from .._progress import Progress
+from .._trainer import HybridTrainer
+from ._tasks import BenchTask, TaskSetup
+
+__all__ = ["LR_FACTORS", "RunResult", "run_benchmark"]
+
+MEMORY_STEPS = 300
+"""Length of the separate, untimed, traced runs that measure peak memory."""
+
+LR_FACTORS = (0.5, 1.0, 2.0, 4.0)
+"""Learning-rate multipliers the tuned baseline sweeps."""
+
+
+@dataclass
+class RunResult:
+    """One training run: its validation curve and per-step costs."""
+
+    seed: int
+    kind: str
+    """``baseline``, ``tuned`` (one lr of the sweep) or ``hybrid``."""
+    lr: float
+    curve: list[list[float]] = field(default_factory=list)
+    """Rows ``[wall seconds, backward passes, step, validation loss]``; wall excludes evaluation."""
+    step_seconds: dict[str, list[float]] = field(default_factory=dict)
+    """Wall seconds of each step by kind: ``plain``, or the hybrid phase, ``predict_checked`` apart."""
+    peak_bytes: int = 0
+    """Peak traced allocation (Python and NumPy memory; not PyTorch/JAX memory), from a separate
+    untimed run of the same seed: tracing slows Python allocations, so timed runs never trace."""
+    predict_spans: list[list[int]] = field(default_factory=list)
+    """Hybrid only: [first step, last step] of every PREDICT phase."""
+    events: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_val(self) -> float:
+        """Validation loss at the end of the run."""
+        return self.curve[-1][3]
+
+
+def _run(setup: TaskSetup, kind: str, seed: int, lr: float, steps: int, eval_every: int,
+         config: HybridConfig | None, show: Progress | None, done: list[int], trace: bool = False) -> RunResult:
+    result = RunResult(seed, kind, lr)
+    trainer = HybridTrainer(setup.model, setup.optimizer, config) if config is not None else None
+    times: dict[str, list[float]] = {}
+    wall = 0.0
+    backward = 0
+    span_start = None
+    if trace:
+        tracemalloc.start()
+    result.curve.append([0.0, 0, 0, setup.validate()])
+    for i in range(steps):
+        batch = setup.batch(i)
+        start = time.perf_counter()
+        if trainer is None:
+            _, grads = setup.model.loss_and_grad(batch)
+            setup.optimizer.step(grads)
+            key, did_backward = "plain", True
+        else:
+            r = trainer.step(batch)
+            did_backward = r.backward
+            key = r.phase.value + ("_checked" if r.phase is Phase.PREDICT and r.loss is not None else "")
+            if r.phase is Phase.PREDICT and span_start is None:
+                span_start = i
+            if r.phase is not Phase.PREDICT and span_start is not None:
+                result.predict_spans.append([span_start, i - 1])
+                span_start = None
+        seconds = time.perf_counter() - start
+        wall += seconds
+        backward += int(did_backward)
+        times.setdefault(key, []).append(seconds)
+        if (i + 1) % eval_every == 0 or i + 1 == steps:
+            result.curve.append([wall, backward, i + 1, setup.validate()])
+        done[0] += 1
+        if show is not None:
+            show.update(done[0], f"seed {seed} {kind} lr {lr:g}")
+    if span_start is not None:
+        result.predict_spans.append([span_start, steps - 1])
+    if trace:
+        result.peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    result.step_seconds = times
+    if trainer is not None:
+        summary = trainer.metrics.summary()
+        result.events = {"events": summary["events"], "bandit": summary["bandit"],
+                         "steps_per_phase": summary["steps_per_phase"], "host_syncs": trainer.host_syncs}
+    return result
+
+
+def run_benchmark(
+    task: BenchTask,
+    backend: str,
+    seeds: Sequence[int],
+    steps: int | None = None,
+    config: HybridConfig | None = None,
+    progress: bool = True,
+    lr_factors: Sequence[float] = LR_FACTORS,
+    log: Callable[[str], None] | None = None,
+) -> list[RunResult]:
+    """All runs of ``task`` on ``backend``: per seed the baseline, each tuned lr, and the hybrid.
+
+    Runs alternate their order from seed to seed so slow drifts of a shared machine
+    do not always hit the same kind of run.
+    """
+    steps = task.steps if steps is None else steps
+    config = task.config if config is None else config
+    factors = [f for f in lr_factors if f != 1.0]
+    per_seed = 2 + len(factors)
+    show = Progress(steps * per_seed * len(seeds), f"bench {task.name}/{backend}") if progress else None
+    done = [0]
+    results: list[RunResult] = []
+    for n, seed in enumerate(seeds):
+        plan: list[tuple[str, float, HybridConfig | None]] = [("baseline", task.lr, None)]
+        plan += [("tuned", task.lr * f, None) for f in factors]
+        plan.append(("hybrid", task.lr, config))
+        if n % 2:
+            plan.reverse()
+        for kind, lr, cfg in plan:
+            if log is not None:
+                log(f"seed {seed}: {kind} lr {lr:g}")
+            setup = task.setup(backend, seed, lr)
+            results.append(_run(setup, kind, seed, lr, steps, task.eval_every, cfg, show, done))
+        for kind, cfg in (("baseline", None), ("hybrid", config)):
+            traced = _run(task.setup(backend, seed, task.lr), kind, seed, task.lr, min(steps, MEMORY_STEPS),
+                          task.eval_every, cfg, None, [0], trace=True)
+            next(r for r in results if r.seed == seed and r.kind == kind).peak_bytes = traced.peak_bytes
+    if show is not None:
+        show.close()
+    return results
+
+
+def median_step(result: RunResult, key: str) -> float:
+    """Median wall seconds of the steps of ``key`` (NaN when there were none)."""
+    values = result.step_seconds.get(key, [])
+    return float(np.median(values)) if values else float("nan")

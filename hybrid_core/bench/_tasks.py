@@ -1,0 +1,98 @@
+"""Benchmark tasks: real data that needs no download, one builder per (task, backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._backend import as_namespace, from_numpy, to_numpy
+from .._config import HybridConfig
+from .._errors import BackendError, ConfigError
+from .._protocols import Model, Optimizer
+from ..data import split_digits
+
+__all__ = ["TASKS", "BenchTask", "TaskSetup", "get_task"]
+
+
+class TaskSetup(NamedTuple):
+    """A fresh model and optimizer, its batches (a function of the step) and a validation-loss function."""
+
+    model: Model
+    optimizer: Optimizer
+    batch: Callable[[int], Any]
+    validate: Callable[[], float]
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """A benchmark task: which backends it runs on, its defaults, and how to build a run."""
+
+    name: str
+    description: str
+    backends: tuple[str, ...]
+    steps: int
+    lr: float
+    eval_every: int
+    config: HybridConfig
+    build: Callable[[str, int, float], TaskSetup]
+
+    def setup(self, backend: str, seed: int, lr: float) -> TaskSetup:
+        """Build one run; `BackendError` if the backend is not one of this task's or not installed."""
+        if backend not in self.backends:
+            raise ConfigError(f"task {self.name!r} runs on {', '.join(self.backends)}, not {backend!r}")
+        try:
+            return self.build(backend, seed, lr)
+        except ImportError as exc:
+            raise BackendError(f"task {self.name!r} needs {backend}: {exc}",
+                               f"pip install 'hybrid-predict-trainer[{backend}]'") from exc
+
+
+def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
+    from ..models import MLP
+    from ..optim import Adam
+
+    if backend == "torch":
+        import torch
+
+        xp = as_namespace(torch)
+    else:
+        xp = as_namespace(np)
+    split = split_digits(seed=0)
+    dtype = xp.float32
+    x = from_numpy(xp, split.x_train, dtype=dtype)
+    y = from_numpy(xp, split.y_train)
+    val = (from_numpy(xp, split.x_val, dtype=dtype), from_numpy(xp, split.y_val))
+    model = MLP([64, 64, 10], xp=xp, dtype=dtype, seed=seed)
+    n = split.y_train.shape[0]
+
+    def batch(step: int) -> Any:
+        rng = np.random.default_rng(seed * 1_000_003 + step)
+        idx = from_numpy(xp, rng.choice(n, size=64, replace=False))
+        return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
+
+    return TaskSetup(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))))
+
+
+TASKS: dict[str, BenchTask] = {
+    "digits-mlp": BenchTask(
+        name="digits-mlp",
+        description="64-64-10 tanh MLP, Adam, batch 64, on the bundled 1,797 digits (20% validation)",
+        backends=("numpy", "torch"),
+        steps=1500,
+        lr=1e-3,
+        eval_every=50,
+        config=HybridConfig(),
+        build=_digits_mlp,
+    ),
+}
+"""Every benchmark task by name."""
+
+
+def get_task(name: str) -> BenchTask:
+    """The task called ``name``; `ConfigError` listing the known ones otherwise."""
+    if name not in TASKS:
+        raise ConfigError(f"task={name!r}: must be one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
