@@ -8,6 +8,7 @@ finite for any finite input (logs are floored, ratios guarded, values clipped to
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -121,7 +122,7 @@ def _encode(state: TrainingState, phase: PhaseState, max_predict_steps: int) -> 
     ema_fast = _finite(state.loss_ema_fast)
     ema_slow = _finite(state.loss_ema_slow)
     steps = max(state.step, 1)
-    diffs = [b - a for a, b in zip(win, win[1:])]
+    diffs = [b - a for a, b in itertools.pairwise(win)]
     signs = [d > 0 for d in diffs if d != 0]
     grads = state.grad_norms
     gnorm = state.grad_norm
@@ -148,7 +149,7 @@ def _encode(state: TrainingState, phase: PhaseState, max_predict_steps: int) -> 
         logs[-1] - logs[-2] if n > 1 else 0.0,
         state.delta_ema,
         state.abs_delta_ema,
-        sum(a != b for a, b in zip(signs, signs[1:])) / (len(signs) - 1) if len(signs) > 1 else 0.0,
+        sum(a != b for a, b in itertools.pairwise(signs)) / (len(signs) - 1) if len(signs) > 1 else 0.0,
         sum(d > 0 for d in diffs) / len(diffs) if diffs else 0.0,
         *(logs[-1] - logs[-1 - lag] if n > lag else 0.0 for lag in _LAGS),
         gnorm,

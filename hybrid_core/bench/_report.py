@@ -142,12 +142,13 @@ def format_table(doc: dict[str, Any]) -> str:
         ("fraction of steps predicted", _fmt(s["predicted_fraction"])),
     ]
     width = max(len(a) for a, _ in rows)
-    head = f"{doc['task']} on {doc['backend']}, {doc['steps']} steps, seeds {doc['seeds']} (speed-up > 1 = hybrid faster)"
+    head = (f"{doc['task']} on {doc['backend']}, {doc['steps']} steps, seeds {doc['seeds']} "
+            "(speed-up > 1 = hybrid faster)")
     return "\n".join([head, *(f"  {a.ljust(width)}  {b}" for a, b in rows)])
 
 
 def plot(doc: dict[str, Any], path: str) -> bool:
-    """Validation loss against wall-clock and against backward passes, PREDICT spans shaded; False without matplotlib."""
+    """Validation loss against wall-clock and backward passes, PREDICT spans shaded; False without matplotlib."""
     try:
         import matplotlib
 
@@ -159,7 +160,8 @@ def plot(doc: dict[str, Any], path: str) -> bool:
     runs = [r for r in doc["runs"] if r["seed"] == seed]
     best_tuned = min((r for r in runs if r["kind"] in ("baseline", "tuned")), key=lambda r: r["final_val"])
     shown = [("baseline", next(r for r in runs if r["kind"] == "baseline")),
-             (f"tuned (lr {best_tuned['lr']:g})", best_tuned), ("hybrid", next(r for r in runs if r["kind"] == "hybrid"))]
+             (f"tuned (lr {best_tuned['lr']:g})", best_tuned),
+             ("hybrid", next(r for r in runs if r["kind"] == "hybrid"))]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, col, label in ((axes[0], 0, "wall-clock seconds (training only)"), (axes[1], 1, "backward passes")):
         for name, run in shown:
