@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -50,6 +51,11 @@ class BenchTask:
                                f"pip install 'hybrid-predict-trainer[{backend}]'") from exc
 
 
+@functools.lru_cache(maxsize=1)
+def _digits() -> Any:
+    return split_digits(seed=0)
+
+
 def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
     from ..models import MLP
     from ..optim import Adam
@@ -57,10 +63,13 @@ def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
     if backend == "torch":
         import torch
 
+        # One intra-op thread: on a small shared machine more threads make timings swing
+        # by an order of magnitude whenever another process runs; every run gets the same.
+        torch.set_num_threads(1)
         xp = as_namespace(torch)
     else:
         xp = as_namespace(np)
-    split = split_digits(seed=0)
+    split = _digits()
     dtype = xp.float32
     x = from_numpy(xp, split.x_train, dtype=dtype)
     y = from_numpy(xp, split.y_train)
