@@ -1,5 +1,6 @@
 """`hybrid-train bench` with a tiny budget: schema, finiteness, consistency of the stored figures."""
 
+import itertools
 import json
 import math
 
@@ -36,7 +37,7 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
         curve = run["curve"]
         assert curve[0][2] == 0 and curve[-1][2] == 120
         assert all(math.isfinite(v) for row in curve for v in row)
-        assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(curve, curve[1:]))  # time, backward grow
+        assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(curve))  # time, backward grow
         if run["kind"] != "hybrid":
             assert curve[-1][1] == 120  # every plain step has a backward pass
     for seed_doc in doc["per_seed"]:
@@ -58,6 +59,7 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_below_target():
-    run = RunResult(0, "hybrid", 0.1, curve=[[0, 0, 0, 2.0], [1.0, 10, 10, 1.0], [2.0, 20, 20, 0.5], [3.0, 30, 30, 0.7]])
+    curve = [[0, 0, 0, 2.0], [1.0, 10, 10, 1.0], [2.0, 20, 20, 0.5], [3.0, 30, 30, 0.7]]
+    run = RunResult(0, "hybrid", 0.1, curve=curve)
     assert time_to_target(run, 0.7) == (2.0, 20)
     assert time_to_target(run, 0.4) is None
