@@ -57,12 +57,12 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench._tasks import get_task
 
     task = get_task(args.task)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seeds or task.seeds))
     command = "hybrid-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else (
-        f"hybrid-train bench --task {args.task} --backend {args.backend} --seeds {args.seeds} "
+        f"hybrid-train bench --task {args.task} --backend {args.backend} --seeds {len(seeds)} "
         f"--steps {args.steps or task.steps}")
     print(f"{task.name}: {task.description}; backend {args.backend}; baseline, tuned baseline "
-          f"(lr x0.5/x1/x2/x4) and hybrid, {args.seeds} seed(s), one process", flush=True)
+          f"(lr x0.5/x1/x2/x4) and hybrid, {len(seeds)} seed(s), one process", flush=True)
     results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet)
     doc = summarize(results, task.name, args.backend, args.steps or task.steps, command)
     print(format_table(doc))
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the honest benchmark: baseline, tuned baseline and hybrid, one process")
     bench.add_argument("--task", default="digits-mlp")
     bench.add_argument("--backend", default="numpy")
-    bench.add_argument("--seeds", type=_positive_int, default=3)
+    bench.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (task default)")
     bench.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (task default)")
     bench.add_argument("--out", metavar="JSON")
     bench.add_argument("--plot", metavar="PNG")

@@ -18,7 +18,7 @@ from ._tasks import BenchTask, TaskSetup
 
 __all__ = ["LR_FACTORS", "RunResult", "run_benchmark"]
 
-MEMORY_STEPS = 300
+MEMORY_STEPS = 150
 """Length of the separate, untimed, traced runs that measure peak memory."""
 
 LR_FACTORS = (0.5, 1.0, 2.0, 4.0)

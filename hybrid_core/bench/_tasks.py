@@ -37,6 +37,7 @@ class BenchTask:
     steps: int
     lr: float
     eval_every: int
+    seeds: int
     config: HybridConfig
     build: Callable[[str, int, float], TaskSetup]
 
@@ -85,6 +86,12 @@ def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
     return TaskSetup(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))))
 
 
+def _lm_stdlib(backend: str, seed: int, lr: float) -> TaskSetup:
+    from ._lm import build_lm
+
+    return TaskSetup(*build_lm(seed, lr))
+
+
 TASKS: dict[str, BenchTask] = {
     "digits-mlp": BenchTask(
         name="digits-mlp",
@@ -93,8 +100,20 @@ TASKS: dict[str, BenchTask] = {
         steps=1500,
         lr=1e-3,
         eval_every=50,
+        seeds=3,
         config=HybridConfig(),
         build=_digits_mlp,
+    ),
+    "lm-stdlib": BenchTask(
+        name="lm-stdlib",
+        description="byte-level 2-layer transformer (d=64, context 64), Adam, batch 16, on standard-library source",
+        backends=("torch",),
+        steps=600,
+        lr=2e-3,
+        eval_every=50,
+        seeds=2,
+        config=HybridConfig(),
+        build=_lm_stdlib,
     ),
 }
 """Every benchmark task by name."""
