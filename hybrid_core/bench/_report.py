@@ -58,7 +58,7 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
         target = base.final_val
         ttt = {k: time_to_target(r, target) for k, r in (("baseline", base), ("tuned", tuned), ("hybrid", hybrid))}
         plain_step = median_step(base, "plain")
-        full_step = median_step(hybrid, "full")
+        full_step = median_step(hybrid, "full", "warmup")  # real steps with the hybrid machinery
         total_wall = base.curve[-1][0]
         per_seed.append({
             "seed": seed,

@@ -141,7 +141,7 @@ def run_benchmark(
     return results
 
 
-def median_step(result: RunResult, key: str) -> float:
-    """Median wall seconds of the steps of ``key`` (NaN when there were none)."""
-    values = result.step_seconds.get(key, [])
+def median_step(result: RunResult, *keys: str) -> float:
+    """Median wall seconds of the steps of the given kinds (NaN when there were none)."""
+    values = [v for key in keys for v in result.step_seconds.get(key, [])]
     return float(np.median(values)) if values else float("nan")
