@@ -141,11 +141,21 @@ def _restore(cls: type[HybridTrainer], raw: Any, model: Model, optimizer: Optimi
         if tuple(s.shape) != tuple(p.shape) or s.dtype != p.dtype:
             raise CheckpointError(f"parameter {i}: checkpoint has {tuple(s.shape)} {s.dtype}, "
                                   f"model has {tuple(p.shape)} {p.dtype}")
-    # Each component validates its own state before changing anything; the model goes last.
-    optimizer.load_state_dict(to_live(raw["optimizer"]))
-    trainer.dynamics.load_state_dict(to_live(raw["dynamics"]["state"]))
+    # Each component validates its own state; if a later one refuses, the earlier ones are put
+    # back, so a failed load leaves the objects the caller passed as they were. Parameters go last.
+    restored: list[tuple[Any, Any]] = []
+    parts = [(optimizer, raw["optimizer"]), (trainer.dynamics, raw["dynamics"]["state"])]
     if raw["model_state"] is not None and _has(model, "load_state_dict"):
-        model.load_state_dict(to_live(raw["model_state"]))
+        parts.append((model, raw["model_state"]))
+    try:
+        for component, saved_state in parts:
+            backup = component.state_dict()
+            component.load_state_dict(to_live(saved_state))
+            restored.append((component, backup))
+    except BaseException:
+        for component, backup in reversed(restored):
+            component.load_state_dict(backup)
+        raise
     # θ − θ is exactly 0 and 0 + θ_saved is exactly θ_saved: an exact set through apply_update.
     model.apply_update([p * 1 for p in model.parameters()], -1.0)
     model.apply_update(saved, 1.0)

@@ -167,3 +167,29 @@ def test_auto_checkpoints_keep_the_newest_and_resume(tmp_path):
     fresh = HybridTrainer(fresh_model, Adam(fresh_model, lr=0.01), trainer.config)
     fresh.fit(lambda i: data[i % 100], 0, progress=False, checkpoint=policy)
     assert fresh.state.step == int(files[0][5:14])
+
+
+def test_a_refused_component_state_puts_the_earlier_ones_back(tmp_path):
+    trainer, model = _trainer()
+    path = tmp_path / "t.ckpt"
+    trainer.save(path)
+    for _ in range(3):  # move on so the saved optimizer state differs from the live one
+        trainer.step((np.ones((8, 6)), np.zeros(8, dtype=np.int64)))
+    live_opt = trainer.optimizer.state_dict()
+
+    class Refusing:
+        def observe(self, features, outcome): ...
+        def predict(self, features, horizon): ...
+        def confidence(self):
+            return 0.0
+        def state_dict(self):
+            return {}
+        def load_state_dict(self, state):
+            raise CheckpointError("refused")
+
+    Refusing.__name__ = "TrendDynamics"  # passes the type check, then refuses its state
+    with pytest.raises(CheckpointError, match="refused"):
+        HybridTrainer.load(path, model, trainer.optimizer, dynamics=Refusing())
+    assert trainer.optimizer.state_dict()["step"] == live_opt["step"]
+    for a, b in zip(trainer.optimizer.state_dict()["exp_avg"], live_opt["exp_avg"]):
+        np.testing.assert_array_equal(a, b)
