@@ -1,0 +1,368 @@
+"""PyTorch adapter: `TorchModel` (an ``nn.Module`` plus a loss) and `TorchOptimizer` (any ``torch.optim``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from hybrid_core._backend import namespace_of
+from hybrid_core._errors import BackendError, BatchError, CheckpointError, ConfigError, ModelError
+from hybrid_core._protocols import Model
+from hybrid_core.models._checks import check_like_parameters
+
+from ._batch import batch_leaves, library_of
+from ._torch_rules import GroupView, rule_for, sgd_next
+
+__all__ = ["TorchModel", "TorchOptimizer"]
+
+_STATE_KEYS = frozenset({"kind", "optimizer_class", "optimizer", "scheduler", "last_update", "last_grads"})
+_STATE_HINT = "Load a state_dict() saved by a TorchOptimizer around the same torch optimizer class and model."
+
+
+@contextlib.contextmanager
+def _mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Put ``module`` in train or eval mode, then restore every submodule's own previous mode."""
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+class TorchModel:
+    """A ``torch.nn.Module`` and ``loss_fn(module, batch) -> 0-d tensor`` seen as a `hybrid_core.Model`.
+
+    `parameters` returns the module's trainable tensors themselves (live: they change when the
+    model is updated), in ``module.parameters()`` order, fixed at construction.
+
+    Modes: `loss_and_grad` runs in train mode (a module in eval mode is switched for the pass and
+    restored; a module already training keeps any submodule the user put in eval). `loss` runs in
+    the module's current mode unless ``eval_for_loss`` is set: then forward-only checks run in eval
+    mode, so dropout does not make them noisy and batch-norm does not fold the probe batches
+    (including the points of a line search, which are not on the training path) into its running
+    statistics. The previous mode of every submodule is restored afterwards.
+    """
+
+    def __init__(self, module: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *,
+                 eval_for_loss: bool = False) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise ModelError(f"TorchModel needs a torch.nn.Module, got {type(module).__name__}")
+        if not callable(loss_fn):
+            raise ModelError("loss_fn is not callable", "Pass loss_fn(module, batch) -> 0-d tensor.")
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ModelError("the module has no parameter with requires_grad=True: there is nothing to train",
+                             "Unfreeze at least one parameter before wrapping the module.")
+        if any(torch.is_complex(p) for p in params):
+            raise ModelError("complex parameters are not supported",
+                             "Split them into real and imaginary parts.")
+        self.module = module
+        self.loss_fn = loss_fn
+        self.eval_for_loss = bool(eval_for_loss)
+        self._params = params
+        self._xp = namespace_of(params, what="the module's parameters")
+        self._devices = {p.device for p in params}
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The trainable parameter tensors themselves (live), in ``module.parameters()`` order."""
+        return list(self._params)
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        """Forward pass under ``torch.no_grad()``: the loss as a tensor (no host read)."""
+        self._check_batch(batch)
+        mode = _mode(self.module, False) if self.eval_for_loss else contextlib.nullcontext()
+        with torch.no_grad(), mode:
+            return self._scalar(self.loss_fn(self.module, batch)).detach()
+
+    def loss_and_grad(self, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward and backward in train mode: the detached loss and ``p.grad`` of every parameter.
+
+        Gradients are fresh tensors each call (grads are reset to ``None`` first); a parameter the
+        loss does not reach gets a zero gradient, which is also stored in its ``.grad``.
+        """
+        self._check_batch(batch)
+        self.module.zero_grad(set_to_none=True)
+        mode = contextlib.nullcontext() if self.module.training else _mode(self.module, True)
+        with torch.enable_grad(), mode:
+            loss = self._scalar(self.loss_fn(self.module, batch))
+            if not loss.requires_grad:
+                raise ModelError("the loss does not depend on any trainable parameter",
+                                 "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
+            loss.backward()
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return loss.detach(), [p.grad for p in self._params]
+
+    def apply_update(self, update: Sequence[torch.Tensor], scale: float) -> None:
+        """θ ← θ + scale·update for all parameters in one ``torch._foreach_add_``."""
+        update = check_like_parameters(self._xp, self._params, update, "the update")
+        with torch.no_grad():
+            torch._foreach_add_(self._params, update, alpha=float(scale))
+
+    def _scalar(self, loss: Any) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor):
+            raise ModelError(f"loss_fn returned a {type(loss).__name__}, not a torch.Tensor",
+                             "Return the loss tensor itself (no .item()).")
+        if tuple(loss.shape) not in ((), (1,)):
+            raise BatchError(f"loss_fn returned a loss of shape {tuple(loss.shape)}; a scalar was expected",
+                             "Reduce the loss to a scalar (e.g. .mean() over the batch) inside loss_fn.")
+        return loss
+
+    def _check_batch(self, batch: Any) -> None:
+        devices = ", ".join(sorted(str(d) for d in self._devices))
+        for leaf in batch_leaves(batch):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.device not in self._devices:
+                    raise BackendError(
+                        f"the batch holds a tensor on {leaf.device} but the model is on {devices}",
+                        f"Move the batch to {devices} (tensor.to(device)) before the step.")
+            else:
+                library = library_of(leaf)
+                if library is not None:
+                    raise BackendError(f"the batch holds a {library} array but the model uses torch",
+                                       f"Convert the batch to torch tensors on {devices} (torch.as_tensor).")
+
+    def __repr__(self) -> str:
+        return f"TorchModel({type(self.module).__name__}, {len(self._params)} parameter tensors)"
+
+
+class TorchOptimizer:
+    """Any ``torch.optim`` optimizer (all its parameter groups) seen as a `hybrid_core.Optimizer`.
+
+    ``optimizer`` must hold every tensor of ``model.parameters()`` (in any groups and order) and no
+    other trainable tensor; gradients and updates are lists in ``model.parameters()`` order.
+
+    `step` installs the gradients as ``p.grad`` (by reference, so clipping scales them in place),
+    clips them with ``torch.nn.utils.clip_grad_norm_`` if ``clip_grad_norm`` is set, and measures
+    Δθ = θ_after − θ_before against one parameter-sized buffer that is reused across steps (copied
+    into, never reallocated); the buffer then keeps that Δθ as the last update. The returned
+    tensors are fresh each step and belong to the caller.
+
+    `extrapolate` is closed-form for ``torch.optim.SGD`` (next gradient = the last one, kept by
+    reference: do not write into gradients after `step`) and ``Adam``/``AdamW`` (next gradient =
+    m̂_t); for any other optimizer it is a copy of the last update; zeros before any step. It
+    allocates its result and at most one temporary of the same size, never a copy of the state.
+
+    Schedulers count real optimizer steps only: `step` calls ``scheduler.step()``, predicted steps
+    (applied by the trainer through the model, never through this class) do not.
+
+    Step counts are read from the torch state once, at construction and in `load_state_dict`, and
+    counted in Python afterwards, so no method reads a device value: step the torch optimizer
+    only through this class.
+    """
+
+    def __init__(self, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                 clip_grad_norm: float | None = None) -> None:
+        if not isinstance(model, Model):
+            raise ModelError(f"{type(model).__name__} does not implement hybrid_core.Model")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer is a {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        problems = []
+        if clip_grad_norm is not None and not (_is_number(clip_grad_norm) and 0 < clip_grad_norm < math.inf):
+            problems.append(f"clip_grad_norm={clip_grad_norm!r}: must be None or a finite number > 0")
+        if scheduler is not None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                problems.append("scheduler: ReduceLROnPlateau needs a metric; call its step(loss) yourself")
+            elif getattr(scheduler, "optimizer", None) is not optimizer:
+                problems.append("scheduler: it was built for another optimizer")
+        if problems:
+            raise ConfigError(problems)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self._params = list(model.parameters())
+        self._xp = namespace_of(self._params, what="model.parameters()")
+        self._groups = _group_indices(optimizer, self._params)
+        self._check_float_lrs()
+        self._rule = rule_for(optimizer)
+        self._steps = self._read_steps()
+        self._buffer: list[torch.Tensor] | None = None
+        self._has_update = False
+        self._last_grads: list[torch.Tensor] | None = None
+
+    @property
+    def lr(self) -> float:
+        """The first parameter group's learning rate.
+
+        Setting it scales every group by the same factor (new / first group's lr), so ratios between
+        groups survive. A scheduler that recomputes lr from its base values overrides it at its next step.
+        """
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        if not (_is_number(value) and 0 < value < math.inf):
+            raise ConfigError(f"lr={value!r}: must be a finite number > 0")
+        groups = self.optimizer.param_groups
+        first = groups[0]["lr"]
+        if first == 0:
+            raise ConfigError("the first parameter group has lr=0, so it cannot set the scale of the others",
+                              "Set each group's lr on the torch optimizer directly.")
+        factor = value / first
+        for group in groups[1:]:
+            group["lr"] = group["lr"] * factor
+        groups[0]["lr"] = float(value)
+
+    def step(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply one real update (clip, ``optimizer.step()``, ``scheduler.step()``) and return its Δθ."""
+        params = self._params
+        grads = check_like_parameters(self._xp, params, grads, "the gradients")
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is not g:
+                p.grad = g.detach()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        with torch.no_grad():
+            if self._buffer is None:
+                self._buffer = torch._foreach_clone(params)
+            else:
+                torch._foreach_copy_(self._buffer, params)
+            self._has_update = False
+            self.optimizer.step()
+            update = torch._foreach_sub(params, self._buffer)
+            torch._foreach_copy_(self._buffer, update)
+        self._has_update = True
+        if self._rule is sgd_next:  # only SGD's extrapolation needs them; others would pin their memory
+            self._last_grads = [p.grad for p in params]
+        self._steps = [s + 1 for s in self._steps]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return list(update)
+
+    def extrapolate(self) -> list[torch.Tensor]:
+        """The predicted next Δθ (fresh tensors); changes neither the model nor the optimizer state."""
+        params = self._params
+        with torch.no_grad():
+            if self._rule is not None:
+                out: list[torch.Tensor | None] = [None] * len(params)
+                state = self.optimizer.state
+                for gi, idx in enumerate(self._groups):
+                    ps = [params[i] for i in idx]
+                    view = GroupView(self.optimizer.param_groups[gi], ps, [state.get(p, {}) for p in ps],
+                                     [self._steps[i] for i in idx],
+                                     None if self._last_grads is None else [self._last_grads[i] for i in idx])
+                    for i, u in zip(idx, self._rule(view) or [None] * len(idx), strict=True):
+                        out[i] = u
+                if all(u is not None for u in out):
+                    return out
+            if self._has_update and self._buffer is not None:
+                return torch._foreach_clone(self._buffer)
+            return [torch.zeros_like(p) for p in params]
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot, tensors cloned: torch optimizer and scheduler state, last update and gradients.
+
+        The last gradients are kept only for SGD, whose extrapolation needs them.
+        """
+        keep_grads = self._rule is sgd_next
+        return {
+            "kind": "TorchOptimizer",
+            "optimizer_class": type(self.optimizer).__name__,
+            "optimizer": _cloned(self.optimizer.state_dict()),
+            "scheduler": None if self.scheduler is None else _cloned(self.scheduler.state_dict()),
+            "last_update": _cloned(self._buffer) if self._has_update else None,
+            "last_grads": _cloned(self._last_grads) if keep_grads and self._last_grads is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output; `CheckpointError` on a mismatch found before anything changed."""
+        if not isinstance(state, Mapping) or set(state) != _STATE_KEYS:
+            raise CheckpointError("this is not a TorchOptimizer state_dict", _STATE_HINT)
+        if state["kind"] != "TorchOptimizer" or state["optimizer_class"] != type(self.optimizer).__name__:
+            raise CheckpointError(f"the state is for a {state['optimizer_class']!r} in a {state['kind']!r}, "
+                                  f"not a {type(self.optimizer).__name__} in a TorchOptimizer", _STATE_HINT)
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise CheckpointError("the state and this optimizer disagree on having a scheduler", _STATE_HINT)
+        last_update = self._buffers(state["last_update"], "last_update")
+        last_grads = self._buffers(state["last_grads"], "last_grads")
+        try:
+            # torch keeps the given tensors when dtype and device already fit: clone so that two
+            # optimizers loading one state dict do not share (and mutate) the same buffers.
+            self.optimizer.load_state_dict(_cloned(state["optimizer"]))
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(_cloned(state["scheduler"]))
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+            raise CheckpointError(f"torch could not load the optimizer state: {exc}", _STATE_HINT) from exc
+        self._check_float_lrs()
+        self._rule = rule_for(self.optimizer)
+        self._steps = self._read_steps()
+        self._has_update = last_update is not None
+        self._buffer = None if last_update is None else _cloned(last_update)
+        self._last_grads = None if last_grads is None else _cloned(last_grads)
+
+    def _buffers(self, value: Any, name: str) -> list[torch.Tensor] | None:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)):
+            raise CheckpointError(f"{name} is a {type(value).__name__}, not a list of tensors", _STATE_HINT)
+        try:
+            return check_like_parameters(self._xp, self._params, value, name)
+        except (BatchError, BackendError) as exc:
+            raise CheckpointError(exc.message, exc.recovery) from exc
+
+    def _check_float_lrs(self) -> None:
+        bad = [i for i, g in enumerate(self.optimizer.param_groups) if not _is_number(g["lr"])]
+        if bad:
+            raise ConfigError(f"parameter groups {bad} have a tensor lr; reading it would cost a device sync",
+                              "Build the torch optimizer with a float lr.")
+
+    def _read_steps(self) -> list[int]:
+        steps = []
+        for p in self._params:
+            step = self.optimizer.state.get(p, {}).get("step")
+            steps.append(0 if step is None else int(step))
+        return steps
+
+    def __repr__(self) -> str:
+        return (f"TorchOptimizer({type(self.optimizer).__name__}, lr={self.lr!r}, "
+                f"{len(self._groups)} group(s), clip_grad_norm={self.clip_grad_norm!r})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _group_indices(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[list[int]]:
+    """For each parameter group, the indices into ``params`` of the tensors it holds."""
+    position = {id(p): i for i, p in enumerate(params)}
+    groups: list[list[int]] = []
+    seen: set[int] = set()
+    extra = 0
+    for group in optimizer.param_groups:
+        idx = []
+        for p in group["params"]:
+            i = position.get(id(p))
+            if i is None:
+                extra += p.requires_grad
+            else:
+                idx.append(i)
+                seen.add(i)
+        groups.append(idx)
+    problems = []
+    missing = sorted(set(range(len(params))) - seen)
+    if missing:
+        problems.append(f"model.parameters() {missing} are in no parameter group of the optimizer")
+    if extra:
+        problems.append(f"the optimizer holds {extra} trainable tensor(s) not in model.parameters()")
+    if problems:
+        raise ConfigError(problems, "Build the optimizer from model.parameters() (groups may split them).")
+    return groups
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor replaced by a detached copy (containers rebuilt, other leaves shared)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
