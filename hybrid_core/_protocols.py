@@ -30,7 +30,11 @@ class Model(Protocol):
     """A trainable model seen as a flat list of parameter arrays."""
 
     def parameters(self) -> list[Array]:
-        """The current parameter arrays, in a fixed order shared by gradients and updates."""
+        """The current parameter arrays, in a fixed order shared by gradients and updates.
+
+        They may be the live arrays (PyTorch updates them in place) or values that a later
+        update rebinds (NumPy reference, JAX): callers that need a snapshot copy them.
+        """
         ...
 
     def loss(self, batch: Any) -> Array:
@@ -62,13 +66,17 @@ class Optimizer(Protocol):
     def lr(self, value: float) -> None: ...
 
     def step(self, grads: Sequence[Array]) -> list[Array]:
-        """Apply one real update to the model and return the update Δθ it applied."""
+        """Apply one real update to the model and return the update Δθ it applied.
+
+        The returned arrays belong to the caller: the optimizer must not change them later.
+        """
         ...
 
     def extrapolate(self) -> list[Array]:
         """The predicted next update Δθ from the optimizer's own state, with no new gradient.
 
-        Does not change the model or the optimizer state.
+        Does not change the model or the optimizer state; the arrays belong to the caller
+        (the trainer keeps them for a whole PREDICT phase).
         """
         ...
 
