@@ -60,6 +60,85 @@ def _case(name: str, module: str) -> ConformanceCase:
     )
 
 
+def _blobs(seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, 12))
+    while True:
+        y = rng.integers(0, 4, size=32)
+        yield (centers[y] + 0.7 * rng.normal(size=(32, 12))).astype(np.float32), y
+
+
+def _torch_adapter_case() -> ConformanceCase:
+    reason = _skip_reason("torch")
+
+    def make_model(seed: int) -> Any:
+        import torch
+
+        from hybrid_core.adapters.torch import TorchModel
+
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        return TorchModel(net, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+
+    def make_optimizer(model: Any) -> Any:
+        import torch
+
+        from hybrid_core.adapters.torch import TorchOptimizer
+
+        return TorchOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2))
+
+    def make_batches(seed: int) -> Iterator[Any]:
+        import torch
+
+        for x, y in _blobs(seed):
+            yield torch.from_numpy(x), torch.from_numpy(y)
+
+    return ConformanceCase("torch-adapter", make_model, make_optimizer, make_batches, skip_reason=reason)
+
+
+def _jax_adapter_case() -> ConformanceCase:
+    reason = _skip_reason("jax.numpy") or _skip_reason("optax")
+
+    def make_model(seed: int) -> Any:
+        import jax.numpy as jnp
+
+        from hybrid_core.adapters.jax import JaxModel
+
+        rng = np.random.default_rng(seed)
+        params = {"w1": jnp.asarray(rng.normal(0, 0.3, (12, 16)), dtype=jnp.float32),
+                  "b1": jnp.zeros(16, dtype=jnp.float32),
+                  "w2": jnp.asarray(rng.normal(0, 0.3, (16, 4)), dtype=jnp.float32),
+                  "b2": jnp.zeros(4, dtype=jnp.float32)}
+        return JaxModel(_jax_loss, params)
+
+    def make_optimizer(model: Any) -> Any:
+        import optax
+
+        from hybrid_core.adapters.jax import OptaxOptimizer
+
+        return OptaxOptimizer(model, optax.inject_hyperparams(optax.adam)(learning_rate=1e-2))
+
+    def make_batches(seed: int) -> Iterator[Any]:
+        import jax.numpy as jnp
+
+        for x, y in _blobs(seed):
+            yield jnp.asarray(x), jnp.asarray(y)
+
+    return ConformanceCase("jax-adapter", make_model, make_optimizer, make_batches, skip_reason=reason)
+
+
+def _jax_loss(params: Any, batch: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    x, y = batch
+    logits = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
 def builtin_cases() -> list[ConformanceCase]:
-    """One reference-MLP case per backend (float32); missing or GPU-less backends are skipped with a reason."""
-    return [_case(name, module) for name, module in _BACKENDS]
+    """The reference MLP on every backend (float32), plus the PyTorch and JAX/optax adapters.
+
+    Missing or GPU-less backends are skipped with a reason.
+    """
+    return [*(_case(name, module) for name, module in _BACKENDS), _torch_adapter_case(), _jax_adapter_case()]

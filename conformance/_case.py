@@ -21,7 +21,9 @@ class ConformanceCase:
     ``make_optimizer(model)`` wraps it; ``make_batches(seed)`` yields batches the model
     accepts, the same sequence for the same seed. ``grad_rtol`` and ``fd_eps`` set the
     finite-difference gradient check (``None`` = chosen from the parameters' dtype);
-    ``skip_reason`` skips every contract with that reason (e.g. no GPU).
+    ``skip_reason`` skips every contract with that reason (e.g. no GPU); ``reseed``, if
+    given, is called before every evaluation of the model, so stochastic layers (dropout)
+    draw the same masks each time and contracts that compare evaluations stay meaningful.
     """
 
     name: str
@@ -32,6 +34,7 @@ class ConformanceCase:
     fd_eps: float | None = None
     round_trip_atol: float | None = None
     skip_reason: str | None = None
+    reseed: Callable[[], Any] | None = None
 
 
 def load_cases(spec: str) -> list[ConformanceCase]:

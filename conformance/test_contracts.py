@@ -26,13 +26,19 @@ def _setup(case: ConformanceCase, seed: int = 0) -> tuple[Any, Any, Any, Any]:
         *model.parameters())
 
 
+def _seeded(case: ConformanceCase, method: Any, batch: Any) -> Any:
+    if case.reseed is not None:
+        case.reseed()
+    return method(batch)
+
+
 def _host(params: list[Any]) -> list[np.ndarray]:
     return [np.array(to_numpy(p), dtype=np.float64) for p in params]
 
 
 def test_loss_is_a_finite_scalar_of_the_model_namespace(hybrid_case: ConformanceCase) -> None:
     model, _, batches, xp = _setup(hybrid_case)
-    loss = model.loss(next(batches))
+    loss = _seeded(hybrid_case, model.loss, next(batches))
     contract = "contract 'loss is a finite scalar of the model's namespace and device'"
     assert array_api_compat.array_namespace(loss) is xp, f"{contract}: loss is of another array library"
     assert tuple(loss.shape) == (), f"{contract}: loss has shape {tuple(loss.shape)}"
@@ -51,12 +57,12 @@ def test_loss_and_grad_matches_finite_differences(hybrid_case: ConformanceCase) 
     rng = np.random.default_rng(7)
     direction = [from_numpy(xp, rng.normal(size=tuple(p.shape)), dtype=p.dtype,
                             device=array_api_compat.device(p)) for p in params]
-    _, grads = model.loss_and_grad(batch)
+    _, grads = _seeded(hybrid_case, model.loss_and_grad, batch)
     analytic = sum(float(np.sum(g * d)) for g, d in zip(_host(grads), _host(direction)))
     model.apply_update(direction, eps)
-    up = float(to_numpy(model.loss(batch)))
+    up = float(to_numpy(_seeded(hybrid_case, model.loss, batch)))
     model.apply_update(direction, -2 * eps)
-    down = float(to_numpy(model.loss(batch)))
+    down = float(to_numpy(_seeded(hybrid_case, model.loss, batch)))
     model.apply_update(direction, eps)
     numeric = (up - down) / (2 * eps)
     scale = max(abs(numeric), abs(analytic), 1e-8)
@@ -109,11 +115,13 @@ def test_state_dict_round_trip_resumes_identically(hybrid_case: ConformanceCase)
     for _ in range(3):
         opt_a.step(model_a.loss_and_grad(next(batches_a))[1])
     model_b, opt_b, _, _ = _setup(hybrid_case, seed=1)
-    model_b.apply_update([a - b for a, b in zip(model_a.parameters(), model_b.parameters())], 1.0)
+    # An exact copy through the protocol: θ − θ is exactly 0, and 0 + θ_a is exactly θ_a.
+    model_b.apply_update([p * 1 for p in model_b.parameters()], -1.0)
+    model_b.apply_update([p * 1 for p in model_a.parameters()], 1.0)
     opt_b.load_state_dict(opt_a.state_dict())
     batch = next(batches_a)
-    ua = _host(opt_a.step(model_a.loss_and_grad(batch)[1]))
-    ub = _host(opt_b.step(model_b.loss_and_grad(batch)[1]))
+    ua = _host(opt_a.step(_seeded(hybrid_case, model_a.loss_and_grad, batch)[1]))
+    ub = _host(opt_b.step(_seeded(hybrid_case, model_b.loss_and_grad, batch)[1]))
     for i, (a, b) in enumerate(zip(ua, ub)):
         assert np.allclose(a, b, rtol=1e-5, atol=1e-7), (
             f"contract 'state_dict round trip': update {i} differs after load_state_dict")
@@ -124,6 +132,8 @@ def test_same_seed_gives_same_losses(hybrid_case: ConformanceCase) -> None:
     for _ in range(2):
         model, opt, batches, _ = _setup(hybrid_case, seed=5)
         losses = []
+        if hybrid_case.reseed is not None:
+            hybrid_case.reseed()
         for _ in range(5):
             loss, grads = model.loss_and_grad(next(batches))
             losses.append(float(to_numpy(loss)))

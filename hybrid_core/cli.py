@@ -75,6 +75,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from .kernels.bench import format_table, run_bench, write_json
+
+    print(f"hybrid-train bench-kernels: sizes {' '.join(args.sizes)}, median of {args.repeat}, "
+          f"backends {' '.join(args.backends)}; baseline = the reference (unfused per-tensor loop)", flush=True)
+    rows, notes = run_bench(args.sizes, args.repeat, args.backends)
+    print(format_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        write_json(args.json, rows, notes, args.repeat)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `hybrid-train`."""
     parser = argparse.ArgumentParser(
@@ -106,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("cases", nargs="*", metavar="MODULE:FACTORY",
                       help="factories returning ConformanceCase objects; none = the built-in cases")
     conf.set_defaults(func=_conformance)
+    kern = sub.add_parser("bench-kernels", help="time each kernel implementation against the unfused per-tensor loop")
+    kern.add_argument("--sizes", nargs="+", default=["100k", "1m"], metavar="N",
+                      help="parameter counts to time, e.g. 10k 1m (default: 100k 1m)")
+    kern.add_argument("--repeat", type=_positive_int, default=5, help="timed calls per row; the median is shown")
+    kern.add_argument("--backends", nargs="+", default=["numpy", "torch", "jax", "cupy"],
+                      choices=["numpy", "torch", "jax", "cupy"],
+                      help="array libraries to time (missing ones are noted)")
+    kern.add_argument("--json", metavar="PATH", help="write the rows and a machine description as JSON")
+    kern.set_defaults(func=_bench_kernels)
     return parser
 
 

@@ -1,9 +1,84 @@
-"""Hot whole-parameter operations; `reference` holds the array-API ground truth.
+"""Hot whole-parameter operations, each dispatched at run time to the best kernel for its arrays.
 
-Per-backend kernels (Triton, Pallas, CuPy) and run-time selection arrive with the
-kernels issue; until then the trainer calls the reference implementations directly.
+`select` picks, per op, the first implementation in `REGISTRY` that can run on the
+arrays' library, device and dtype: GPU kernels (Triton for torch, Pallas for JAX,
+CUDA C through CuPy), then CPU fast paths (``torch._foreach_*``, one ``jax.jit``),
+then the array-API `reference`. ``HYBRID_KERNELS`` forces one (see `CHOICES`).
+Importing this package imports no array library beyond NumPy; a backend's module is
+imported at its first call.
 """
 
-from .reference import fused_stats
+from __future__ import annotations
 
-__all__ = ["fused_stats"]
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+from hybrid_core._errors import ModelError
+
+from . import _catalog  # noqa: F401  (registers every implementation)
+from ._registry import CHOICES, ENV_VAR, OPS, REGISTRY, Kernel, select
+from .reference import STATS_FIELDS
+
+__all__ = [
+    "CHOICES",
+    "ENV_VAR",
+    "OPS",
+    "REGISTRY",
+    "STATS_FIELDS",
+    "Kernel",
+    "fused_axpy",
+    "fused_stats",
+    "gru_ensemble_rollout",
+    "select",
+]
+
+
+def fused_axpy(params: Sequence[Any], direction: Sequence[Any], scale: float) -> list[Any]:
+    """θ_i + s·d_i for every tensor: a new list, each in its parameter's dtype (see `reference.fused_axpy`)."""
+    _same_shapes(params, direction, "direction")
+    if not params:
+        return []
+    first = params[0]
+    impl = select("fused_axpy", array_api_compat.array_namespace(first), array_api_compat.device(first), first.dtype)
+    return impl.load()(params, direction, scale)
+
+
+def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
+    """[loss, Σg², Σu², Σg·u, max|g|, non-finite count] as one device array in the loss's dtype."""
+    if updates is not None:
+        _same_shapes(grads, updates, "updates")
+    impl = select("fused_stats", array_api_compat.array_namespace(loss), array_api_compat.device(loss), loss.dtype)
+    return impl.load()(loss, grads, updates)
+
+
+def gru_ensemble_rollout(w_x: Any, w_h: Any, b_x: Any, b_h: Any, h0: Any, x: Any) -> Any:
+    """All hidden states (E, T, H) of E GRUs run over x (E, T, D) from h0 (see `reference.gru_ensemble_rollout`)."""
+    _gru_shapes(w_x, w_h, b_x, b_h, h0, x)
+    impl = select("gru_ensemble_rollout", array_api_compat.array_namespace(x), array_api_compat.device(x), x.dtype)
+    return impl.load()(w_x, w_h, b_x, b_h, h0, x)
+
+
+def _same_shapes(first: Sequence[Any], second: Sequence[Any], what: str) -> None:
+    if len(first) != len(second):
+        raise ModelError(f"{what} has {len(second)} arrays for {len(first)} tensors",
+                         f"Give {what} exactly one array per tensor, in the same order.")
+    bad = [f"#{i}: {tuple(b.shape)} != {tuple(a.shape)}" for i, (a, b) in enumerate(zip(first, second))
+           if tuple(a.shape) != tuple(b.shape)]
+    if bad:
+        raise ModelError(f"{what} shapes differ from their tensors': {', '.join(bad)}",
+                         f"Give {what} arrays shaped like the tensors they pair with.")
+
+
+def _gru_shapes(w_x: Any, w_h: Any, b_x: Any, b_h: Any, h0: Any, x: Any) -> None:
+    if x.ndim != 3 or h0.ndim != 2:
+        raise ModelError(f"gru_ensemble_rollout needs x (E, T, D) and h0 (E, H), got {tuple(x.shape)} "
+                         f"and {tuple(h0.shape)}", "Add the leading ensemble axis (size 1 for a single GRU).")
+    (e, _, d), h = x.shape, h0.shape[1]
+    expected = {"w_x": (e, d, 3 * h), "w_h": (e, h, 3 * h), "b_x": (e, 3 * h), "b_h": (e, 3 * h), "h0": (e, h)}
+    got = {"w_x": w_x, "w_h": w_h, "b_x": b_x, "b_h": b_h, "h0": h0}
+    bad = [f"{k} {tuple(got[k].shape)} != {v}" for k, v in expected.items() if tuple(got[k].shape) != v]
+    if bad:
+        raise ModelError(f"gru_ensemble_rollout shapes for E={e}, D={d}, H={h}: {', '.join(bad)}",
+                         "Lay the weights out as (E, D, 3H), (E, H, 3H), biases (E, 3H), gates in r, z, n order.")

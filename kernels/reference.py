@@ -1,4 +1,10 @@
-"""Array-API reference implementations of the fused whole-parameter operations."""
+"""Array-API reference implementations of the fused whole-parameter operations.
+
+These are the ground truth every per-backend kernel is tested against. They are
+also the unfused baselines: one array operation per tensor (or per time step),
+written only with the array API standard, so they run on NumPy, array-api-strict,
+PyTorch, JAX and CuPy alike.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,24 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["STATS_FIELDS", "fused_stats"]
+__all__ = ["STATS_FIELDS", "fused_axpy", "fused_stats", "gru_ensemble_rollout"]
 
 STATS_FIELDS = ("loss", "grad_sq", "update_sq", "grad_dot_update", "grad_max_abs", "nonfinite")
 """Order of the entries of the vector `fused_stats` returns."""
+
+
+def fused_axpy(params: Sequence[Any], direction: Sequence[Any], scale: float) -> list[Any]:
+    """θ_i + s·d_i for every pair: a new list, each result in its parameter's dtype and device.
+
+    ``direction[i]`` is cast to ``params[i]``'s dtype first; ``scale`` is a Python number,
+    so it never changes a dtype.
+    """
+    out = []
+    for p, d in zip(params, direction):
+        xp = array_api_compat.array_namespace(p, d)
+        d = xp.astype(d, p.dtype) if d.dtype != p.dtype else d
+        out.append(p + scale * d)
+    return out
 
 
 def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
@@ -19,7 +39,7 @@ def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) 
 
     Stays on the device in the loss's namespace and dtype, so the caller reads every
     per-step scalar with a single host transfer. ``updates`` may be ``None`` (no
-    update yet): its entries are then 0.
+    update yet): its entries are then 0. max|g| is NaN when any gradient entry is NaN.
     """
     with np.errstate(all="ignore"):  # NaN/Inf entries are counted below, not warned about
         return _fused_stats(loss, grads, updates)
@@ -28,24 +48,56 @@ def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) 
 def _fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
     xp = array_api_compat.array_namespace(loss, *grads)
     dtype = loss.dtype
-    # One flat vector per side turns ~5 reductions per tensor into 5 in all: far fewer
-    # dispatches, at the price of one parameter-sized copy (the fused kernels avoid it).
-    g = _flat(xp, grads, dtype)
     zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(loss))
-    if g.shape[0] == 0:
-        return xp.stack([xp.reshape(loss, ()), zero, zero, zero, zero, zero])
-    grad_sq = xp.sum(g * g)
-    grad_max = xp.max(xp.abs(g))
-    nonfinite = xp.astype(xp.sum(xp.astype(~xp.isfinite(g), xp.int32)), dtype)
-    if updates is None:
-        update_sq = dot = zero
-    else:
-        u = _flat(xp, updates, dtype)
-        update_sq = xp.sum(u * u)
-        dot = xp.sum(g * u)
+    grad_sq = update_sq = dot = grad_max = nonfinite = zero
+    for i, g in enumerate(grads):
+        g = xp.astype(g, dtype) if g.dtype != dtype else g
+        if array_api_compat.size(g) == 0:
+            continue
+        grad_sq = grad_sq + xp.sum(g * g)
+        grad_max = xp.maximum(grad_max, xp.max(xp.abs(g)))
+        nonfinite = nonfinite + xp.astype(xp.sum(xp.astype(~xp.isfinite(g), xp.int32)), dtype)
+        if updates is not None:
+            u = updates[i]
+            u = xp.astype(u, dtype) if u.dtype != dtype else u
+            update_sq = update_sq + xp.sum(u * u)
+            dot = dot + xp.sum(g * u)
     return xp.stack([xp.reshape(loss, ()), grad_sq, update_sq, dot, grad_max, nonfinite])
 
 
-def _flat(xp: Any, arrays: Sequence[Any], dtype: Any) -> Any:
-    parts = [xp.reshape(a if a.dtype == dtype else xp.astype(a, dtype), (-1,)) for a in arrays]
-    return parts[0] if len(parts) == 1 else xp.concat(parts)
+def gru_ensemble_rollout(w_x: Any, w_h: Any, b_x: Any, b_h: Any, h0: Any, x: Any) -> Any:
+    """Run E independent GRUs over T steps: all hidden states, shape (E, T, H).
+
+    Shapes: ``w_x`` (E, D, 3H), ``w_h`` (E, H, 3H), ``b_x`` and ``b_h`` (E, 3H),
+    ``h0`` (E, H), ``x`` (E, T, D). PyTorch's GRU conventions: the 3H axis holds the
+    reset, update and new gates (r, z, n) in that order, and with a = x·W_x + b_x,
+    g = h·W_h + b_h::
+
+        r = σ(a_r + g_r),  z = σ(a_z + g_z),  n = tanh(a_n + r·g_n),  h' = (1 − z)·n + z·h
+
+    so ``w_x[e]`` is ``torch.nn.GRU.weight_ih_l0.T`` and ``b_h`` is ``bias_hh_l0``
+    (the hidden-side n bias sits inside r·(…), which is why there are two biases).
+    """
+    xp = array_api_compat.array_namespace(w_x, w_h, b_x, b_h, h0, x)
+    hidden = h0.shape[-1]
+    steps = x.shape[1]
+    if steps == 0:
+        return xp.zeros((x.shape[0], 0, hidden), dtype=h0.dtype, device=array_api_compat.device(h0))
+    # The input projection does not depend on h: one batched matmul for every step.
+    a_all = xp.matmul(x, w_x) + b_x[:, None, :]
+    h = h0
+    states = []
+    for t in range(steps):
+        a = a_all[:, t, :]
+        g = xp.matmul(h[:, None, :], w_h)[:, 0, :] + b_h
+        r = _sigmoid(xp, a[:, :hidden] + g[:, :hidden])
+        z = _sigmoid(xp, a[:, hidden:2 * hidden] + g[:, hidden:2 * hidden])
+        n = xp.tanh(a[:, 2 * hidden:] + r * g[:, 2 * hidden:])
+        h = (1.0 - z) * n + z * h
+        states.append(h)
+    return xp.stack(states, axis=1)
+
+
+def _sigmoid(xp: Any, v: Any) -> Any:
+    # Written with tanh so large |v| cannot overflow (and warn) the way exp(-v) would.
+    return 0.5 * (1.0 + xp.tanh(0.5 * v))

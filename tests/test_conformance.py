@@ -59,7 +59,8 @@ def test_broken_gradient_fails_naming_the_gradient_contract(tmp_path):
 
 def test_builtin_cases_cover_every_backend():
     names = [c.name for c in builtin_cases()]
-    assert names == [f"reference-mlp-{b}" for b in ("numpy", "array_api_strict", "torch", "jax", "cupy")]
+    assert names == [f"reference-mlp-{b}" for b in ("numpy", "array_api_strict", "torch", "jax", "cupy")] + [
+        "torch-adapter", "jax-adapter"]
     assert all(isinstance(c, ConformanceCase) for c in builtin_cases())
 
 
@@ -78,3 +79,25 @@ def test_cli_conformance_command(tmp_path):
     run = subprocess.run([sys.executable, "-m", "hybrid_core.cli", "conformance", "broken_case:make_case"],
                          capture_output=True, text=True, env=env, cwd="/")
     assert run.returncode == 1 and "finite-difference" in run.stdout
+
+
+EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "custom_model_conformance"
+
+
+def _example(spec):
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLE))
+    return subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "hybrid_core.conformance", "--hybrid-case",
+                           spec, "-q", "-p", "no:cacheprovider"], capture_output=True, text=True, env=env,
+                          cwd=EXAMPLE)
+
+
+def test_third_party_example_passes_with_one_command():
+    run = _example("cases:make_cases")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "numpy-linear" in run.stdout or "passed" in run.stdout
+
+
+def test_third_party_broken_gradient_is_named():
+    run = _example("cases:broken_case")
+    assert run.returncode == 1
+    assert "contract 'loss_and_grad agrees with a finite-difference directional derivative'" in run.stdout

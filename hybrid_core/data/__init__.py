@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Split", "load_digits", "split_digits"]
+__all__ = ["Split", "load_digits", "sequential_digits", "split_digits"]
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -40,3 +40,13 @@ def split_digits(val_fraction: float = 0.2, seed: int = 0) -> Split:
     x, y = x[order] / 16.0, y[order]
     n_val = round(len(y) * val_fraction)
     return Split(x[n_val:], y[n_val:], x[:n_val], y[:n_val])
+
+
+def sequential_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as sequences for a binary task: x (1797, 8, 8) float64 in [0, 1], y (1797,) int64.
+
+    Each image is read top to bottom, one row of 8 pixels per time step (8 steps of 8
+    features); y is 1 for the digits 5-9 and 0 for 0-4. Not shuffled.
+    """
+    x, digit = load_digits()
+    return (x / 16.0).reshape(-1, 8, 8), (digit >= 5).astype(np.int64)

@@ -1,5 +1,6 @@
 """Reference models written in the pure array API (run on every backend)."""
 
+from .fastgrnn import FastGRNN
 from .mlp import MLP
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "FastGRNN"]

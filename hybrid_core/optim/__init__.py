@@ -1,6 +1,7 @@
 """Reference optimizers in the pure array API, each with `extrapolate()` from its own state."""
 
 from ._adam import Adam, AdamW
+from ._clip import ClipGradNorm
 from ._sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "ClipGradNorm"]

@@ -1,0 +1,146 @@
+"""Multi-step rollout of the ensemble with sampled latents, and quantiles across the samples.
+
+Future features are unknown. After the GRU has run over the last window of real
+features, every later input is blank (all slots at their running mean, i.e. 0
+once standardised) except the log-loss slot, into which each sample feeds back
+its own predicted log-loss (standardised with the frozen running statistics), and
+the staleness input, which counts the steps since the features were real. The
+GRU state carries what the real features said; the model is trained on windows
+fed the same way (see `RSSMDynamics`), so a rollout is in its training
+distribution. (Repeating the last real features instead made the model re-apply
+its correction of the last loss's noise at every step: a 10-step log error of
+about 14% RMS after 300 steps on a noisy power law, against 3% this way.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from . import _gru, _heads
+
+__all__ = ["Feedback", "Rollout", "mean_rollout", "quantile", "rollout", "staleness"]
+
+
+class Feedback(NamedTuple):
+    """The fed-back input: log-loss slot index, its running mean and std, clip bound; staleness cap."""
+
+    index: int
+    mean: float
+    std: float
+    bound: float
+    stale_cap: int
+
+
+class Rollout(NamedTuple):
+    """Per step k, member e, sample s (each (K, E, S)): trend log-loss, its one-step noise std, step scale."""
+
+    log_loss: Any
+    noise_std: Any
+    step_scale: Any
+
+
+def rollout(
+    xp: ModuleType,
+    weights: list[Any],
+    h0: Any,
+    x: Any,
+    anchor: float,
+    feedback: Feedback,
+    target_scale: float,
+    noise: Any,
+) -> Rollout:
+    """Roll K = noise.shape[0] steps ahead after running the GRU from ``h0`` (E, 1, H) over ``x`` (T, D + 1).
+
+    ``anchor`` is the current raw log-loss and ``noise`` (K, E, S, Z) the latent draws. Step k's
+    Δlog-loss is m·target_scale from the heads on the state after k inputs; the trend of sample s
+    is anchor + the cumulative sum of its Δs.
+    """
+    folded = _heads.fold(xp, *weights[4:])
+    advance = _feeder(xp, weights, feedback)
+    steps, members, samples = noise.shape[0], noise.shape[1], noise.shape[2]
+    h = _warm_up(xp, weights, h0, x)
+    h = xp.broadcast_to(h, (members, samples, h.shape[-1]))
+    log_loss = anchor
+    trend, raw = [], []
+    for k in range(steps):
+        o = _heads.sample(xp, folded, h, noise[k, ...])
+        log_loss = log_loss + target_scale * o[..., 0]
+        trend.append(log_loss)
+        raw.append(o)
+        if k + 1 < steps:
+            h = advance(h, log_loss, k + 1)
+    # The noise and step-scale read-outs do not feed back: one call each for all steps.
+    raw_all = xp.stack(raw)
+    return Rollout(xp.stack(trend), target_scale * xp.exp(_heads.log_std(xp, raw_all)),
+                   _heads.step_scale(xp, raw_all))
+
+
+def mean_rollout(
+    xp: ModuleType,
+    weights: list[Any],
+    h0: Any,
+    x: Any,
+    anchor: float,
+    feedback: Feedback,
+    target_scale: float,
+    steps: int,
+) -> Any:
+    """The trend log-loss (K, E) of `rollout` with every latent at its prior mean, far cheaper."""
+    _, _, _, _, w_p, b_p, w_o, b_o = weights
+    w_mean, b_mean = _heads.mean_head(xp, w_p, b_p, w_o, b_o)
+    advance = _feeder(xp, weights, feedback)
+    h = _warm_up(xp, weights, h0, x)
+    log_loss = anchor
+    trend = []
+    for k in range(steps):
+        log_loss = log_loss + target_scale * (xp.matmul(h, w_mean) + b_mean)[..., 0]
+        trend.append(log_loss)
+        if k + 1 < steps:
+            h = advance(h, log_loss, k + 1)
+    return xp.concat(trend, axis=1).T
+
+
+def _warm_up(xp: ModuleType, weights: list[Any], h0: Any, x: Any) -> Any:
+    """The GRU state (E, 1, H) after the real inputs ``x``."""
+    w_x, b, w_h, b_n = weights[:4]
+    a = xp.matmul(x, w_x) + b
+    h = h0
+    for t in range(a.shape[1]):
+        h = _gru.step(xp, a[:, t:t + 1, :], h, w_h, b_n)[0]
+    return h
+
+
+def _feeder(xp: ModuleType, weights: list[Any], feedback: Feedback) -> Callable[[Any, Any, int], Any]:
+    """advance(h, log_loss, k): one GRU step on a blank input carrying ``log_loss`` (E, B), k steps stale."""
+    w_x, b, w_h, b_n = weights[:4]
+    w_slot, w_stale = w_x[:, feedback.index:feedback.index + 1, :], w_x[:, -1:, :]
+    # Clamping against 0-d arrays: the portable clip is a slow Python wrapper on NumPy.
+    high = xp.asarray(feedback.bound, dtype=w_x.dtype, device=array_api_compat.device(w_x))
+    low = -high
+
+    def advance(h: Any, log_loss: Any, stale_steps: int) -> Any:
+        fed_back = xp.minimum(xp.maximum((log_loss - feedback.mean) / feedback.std, low), high)
+        a = b + fed_back[..., None] * w_slot + staleness(stale_steps, feedback.stale_cap) * w_stale
+        return _gru.step(xp, a, h, w_h, b_n)[0]
+
+    return advance
+
+
+def staleness(steps: int, cap: int) -> float:
+    """The staleness input for features ``steps`` steps old: min(steps, cap) / cap, in [0, 1]."""
+    return min(steps, cap) / max(cap, 1)
+
+
+def quantile(xp: ModuleType, values: Any, q: float) -> Any:
+    """The ``q``-quantile along the last axis with linear interpolation (NumPy's default method)."""
+    ordered = xp.sort(values, axis=-1)
+    position = (values.shape[-1] - 1) * q
+    below = int(position)
+    above = min(below + 1, values.shape[-1] - 1)
+    frac = position - below
+    return ordered[..., below] + frac * (ordered[..., above] - ordered[..., below])
+

@@ -1,0 +1,25 @@
+"""The FastGRNN router pipeline: synthetic routing logs, training through `HybridTrainer`, save/load.
+
+`routing_logs` makes seeded request windows with a documented labelling rule;
+`train_router` trains a `hybrid_core.models.FastGRNN` on them (or on any windows, e.g.
+`hybrid_core.data.sequential_digits`) with Adam, mini-batches, a validation split, early
+stopping, learning-rate decay, gradient clipping, L2, distillation from an MLP teacher and
+z-score normalisation; `save_router` / `load_router` keep the weights and the normaliser.
+"""
+
+from ._io import load_router, save_router
+from ._logs import ROUTING_FEATURES, routing_logs
+from ._pipeline import RouterConfig, RouterResult, train_router
+from ._router import Router, ZScore
+
+__all__ = [
+    "ROUTING_FEATURES",
+    "Router",
+    "RouterConfig",
+    "RouterResult",
+    "ZScore",
+    "load_router",
+    "routing_logs",
+    "save_router",
+    "train_router",
+]
