@@ -142,8 +142,9 @@ class TorchOptimizer:
     `step` installs the gradients as ``p.grad`` (by reference, so clipping scales them in place),
     clips them with ``torch.nn.utils.clip_grad_norm_`` if ``clip_grad_norm`` is set, and measures
     Δθ = θ_after − θ_before against one parameter-sized buffer that is reused across steps (copied
-    into, never reallocated); the buffer then keeps that Δθ as the last update. The returned
-    tensors are fresh each step and belong to the caller.
+    into, never reallocated); Δθ is then computed in that buffer in place and returned, so a real
+    step allocates nothing parameter-sized beyond what ``torch.optim`` itself does. The returned
+    tensors are valid until the next `step` (as the `Optimizer` protocol allows).
 
     `extrapolate` is closed-form for ``torch.optim.SGD`` (next gradient = the last one, kept by
     reference: do not write into gradients after `step`) and ``Adam``/``AdamW`` (next gradient =
@@ -212,7 +213,11 @@ class TorchOptimizer:
         groups[0]["lr"] = float(value)
 
     def step(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Apply one real update (clip, ``optimizer.step()``, ``scheduler.step()``) and return its Δθ."""
+        """Apply one real update (clip, ``optimizer.step()``, ``scheduler.step()``) and return its Δθ.
+
+        The returned tensors are this adapter's own buffer: valid until the next `step` (the
+        protocol allows it), which saves a parameter-sized allocation on every step.
+        """
         params = self._params
         grads = check_like_parameters(self._xp, params, grads, "the gradients")
         for p, g in zip(params, grads, strict=True):
@@ -227,8 +232,11 @@ class TorchOptimizer:
                 torch._foreach_copy_(self._buffer, params)
             self._has_update = False
             self.optimizer.step()
-            update = torch._foreach_sub(params, self._buffer)
-            torch._foreach_copy_(self._buffer, update)
+            # Δθ in place, without a parameter-sized allocation per step: old − new, negated
+            # (IEEE subtraction is exactly anti-commutative, so this equals new − old bit for bit).
+            torch._foreach_sub_(self._buffer, params)
+            torch._foreach_neg_(self._buffer)
+            update = self._buffer
         self._has_update = True
         if self._rule is sgd_next:  # only SGD's extrapolation needs them; others would pin their memory
             self._last_grads = [p.grad for p in params]

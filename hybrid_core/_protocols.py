@@ -68,7 +68,10 @@ class Optimizer(Protocol):
     def step(self, grads: Sequence[Array]) -> list[Array]:
         """Apply one real update to the model and return the update Δθ it applied.
 
-        The returned arrays belong to the caller: the optimizer must not change them later.
+        The returned arrays stay valid until the next `step` or `load_state_dict` call; the
+        caller must not change them and must not keep them past that call (an optimizer may
+        reuse their memory then — the PyTorch adapter does, to avoid a parameter-sized
+        allocation per step).
         """
         ...
 

@@ -90,6 +90,24 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dynamics_eval(args: argparse.Namespace) -> int:
+    from .dynamics._record import DEFAULT_STEPS, TASK_BACKENDS, format_table, run_dynamics_eval
+
+    tasks = list(TASK_BACKENDS) if args.task == "all" else [args.task]
+    command = f"hybrid-train dynamics-eval --task {args.task} --seed {args.seed}" + (
+        f" --steps {args.steps}" if args.steps else "")
+    budget = ", ".join(f"{t} {args.steps or DEFAULT_STEPS[t]} steps ({TASK_BACKENDS[t]})" for t in tasks)
+    print(f"hybrid-train dynamics-eval: record plain training ({budget}), seed {args.seed}; score RSSMDynamics "
+          "(5 members) and TrendDynamics on each trajectory", flush=True)
+    doc = run_dynamics_eval(tasks, args.steps, args.seed, progress=not args.quiet, command=command)
+    print(format_table(doc))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `hybrid-train`."""
     parser = argparse.ArgumentParser(
@@ -130,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="array libraries to time (missing ones are noted)")
     kern.add_argument("--json", metavar="PATH", help="write the rows and a machine description as JSON")
     kern.set_defaults(func=_bench_kernels)
+    dyn = sub.add_parser("dynamics-eval", help="record real training trajectories and score the dynamics models "
+                                               "(RSSM vs the trend baseline) on them")
+    dyn.add_argument("--task", default="all", choices=["digits-mlp", "lm-stdlib", "all"])
+    dyn.add_argument("--steps", type=_positive_int, default=None,
+                     help="training steps recorded per task (default: digits-mlp 1500, lm-stdlib 2000)")
+    dyn.add_argument("--seed", type=_non_negative_int, default=0)
+    dyn.add_argument("--out", metavar="JSON", help="write every score and the machine description as JSON")
+    dyn.add_argument("--quiet", action="store_true", help="no progress lines")
+    dyn.set_defaults(func=_dynamics_eval)
     return parser
 
 

@@ -473,3 +473,58 @@ CONTRACTS = sorted(name for name in dir(contracts) if name.startswith("test_"))
 @pytest.mark.parametrize("contract", CONTRACTS)
 def test_conformance_contract_holds_for_the_torch_adapter(contract):
     getattr(contracts, contract)(_conformance_case())
+
+
+def _large_allocations(run, threshold):
+    """Count allocations of at least ``threshold`` bytes made while ``run()`` executes, by op name."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return Counter(e.name for e in prof.events() if e.cpu_memory_usage >= threshold)
+
+
+def test_hybrid_adam_allocates_no_parameter_sized_buffer_per_step_beyond_torch_adam():
+    """200 hybrid steps with torch Adam: per real step, the adapter and trainer add no allocation
+    as large as the biggest parameter to what plain ``torch.optim.Adam`` training allocates."""
+    from hybrid_core import HybridConfig, HybridTrainer
+
+    torch.manual_seed(0)
+    width = 512
+    net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 4))
+    big = width * width * 4
+    model = ta.TorchModel(net, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    trainer = HybridTrainer(model, ta.TorchOptimizer(model, torch.optim.Adam(net.parameters(), lr=1e-3)),
+                            HybridConfig(warmup_steps=20, min_full_steps=10, max_full_steps=30))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, width, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    for s in range(20):
+        trainer.step(batches[s % 4])
+    before = trainer.metrics.summary()["backward_passes"]
+
+    def hybrid():
+        for s in range(200):
+            trainer.step(batches[s % 4])
+
+    hybrid_counts = _large_allocations(hybrid, big)
+    summary = trainer.metrics.summary()
+    real = summary["backward_passes"] - before
+    assert summary["steps_per_phase"]["predict"] > 0, "the run must include PREDICT steps"
+
+    plain_net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 4))
+    plain_opt = torch.optim.Adam(plain_net.parameters(), lr=1e-3)
+
+    def plain():
+        for s in range(real):
+            plain_opt.zero_grad()
+            F.cross_entropy(plain_net(batches[s % 4][0]), batches[s % 4][1]).backward()
+            plain_opt.step()
+
+    plain(), plain_opt.zero_grad()  # first steps allocate Adam's state; count steady state only
+    plain_counts = _large_allocations(plain, big)
+    extra = sum(hybrid_counts.values()) - sum(plain_counts.values())
+    # What remains is a handful per PREDICT phase (the extrapolated direction), not one per step.
+    assert extra < real // 4, (f"{extra} extra parameter-sized allocations over {real} real steps: "
+                               f"hybrid {dict(hybrid_counts)} vs plain {dict(plain_counts)}")

@@ -206,6 +206,22 @@ def test_outputs_are_finite_and_ordered_for_any_finite_input(feats, losses, hori
     assert all(0.0 < s <= 2.0 for s in pred.step_scale)
 
 
+@settings(max_examples=20, deadline=None)
+@given(hnp.arrays(np.float64, st.tuples(st.integers(1, 26), st.just(DIM)), elements=FINITE),
+       st.lists(st.floats(1e-6, 1e6), min_size=27, max_size=27), st.integers(1, 40))
+def test_band_never_narrows_with_the_horizon_for_any_finite_input(feats, losses, horizon):
+    # Arbitrary slots, but the log-loss slot holds the log of the previous loss, as the encoder's does,
+    # so the band stays clear of the ±700 log bound whose clipping could narrow it.
+    feats[:, 1] = np.log(losses[:len(feats)])
+    dyn = RSSMDynamics(**SMALL)
+    feed(dyn, feats, losses[1:len(feats) + 1])
+    query = feats[-1].copy()
+    query[1] = math.log(losses[len(feats)])
+    pred = dyn.predict(query, horizon)
+    log_loss, low, high = (np.log(np.array(seq)) for seq in pred[:3])
+    assert np.all(np.diff(log_loss - low) >= -1e-9) and np.all(np.diff(high - log_loss) >= -1e-9)
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.integers(0, 10_000), st.floats(0.005, 0.1), st.integers(30, 80))
 def test_band_widens_with_the_horizon_on_average(seed, noise, steps):

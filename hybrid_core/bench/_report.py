@@ -40,6 +40,11 @@ def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
             "n": len(finite)}
 
 
+def _finite(value: float) -> float | None:
+    """``value``, or None when it is NaN or infinite (a cost with no step of that kind): JSON has no NaN."""
+    return value if math.isfinite(value) else None
+
+
 def _ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den <= 0:
         return None
@@ -73,9 +78,9 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
             "speedup_backward_vs_tuned": _ratio(*_pair(ttt, "tuned", 1)),
             "val_at_baseline_wall": {"baseline": base.final_val, "tuned": val_at_wall(tuned, total_wall),
                                      "hybrid": val_at_wall(hybrid, total_wall)},
-            "overhead_full_step_pct": 100.0 * (full_step / plain_step - 1.0),
-            "predict_cost_vs_full_no_check": median_step(hybrid, "predict") / plain_step,
-            "predict_cost_vs_full_with_check": median_step(hybrid, "predict_checked") / plain_step,
+            "overhead_full_step_pct": _finite(100.0 * (full_step / plain_step - 1.0)),
+            "predict_cost_vs_full_no_check": _finite(median_step(hybrid, "predict") / plain_step),
+            "predict_cost_vs_full_with_check": _finite(median_step(hybrid, "predict_checked") / plain_step),
             "peak_memory_overhead_pct": 100.0 * (hybrid.peak_bytes / max(base.peak_bytes, 1) - 1.0),
             "predicted_fraction": sum(len(v) for k, v in hybrid.step_seconds.items() if k.startswith("predict"))
             / steps,

@@ -77,6 +77,8 @@ def _run(setup: TaskSetup, kind: str, seed: int, lr: float, steps: int, eval_eve
             if r.phase is not Phase.PREDICT and span_start is not None:
                 result.predict_spans.append([span_start, i - 1])
                 span_start = None
+        if setup.sync is not None:
+            setup.sync()
         seconds = time.perf_counter() - start
         wall += seconds
         backward += int(did_backward)

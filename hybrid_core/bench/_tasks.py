@@ -13,7 +13,7 @@ from .._backend import as_namespace, from_numpy, to_numpy
 from .._config import HybridConfig
 from .._errors import BackendError, ConfigError
 from .._protocols import Model, Optimizer
-from ..data import split_digits
+from ..data import sequential_digits, split_digits
 
 __all__ = ["TASKS", "BenchTask", "TaskSetup", "get_task"]
 
@@ -25,6 +25,8 @@ class TaskSetup(NamedTuple):
     optimizer: Optimizer
     batch: Callable[[int], Any]
     validate: Callable[[], float]
+    sync: Callable[[], None] | None = None
+    """Called at the end of every timed step to wait for asynchronous work (JAX); None: nothing to wait for."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,49 @@ def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
     return TaskSetup(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))))
 
 
+def _jax_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
+    from ._jax_mlp import build_jax_mlp
+
+    return TaskSetup(*build_jax_mlp(seed, lr, _digits()))
+
+
+@functools.lru_cache(maxsize=1)
+def _sequential_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_val, y_val): the sequential digits shuffled with seed 0, 20% validation."""
+    x, y = sequential_digits()
+    order = np.random.default_rng(0).permutation(len(y))
+    n_val = round(len(y) * 0.2)
+    return x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
+
+
+def _fastgrnn_router(backend: str, seed: int, lr: float) -> TaskSetup:
+    from ..models import FastGRNN
+    from ..optim import Adam
+
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)  # as in digits-mlp: one thread, steadier timings on a shared machine
+        xp = as_namespace(torch)
+    else:
+        xp = as_namespace(np)
+    x_train, y_train, x_val, y_val = _sequential_digits()
+    dtype = xp.float32
+    x = from_numpy(xp, x_train, dtype=dtype)
+    y = from_numpy(xp, y_train, dtype=dtype)
+    val = (from_numpy(xp, x_val, dtype=dtype), from_numpy(xp, y_val, dtype=dtype))
+    # No L2 term and no distillation: the loss is the plain binary cross-entropy, train and validation.
+    model = FastGRNN(8, 32, u_rank=8, xp=xp, dtype=dtype, seed=seed)
+    n = y_train.shape[0]
+
+    def batch(step: int) -> Any:
+        rng = np.random.default_rng(seed * 1_000_003 + step)
+        idx = from_numpy(xp, rng.choice(n, size=64, replace=False))
+        return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
+
+    return TaskSetup(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))))
+
+
 def _lm_stdlib(backend: str, seed: int, lr: float) -> TaskSetup:
     from ._lm import build_lm
 
@@ -114,6 +159,32 @@ TASKS: dict[str, BenchTask] = {
         seeds=2,
         config=HybridConfig(),
         build=_lm_stdlib,
+    ),
+    "jax-mlp": BenchTask(
+        name="jax-mlp",
+        description="the digits-mlp network (64-64-10 tanh, batch 64) as a JaxModel, optax Adam through "
+                    "OptaxOptimizer, on the bundled digits (20% validation)",
+        backends=("jax",),
+        steps=1500,
+        lr=1e-3,
+        eval_every=50,
+        seeds=3,
+        config=HybridConfig(),
+        build=_jax_mlp,
+    ),
+    "fastgrnn-router": BenchTask(
+        name="fastgrnn-router",
+        description="FastGRNN (H=32, rank(U)=8) reading the digits row by row (8 steps of 8 pixels), "
+                    "digits 0-4 vs 5-9, Adam, batch 64, binary cross-entropy (20% validation)",
+        backends=("numpy", "torch"),
+        steps=600,  # about where the validation loss bottoms out at this lr; later it overfits
+        lr=1e-2,
+        eval_every=50,
+        seeds=3,
+        # The router pipeline's own trainer settings (RouterConfig.hybrid): phases scaled to a short run.
+        config=HybridConfig(warmup_steps=50, min_full_steps=30, max_predict_steps=30, check_interval=10,
+                            horizon_arms=(0, 5, 15, 30)),
+        build=_fastgrnn_router,
     ),
 }
 """Every benchmark task by name."""
