@@ -349,11 +349,14 @@ class HybridTrainer:
             self.metrics.count("checks")
             cycle.forward_passes += 1
             verdict = self.monitor.assess(self.state, loss_f, None)
+            # The check runs before this step's update: k steps are applied, and the forecast
+            # for "after k steps" is entry k − 1 (entry k is after k + 1 steps).
+            predicted = pred.loss[k - 1]
             if math.isfinite(loss_f):
                 self.state.record_prediction_error(predicted, loss_f)
             else:
                 self.metrics.count("nonfinite_in_predict")
-            if verdict.level >= Level.FORCE_FULL or loss_f > pred.upper[k]:
+            if verdict.level >= Level.FORCE_FULL or loss_f > pred.upper[k - 1]:
                 undone = cycle.roll_back_to(self.model, cycle.good)
                 self.metrics.count("rollbacks" if undone else "checks_failed_at_good_point")
                 self.state.record_check(False)

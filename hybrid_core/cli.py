@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"final validation loss: hybrid {hybrid.val_loss:.4f} vs plain {plain.val_loss:.4f} (same steps) "
           f"vs {rows[2].val_loss:.4f} (same backward passes)")
     print("Wall-clock here is not a speed claim: speed is only claimed through the benchmark protocol "
-          "(DESIGN §8, `hybrid-train bench`, not built yet).")
+          "(DESIGN §8: `hybrid-train bench`, results in docs/benchmarks.md).")
     if args.jsonl:
         n = trainer.metrics.to_jsonl(args.jsonl)
         print(f"wrote {n} step records to {args.jsonl}")

@@ -96,6 +96,34 @@ def test_failed_check_rolls_back_unchecked_steps_and_ends_phase():
     assert ev["checks_failed"] == 1 and ev["rollbacks"] == 1
 
 
+class BandAt(Oracle):
+    """An oracle whose band is impossible (negative) only at forecast index ``bad``."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def predict(self, features, horizon):
+        upper = tuple(-1.0 if j == self.bad else 1e9 for j in range(horizon))
+        loss = tuple(float(j) for j in range(horizon))
+        return Prediction(loss, (0.0,) * horizon, upper, (1.0,) * horizon, 1.0)
+
+
+@pytest.mark.parametrize(("bad", "fails"), [(1, True), (2, False)])
+def test_check_compares_with_the_forecast_for_the_steps_applied(bad, fails):
+    """The check at phase step k runs after k predicted updates: it must use forecast entry k − 1."""
+    trainer, _ = _trainer(FAST.replace(check_interval=2), dynamics=BandAt(bad))
+    batches = regression_batches(np)
+    while trainer.phase is not Phase.PREDICT:
+        trainer.step(next(batches))
+    trainer.step(next(batches))
+    trainer.step(next(batches))
+    r = trainer.step(next(batches))  # k = 2: two updates applied, compared with entry 1
+    assert r.loss is not None and r.predicted_loss == 1.0
+    assert (trainer.phase is Phase.CORRECT) == fails
+    assert trainer.metrics.summary()["events"].get("checks_failed", 0) == int(fails)
+
+
 def test_low_confidence_never_predicts_except_bounded_probes():
     trainer, _ = _trainer(dynamics=Oracle(confidence=0.0))
     batches = regression_batches(np)
