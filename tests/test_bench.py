@@ -7,6 +7,7 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pytest
 from _namespaces import available
 
@@ -91,8 +92,14 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
             if kind in hybrid["median_step_s"]:
                 assert seed_doc[key] == pytest.approx(hybrid["median_step_s"][kind] / plain)
         if len(full) == 1:
-            assert seed_doc["overhead_full_step_pct"] == pytest.approx(100 * (full[0] / plain - 1))
+            assert seed_doc["overhead_full_step_pct_runs"] == pytest.approx(100 * (full[0] / plain - 1))
+        probe = hybrid["overhead_probe_s"]
+        assert set(probe) == {"plain", "full"} and len(probe["plain"]) == len(probe["full"]) > 1
+        assert all(v > 0 for kind in probe.values() for v in kind)
+        assert seed_doc["overhead_full_step_pct"] == pytest.approx(
+            100 * (float(np.median(probe["full"])) / float(np.median(probe["plain"])) - 1))
         assert math.isfinite(seed_doc["overhead_full_step_pct"])
+        assert base["overhead_probe_s"] is None
         for key in ("predict_cost_vs_full_no_check", "predict_cost_vs_full_with_check"):
             assert seed_doc[key] is None or (math.isfinite(seed_doc[key]) and seed_doc[key] > 0)
         assert seed_doc["peak_memory_overhead_pct"] == pytest.approx(

@@ -21,6 +21,12 @@ __all__ = ["LR_FACTORS", "RunResult", "run_benchmark"]
 MEMORY_STEPS = 150
 """Length of the separate, untimed, traced runs that measure peak memory."""
 
+OVERHEAD_BLOCKS = 12
+"""Alternating timed blocks per kind in the interleaved overhead probe."""
+
+OVERHEAD_BLOCK_STEPS = 5
+"""Steps per block of the overhead probe."""
+
 LR_FACTORS = (0.5, 1.0, 2.0, 4.0)
 """Learning-rate multipliers the tuned baseline sweeps."""
 
@@ -42,6 +48,9 @@ class RunResult:
     untimed run of the same seed: tracing slows Python allocations, so timed runs never trace."""
     predict_spans: list[list[int]] = field(default_factory=list)
     """Hybrid only: [first step, last step] of every PREDICT phase."""
+    probe_seconds: dict[str, list[float]] = field(default_factory=dict)
+    """Hybrid only: seconds per step of each block of the interleaved overhead probe, for
+    ``plain`` steps and hybrid ``full`` steps (see `overhead_probe`)."""
     events: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -101,6 +110,46 @@ def _run(setup: TaskSetup, kind: str, seed: int, lr: float, steps: int, eval_eve
     return result
 
 
+def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfig) -> dict[str, list[float]]:
+    """Seconds per step of plain steps and of hybrid FULL steps, timed in alternating blocks.
+
+    Two fresh runs of the same seed: plain steps, and a trainer with ``config`` except that it
+    never predicts (confidence threshold 1, no FULL-phase bound), so every step after warm-up
+    is a FULL step with all the hybrid machinery. Alternating short blocks puts both under the
+    same machine load, which separate runs minutes apart do not.
+    """
+    plain = task.setup(backend, seed, task.lr)
+    hybrid = task.setup(backend, seed, task.lr)
+    trainer = HybridTrainer(hybrid.model, hybrid.optimizer,
+                            config.replace(confidence_threshold=1.0, max_full_steps=10**9))
+
+    def plain_step(i: int) -> None:
+        _, grads = plain.model.loss_and_grad(plain.batch(i))
+        plain.optimizer.step(grads)
+        if plain.sync is not None:
+            plain.sync()
+
+    def hybrid_step(i: int) -> None:
+        trainer.step(hybrid.batch(i))
+        if hybrid.sync is not None:
+            hybrid.sync()
+
+    for i in range(config.warmup_steps + 1):  # untimed: leave WARMUP, warm caches and JIT
+        hybrid_step(i)
+        plain_step(i)
+    out: dict[str, list[float]] = {"plain": [], "full": []}
+    i = config.warmup_steps + 1
+    for block in range(OVERHEAD_BLOCKS):
+        order = (("plain", plain_step), ("full", hybrid_step))
+        for key, step in order if block % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            for j in range(OVERHEAD_BLOCK_STEPS):
+                step(i + j)
+            out[key].append((time.perf_counter() - start) / OVERHEAD_BLOCK_STEPS)
+        i += OVERHEAD_BLOCK_STEPS
+    return out
+
+
 def run_benchmark(
     task: BenchTask,
     backend: str,
@@ -134,6 +183,8 @@ def run_benchmark(
                 log(f"seed {seed}: {kind} lr {lr:g}")
             setup = task.setup(backend, seed, lr)
             results.append(_run(setup, kind, seed, lr, steps, task.eval_every, cfg, show, done))
+        hybrid_run = next(r for r in results if r.seed == seed and r.kind == "hybrid")
+        hybrid_run.probe_seconds = overhead_probe(task, backend, seed, config)
         for kind, cfg in (("baseline", None), ("hybrid", config)):
             traced = _run(task.setup(backend, seed, task.lr), kind, seed, task.lr, min(steps, MEMORY_STEPS),
                           task.eval_every, cfg, None, [0], trace=True)
