@@ -5,6 +5,12 @@ A⁻¹ = (λI + Σ x xᵀ)⁻¹, updated by Sherman–Morrison, and b = Σ r·x;
 θᵀx + α·√(xᵀA⁻¹x) with θ = A⁻¹b. Arm 0 means "do not predict" and is always
 present: its reward is 0 by definition (plain training is the yardstick), so the
 bandit settles on it whenever predicting loses on average.
+
+With ``ladder`` on, the horizons are a ladder: a horizon may be chosen only once the
+next shorter one has been tried and earned a positive mean reward. Exploring every
+arm once costs a whole PREDICT phase per arm — on a task where prediction does not
+pay, that exploration alone makes a run measurably worse than plain training — and
+a longer horizon of the same direction rarely pays where a shorter one loses.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ __all__ = ["LinUCBBandit"]
 class LinUCBBandit:
     """Contextual bandit over PREDICT horizons (``arms``, which must include 0)."""
 
-    def __init__(self, arms: Sequence[int], dim: int, alpha: float = 0.5, ridge: float = 1.0) -> None:
+    def __init__(self, arms: Sequence[int], dim: int, alpha: float = 0.5, ridge: float = 1.0,
+                 ladder: bool = False) -> None:
         arms = list(arms)
         problems = []
         if not arms or 0 not in arms or any(isinstance(a, bool) or not isinstance(a, int) or a < 0 for a in arms):
@@ -36,8 +43,11 @@ class LinUCBBandit:
             problems.append(f"alpha={alpha!r}: must be a finite number >= 0")
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge > 0):
             problems.append(f"ridge={ridge!r}: must be a finite number > 0")
+        if not isinstance(ladder, bool):
+            problems.append(f"ladder={ladder!r}: must be True or False")
         if problems:
             raise ConfigError(problems)
+        self.ladder = ladder
         self.arms = sorted(arms)
         self.dim = dim
         self.alpha = float(alpha)
@@ -45,6 +55,18 @@ class LinUCBBandit:
         self._a_inv = np.stack([np.eye(dim) / ridge for _ in self.arms])
         self._b = np.zeros((len(self.arms), dim))
         self.pulls = np.zeros(len(self.arms), dtype=np.int64)
+        self.reward_sums = np.zeros(len(self.arms))
+
+    def allowed(self) -> list[int]:
+        """The arms `choose` may pick now: all, or with ``ladder`` the rungs reached so far."""
+        if not self.ladder:
+            return list(self.arms)
+        out = [self.arms[0]]
+        for i in range(1, len(self.arms)):
+            out.append(self.arms[i])
+            if not (self.pulls[i] > 0 and self.reward_sums[i] > 0):
+                break
+        return out
 
     def scores(self, context: np.ndarray) -> np.ndarray:
         """Upper confidence bound of each arm's reward for ``context``."""
@@ -54,8 +76,10 @@ class LinUCBBandit:
         return theta @ x + self.alpha * width
 
     def choose(self, context: np.ndarray) -> int:
-        """The horizon with the highest score; ties go to the shorter horizon (0 first)."""
-        return self.arms[int(np.argmax(self.scores(context)))]
+        """The allowed horizon with the highest score; ties go to the shorter horizon (0 first)."""
+        scores = self.scores(context)
+        allowed = len(self.allowed())  # arms are sorted and the allowed ones are a prefix
+        return self.arms[int(np.argmax(scores[:allowed]))]
 
     def update(self, arm: int, context: np.ndarray, reward: float) -> None:
         """Learn ``reward`` for ``arm`` in ``context`` (Sherman–Morrison rank-one update)."""
@@ -70,6 +94,7 @@ class LinUCBBandit:
         self._a_inv[i] = a_inv - np.outer(ax, ax) / (1.0 + x @ ax)
         self._b[i] += reward * x
         self.pulls[i] += 1
+        self.reward_sums[i] += reward
 
     def theta(self, arm: int) -> np.ndarray:
         """The arm's current reward weights A⁻¹b."""
@@ -85,7 +110,8 @@ class LinUCBBandit:
     def state_dict(self) -> dict[str, Any]:
         """Arms, hyper-parameters and the per-arm matrices (as nested lists)."""
         return {"arms": list(self.arms), "dim": self.dim, "alpha": self.alpha, "ridge": self.ridge,
-                "a_inv": self._a_inv.tolist(), "b": self._b.tolist(), "pulls": self.pulls.tolist()}
+                "a_inv": self._a_inv.tolist(), "b": self._b.tolist(), "pulls": self.pulls.tolist(),
+                "reward_sums": self.reward_sums.tolist(), "ladder": self.ladder}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
@@ -98,3 +124,8 @@ class LinUCBBandit:
         self.alpha, self.ridge = float(state["alpha"]), float(state["ridge"])
         self._a_inv, self._b = a_inv, b
         self.pulls = np.asarray(state["pulls"], dtype=np.int64)
+        sums = np.asarray(state.get("reward_sums", np.zeros(n)), dtype=np.float64)
+        if sums.shape != (n,) or self.pulls.shape != (n,):
+            raise ConfigError("bandit state does not match its arms")
+        self.reward_sums = sums
+        self.ladder = bool(state.get("ladder", self.ladder))

@@ -57,6 +57,9 @@ class HybridConfig:
     """LinUCB exploration weight; 0 = greedy."""
     use_bandit: bool = True
     """Let the bandit pick the horizon (False: always ``max_predict_steps``)."""
+    horizon_ladder: bool = True
+    """Unlock a horizon only after the next shorter one earned a positive mean reward, so a task
+    where prediction does not pay falls back to plain training after one short trial."""
     correction_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
     """Fractions of the PREDICT displacement to roll back that CORRECT's line search tries."""
     forward_cost: float = 0.35
@@ -149,6 +152,7 @@ def _problems(c: HybridConfig) -> list[str]:
         _arms_problem(c.horizon_arms),
         _float_problem("bandit_alpha", c.bandit_alpha, 0.0, 1e6),
         None if isinstance(c.use_bandit, bool) else f"use_bandit={c.use_bandit!r}: must be True or False",
+        None if isinstance(c.horizon_ladder, bool) else f"horizon_ladder={c.horizon_ladder!r}: must be True or False",
         _fractions_problem(c.correction_fractions),
         _float_problem("forward_cost", c.forward_cost, 0.0, 1.0),
         _float_problem("predict_step_cost", c.predict_step_cost, 0.0, 1.0),

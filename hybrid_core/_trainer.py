@@ -105,7 +105,8 @@ class HybridTrainer:
         self.metrics = MetricsCollector(config.metrics_max_records)
         self.monitor = DivergenceMonitor(config.divergence_sigma, config.explode_ratio)
         arms = [a for a in config.horizon_arms if a <= config.max_predict_steps]
-        self.bandit = LinUCBBandit(arms, len(CONTEXT_NAMES), alpha=config.bandit_alpha)
+        self.bandit = LinUCBBandit(arms, len(CONTEXT_NAMES), alpha=config.bandit_alpha,
+                                   ladder=config.horizon_ladder)
         self.residuals = ResidualStore()
         self.corrector = ResidualCorrector(len(CONTEXT_NAMES))
         self.directions = make_direction(config.direction, config.linefit_snapshots, config.linefit_spacing)

@@ -56,3 +56,35 @@ def test_validation_and_round_trip():
     c = LinUCBBandit([0, 3], 2)
     c.load_state_dict(b.state_dict())
     np.testing.assert_array_equal(c.scores(np.ones(2)), b.scores(np.ones(2)))
+
+
+def test_ladder_unlocks_a_horizon_only_after_the_shorter_one_paid():
+    bandit = LinUCBBandit([0, 5, 15, 30], 2, alpha=0.5, ladder=True)
+    x = np.array([1.0, 0.5])
+    assert bandit.allowed() == [0, 5]
+    bandit.update(5, x, -0.3)
+    assert bandit.allowed() == [0, 5]  # 5 lost: 15 and 30 stay locked
+    for _ in range(50):
+        assert bandit.choose(x) in (0, 5)
+        bandit.update(bandit.choose(x), x, -0.3 if bandit.choose(x) == 5 else 0.0)
+    bandit.update(5, x, 2.0)  # now 5 pays on average
+    assert bandit.reward_sums[1] > 0 and bandit.allowed() == [0, 5, 15]
+    bandit.update(15, x, 0.4)
+    assert bandit.allowed() == [0, 5, 15, 30]
+    restored = LinUCBBandit([0, 5, 15, 30], 2)
+    restored.load_state_dict(bandit.state_dict())
+    assert restored.ladder and restored.allowed() == bandit.allowed()
+    assert LinUCBBandit([0, 5, 15, 30], 2).allowed() == [0, 5, 15, 30]  # off by default for the class
+
+
+def test_ladder_falls_back_to_no_prediction_when_every_horizon_loses():
+    rng = np.random.default_rng(1)
+    bandit = LinUCBBandit([0, 5, 15, 30, 50, 75], 2, alpha=0.5, ladder=True)
+    x = np.array([1.0, 0.5])
+    chosen = []
+    for _ in range(30):
+        arm = bandit.choose(x)
+        chosen.append(arm)
+        bandit.update(arm, x, 0.0 if arm == 0 else -0.02 * arm + 0.05 * rng.normal())
+    assert max(chosen) == 5  # longer horizons never explored
+    assert chosen[-10:].count(0) >= 8

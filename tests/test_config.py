@@ -27,6 +27,7 @@ INVALID = {
     "horizon_arms": ((5, 10), "including 0"),
     "bandit_alpha": (-1.0, "[0.0,"),
     "use_bandit": (1, "True or False"),
+    "horizon_ladder": ("yes", "True or False"),
     "correction_fractions": ((0.5, 2.0), "[0, 1]"),
     "explode_ratio": (1.0, "(1.0,"),
     "forward_cost": (1.5, "[0.0, 1.0]"),
