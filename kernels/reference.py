@@ -8,13 +8,16 @@ PyTorch, JAX and CuPy alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-__all__ = ["STATS_FIELDS", "fused_axpy", "fused_stats", "gru_ensemble_rollout"]
+from hybrid_core._errors import BackendError
+
+__all__ = ["STATS_FIELDS", "fused_axpy", "fused_axpy_", "fused_stats", "gru_ensemble_rollout"]
 
 STATS_FIELDS = ("loss", "grad_sq", "update_sq", "grad_dot_update", "grad_max_abs", "nonfinite")
 """Order of the entries of the vector `fused_stats` returns."""
@@ -34,6 +37,31 @@ def fused_axpy(params: Sequence[Any], direction: Sequence[Any], scale: float) ->
     return out
 
 
+def fused_axpy_(params: Sequence[Any], direction: Sequence[Any], scale: float) -> Sequence[Any]:
+    """θ_i += s·d_i in place, one array at a time (d_i cast to θ_i's dtype); returns ``params``.
+
+    Writes through ``θ_i[...] = θ_i + s·d_i``, so it needs arrays that support item
+    assignment (NumPy, CuPy, PyTorch, array-api-strict). Immutable arrays (JAX) and
+    read-only NumPy arrays raise `BackendError` before anything is written.
+    """
+    for i, p in enumerate(params):
+        if array_api_compat.is_jax_array(p):
+            raise BackendError("fused_axpy_ updates arrays in place, and JAX arrays are immutable",
+                               "Use fused_axpy (it returns new arrays) with JAX.")
+        if isinstance(p, np.ndarray) and not p.flags.writeable:
+            raise BackendError(f"fused_axpy_ cannot write parameter #{i}: the NumPy array is read-only",
+                               "Pass writable arrays (np.array(a) copies), or use fused_axpy.")
+    for p, d in zip(params, direction):
+        xp = array_api_compat.array_namespace(p, d)
+        d = xp.astype(d, p.dtype) if d.dtype != p.dtype else d
+        try:
+            p[...] = p + scale * d
+        except (TypeError, ValueError) as exc:
+            raise BackendError(f"fused_axpy_ cannot write a {type(p).__name__} in place: {exc}",
+                               "Use fused_axpy (it returns new arrays) for arrays without item assignment.") from exc
+    return params
+
+
 def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
     """One 1-D array: loss, Σg², Σu², Σg·u, max|g| and the count of non-finite gradient entries.
 
@@ -47,6 +75,8 @@ def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) 
 
 def _fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
     xp = array_api_compat.array_namespace(loss, *grads)
+    if array_api_compat.is_numpy_namespace(xp) and updates is not None and len(updates) == len(grads):
+        return _fused_stats_numpy(loss, grads, updates)
     dtype = loss.dtype
     zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(loss))
     grad_sq = update_sq = dot = grad_max = nonfinite = zero
@@ -63,6 +93,29 @@ def _fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None)
             update_sq = update_sq + xp.sum(u * u)
             dot = dot + xp.sum(g * u)
     return xp.stack([xp.reshape(loss, ()), grad_sq, update_sq, dot, grad_max, nonfinite])
+
+
+def _fused_stats_numpy(loss: Any, grads: Sequence[Any], updates: Sequence[Any]) -> Any:
+    # NumPy is already on the host, so branching on values costs no transfer: BLAS dot
+    # products for the sums, and the non-finite count only when a sum says there is one.
+    dtype = loss.dtype
+    grad_sq = update_sq = dot = 0.0
+    grad_max = 0.0
+    for g, u in zip(grads, updates, strict=True):
+        if g.size == 0:
+            continue
+        gf = np.ravel(g.astype(dtype, copy=False))
+        uf = np.ravel(u.astype(dtype, copy=False))
+        grad_sq += np.dot(gf, gf)
+        update_sq += np.dot(uf, uf)
+        dot += np.dot(gf, uf)
+        grad_max = max(grad_max, float(np.max(np.abs(gf))))
+    nonfinite = 0
+    if not (np.isfinite(grad_sq) and np.isfinite(grad_max)):
+        nonfinite = sum(int(np.count_nonzero(~np.isfinite(g))) for g in grads)
+        if any(np.isnan(g).any() for g in grads if g.size):
+            grad_max = math.nan
+    return np.asarray([np.reshape(loss, ()), grad_sq, update_sq, dot, grad_max, nonfinite], dtype=dtype)
 
 
 def gru_ensemble_rollout(w_x: Any, w_h: Any, b_x: Any, b_h: Any, h0: Any, x: Any) -> Any:
