@@ -76,8 +76,24 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
-    from .kernels.bench import format_table, run_bench, write_json
+    from .kernels.bench import format_layouts, format_table, run_axpy_layouts, run_bench, write_json
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.axpy_layouts:
+        import torch
+
+        print(f"hybrid-train bench-kernels --axpy-layouts: {args.axpy_total} float32 torch parameters as "
+              f"{', '.join(map(str, args.axpy_counts))} equal tensors, {torch.get_num_threads()} torch thread(s), "
+              f"median of {args.repeat} interleaved rounds; limit = one add_ on one flat buffer", flush=True)
+        layouts = run_axpy_layouts(args.axpy_total, args.axpy_counts, args.repeat)
+        print(format_layouts(layouts))
+        if args.json:
+            write_json(args.json, [], [], args.repeat, layouts)
+            print(f"wrote {len(layouts)} layout rows to {args.json}")
+        return 0
     print(f"hybrid-train bench-kernels: sizes {' '.join(args.sizes)}, median of {args.repeat}, "
           f"backends {' '.join(args.backends)}; baseline = the reference (unfused per-tensor loop)", flush=True)
     rows, notes = run_bench(args.sizes, args.repeat, args.backends)
@@ -147,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=["numpy", "torch", "jax", "cupy"],
                       help="array libraries to time (missing ones are noted)")
     kern.add_argument("--json", metavar="PATH", help="write the rows and a machine description as JSON")
+    kern.add_argument("--axpy-layouts", action="store_true",
+                      help="instead of the table above: time in-place axpy on torch for --axpy-total parameters "
+                           "split into --axpy-counts tensors (flat buffer, foreach, loop) against one flat add_")
+    kern.add_argument("--axpy-total", default="10m", metavar="N", help="parameters of --axpy-layouts (default 10m)")
+    kern.add_argument("--axpy-counts", nargs="+", type=_positive_int, default=[100, 1000, 10000], metavar="K",
+                      help="tensor counts of --axpy-layouts (default: 100 1000 10000)")
+    kern.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch intra-op threads for the run (default: torch's own choice)")
     kern.set_defaults(func=_bench_kernels)
     dyn = sub.add_parser("dynamics-eval", help="record real training trajectories and score the dynamics models "
                                                "(RSSM vs the trend baseline) on them")

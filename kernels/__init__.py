@@ -5,13 +5,16 @@ arrays' library, device and dtype: GPU kernels (Triton for torch, Pallas for JAX
 CUDA C through CuPy), then CPU fast paths (``torch._foreach_*``, one ``jax.jit``),
 then the array-API `reference`. ``HYBRID_KERNELS`` forces one (see `CHOICES`).
 Importing this package imports no array library beyond NumPy; a backend's module is
-imported at its first call.
+imported at its first call. `FlatTensors`, `flatten` and `flatten_module_` (flat parameter
+buffers for torch, see ``_flat``) import torch when first accessed.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 
@@ -21,6 +24,11 @@ from . import _catalog  # noqa: F401  (registers every implementation)
 from ._registry import CHOICES, ENV_VAR, OPS, REGISTRY, Kernel, select
 from .reference import STATS_FIELDS
 
+if TYPE_CHECKING:
+    from ._flat import FlatTensors as FlatTensors
+    from ._flat import flatten as flatten
+    from ._flat import flatten_module_ as flatten_module_
+
 __all__ = [
     "CHOICES",
     "ENV_VAR",
@@ -29,20 +37,69 @@ __all__ = [
     "STATS_FIELDS",
     "Kernel",
     "fused_axpy",
+    "fused_axpy_",
     "fused_stats",
     "gru_ensemble_rollout",
     "select",
 ]
 
 
+_LAZY = {"FlatTensors", "flatten", "flatten_module_"}
+"""Torch-only names, loaded on first attribute access and left out of ``__all__`` so that
+``from hybrid_core.kernels import *`` works without torch."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:  # imports torch, so only on first use
+        from . import _flat
+
+        return getattr(_flat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def fused_axpy(params: Sequence[Any], direction: Sequence[Any], scale: float) -> list[Any]:
-    """θ_i + s·d_i for every tensor: a new list, each in its parameter's dtype (see `reference.fused_axpy`)."""
+    """θ_i + s·d_i for every tensor: a new list, each in its parameter's dtype (see `reference.fused_axpy`).
+
+    Two torch `FlatTensors` of one layout take one add over their buffers (unless
+    ``HYBRID_KERNELS`` forces an implementation); the result is then `FlatTensors` too.
+    """
+    flat = _flat_pair(params, direction)
+    if flat is not None and _auto():
+        return flat.add(params, direction, scale)
     _same_shapes(params, direction, "direction")
     if not params:
         return []
     first = params[0]
     impl = select("fused_axpy", array_api_compat.array_namespace(first), array_api_compat.device(first), first.dtype)
     return impl.load()(params, direction, scale)
+
+
+def fused_axpy_(params: Sequence[Any], direction: Sequence[Any], scale: float) -> Sequence[Any]:
+    """θ_i += s·d_i for every tensor, in place (d_i cast to θ_i's dtype); returns ``params``.
+
+    torch: two `FlatTensors` of one layout → one ``add_`` over their buffers (the memory
+    bandwidth limit); any other lists of tensors → one ``torch._foreach_add_``, under
+    ``torch.no_grad()`` (it is a parameter update). Other mutable array libraries (NumPy,
+    CuPy, array-api-strict) → `reference.fused_axpy_`, one in-place update per array;
+    immutable ones (JAX) raise `BackendError`: use `fused_axpy` there. This op is not in
+    `REGISTRY` (``HYBRID_KERNELS`` does not apply): an in-place add has nothing to fuse
+    beyond these paths.
+    """
+    flat = _flat_pair(params, direction)
+    if flat is not None:
+        return flat.add_(params, direction, scale)
+    if len(params) != len(direction):
+        _same_shapes(params, direction, "direction")  # raises the count error
+    if not params:
+        return params
+    if array_api_compat.is_torch_array(params[0]):
+        from . import _torch
+
+        return _torch.foreach_axpy_(params, direction, scale)
+    _same_shapes(params, direction, "direction")
+    from . import reference
+
+    return reference.fused_axpy_(params, direction, scale)
 
 
 def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
@@ -58,6 +115,16 @@ def gru_ensemble_rollout(w_x: Any, w_h: Any, b_x: Any, b_h: Any, h0: Any, x: Any
     _gru_shapes(w_x, w_h, b_x, b_h, h0, x)
     impl = select("gru_ensemble_rollout", array_api_compat.array_namespace(x), array_api_compat.device(x), x.dtype)
     return impl.load()(w_x, w_h, b_x, b_h, h0, x)
+
+
+def _flat_pair(params: Sequence[Any], direction: Sequence[Any]) -> Any:
+    """The `_flat` module when both lists are intact FlatTensors of one layout, else None (O(1))."""
+    flat = sys.modules.get(f"{__name__}._flat")  # no FlatTensors can exist before it is imported
+    return flat if flat is not None and flat.same_layout(params, direction) else None
+
+
+def _auto() -> bool:
+    return os.environ.get(ENV_VAR, "auto").strip().lower() in ("", "auto")
 
 
 def _same_shapes(first: Sequence[Any], second: Sequence[Any], what: str) -> None:

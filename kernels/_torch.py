@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
+from hybrid_core._errors import BackendError, ModelError
+
 from . import reference
 
-__all__ = ["foreach_axpy", "foreach_stats", "triton_axpy", "triton_gru", "triton_stats"]
+__all__ = ["foreach_axpy", "foreach_axpy_", "foreach_stats", "triton_axpy", "triton_gru", "triton_stats"]
 
 Tensor = torch.Tensor
 
@@ -26,6 +28,36 @@ def foreach_axpy(params: Sequence[Tensor], direction: Sequence[Tensor], scale: f
         return []
     direction = [d if d.dtype == p.dtype else d.to(p.dtype) for p, d in zip(params, direction)]
     return list(torch._foreach_add(list(params), direction, alpha=scale))
+
+
+def foreach_axpy_(params: Sequence[Tensor], direction: Sequence[Tensor], scale: float) -> Sequence[Tensor]:
+    """θ_i += s·d_i in one ``torch._foreach_add_`` call (no autograd); returns ``params``.
+
+    ``_foreach_add_`` would broadcast a mismatched d_i, so shapes are checked first, in
+    the same Python pass that finds d_i needing a cast to θ_i's dtype.
+    """
+    if not params:
+        return params
+    cast = False
+    for i, (p, d) in enumerate(zip(params, direction)):
+        if not isinstance(d, Tensor) or not isinstance(p, Tensor):
+            raise BackendError(f"fused_axpy_ on torch tensors got a {type(p if isinstance(d, Tensor) else d).__name__} "
+                               f"at #{i}", "Give every parameter and direction as torch tensors.")
+        if p.shape != d.shape:
+            raise ModelError(f"direction shapes differ from their tensors': #{i}: {tuple(d.shape)} != {tuple(p.shape)}",
+                             "Give direction arrays shaped like the tensors they pair with.")
+        cast = cast or d.dtype != p.dtype
+    if params[0].device != direction[0].device:  # torch reports other pairs (CPU with CUDA) itself
+        raise BackendError(f"fused_axpy_ got parameters on {params[0].device} and directions on "
+                           f"{direction[0].device}")
+    if cast:
+        direction = [d if d.dtype == p.dtype else d.to(p.dtype) for p, d in zip(params, direction)]
+    try:
+        with torch.no_grad():
+            torch._foreach_add_(list(params), list(direction), alpha=scale)
+    except RuntimeError as exc:  # e.g. tensors on different devices
+        raise BackendError(f"fused_axpy_ could not add the directions: {exc}") from exc
+    return params
 
 
 def foreach_stats(loss: Tensor, grads: Sequence[Tensor], updates: Sequence[Tensor] | None) -> Tensor:

@@ -27,7 +27,19 @@ from hybrid_core._errors import ConfigError
 from . import REGISTRY
 from ._registry import device_kind
 
-__all__ = ["BACKENDS", "BenchRow", "format_table", "parse_size", "run_bench", "write_json"]
+__all__ = [
+    "AXPY_LAYOUTS",
+    "AXPY_METHODS",
+    "BACKENDS",
+    "BenchRow",
+    "LayoutRow",
+    "format_layouts",
+    "format_table",
+    "parse_size",
+    "run_axpy_layouts",
+    "run_bench",
+    "write_json",
+]
 
 BACKENDS = ("numpy", "torch", "jax", "cupy")
 """Array libraries the benchmark knows how to feed and synchronise."""
@@ -46,6 +58,34 @@ class BenchRow(NamedTuple):
     median_ms: float
     speedup: float
     """Reference (unfused loop) median over this implementation's median."""
+
+
+class LayoutRow(NamedTuple):
+    """One timed (layout, method) of the in-place axpy layout report, with every repeat's sample."""
+
+    tensors: int
+    elements: int
+    """Elements per tensor."""
+    method: str
+    median_ms: float
+    median_ratio: float
+    """Median over repeats of this method's time / the limit's time in the same repeat."""
+    samples_ms: tuple[float, ...]
+    ratios: tuple[float, ...]
+
+
+AXPY_LAYOUTS = (100, 1000, 10000)
+"""Default tensor counts of the layout report (10M parameters as 100×100k, 1000×10k, 10000×1k)."""
+
+AXPY_METHODS = (
+    "limit: add_ on one flat buffer",
+    "fused_axpy_ on FlatTensors",
+    "fused_axpy_ on separate tensors",
+    "fused_axpy (new list), separate",
+    "fused_axpy (new list), FlatTensors",
+    "Python loop of add_",
+)
+"""What the layout report times, in order; the first is the limit every ratio divides by."""
 
 
 class _Backend(NamedTuple):
@@ -92,12 +132,94 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(text)
 
 
-def write_json(path: str, rows: Sequence[BenchRow], notes: Sequence[str], repeat: int) -> None:
-    """Write the rows, notes and a description of this machine as JSON."""
+def write_json(path: str, rows: Sequence[BenchRow], notes: Sequence[str], repeat: int,
+               layouts: Sequence[LayoutRow] | None = None) -> None:
+    """Write the rows, notes and a description of this machine as JSON (and the axpy layout report, if given)."""
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"), "repeat": repeat}
+    doc: dict[str, Any] = {"machine": machine, "notes": list(notes), "rows": [r._asdict() for r in rows]}
+    if layouts is not None:
+        import torch
+
+        machine["torch_threads"] = torch.get_num_threads()
+        doc["axpy_layouts"] = [r._asdict() for r in layouts]
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"machine": machine, "notes": list(notes), "rows": [r._asdict() for r in rows]}, f, indent=2)
+        json.dump(doc, f, indent=2)
+
+
+def run_axpy_layouts(total: str | int = "10m", counts: Sequence[int] = AXPY_LAYOUTS, repeat: int = 5,
+                     seed: int = 0, device: str = "cpu") -> list[LayoutRow]:
+    """Time in-place/out-of-place axpy on ``total`` float32 torch parameters split into ``counts`` equal tensors.
+
+    Per layout, every method in `AXPY_METHODS` is called once to warm up, then
+    ``repeat`` rounds each call every method once (the order rotating from round to
+    round), so the limit — one ``add_`` on a flat buffer of the same size — is measured
+    under the same load as the methods it is compared with.
+    """
+    import torch
+
+    n = parse_size(total) if isinstance(total, str) else int(total)
+    bad = [k for k in counts if not 1 <= k <= n]
+    if bad:
+        raise ConfigError(f"tensor counts {bad} are not between 1 and the {n} parameters")
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for k in counts:
+        rows.extend(_time_layout(k, n // k, repeat, gen, device, sync))
+    return rows
+
+
+def _time_layout(k: int, size: int, repeat: int, gen: Any, device: str, sync: Callable[[], None]) -> list[LayoutRow]:
+    import torch
+
+    from . import flatten, fused_axpy, fused_axpy_
+
+    def separate() -> list[Any]:
+        return [torch.randn(size, generator=gen).to(device) for _ in range(k)]
+
+    scale = 1e-3
+    flat_p, flat_d = (torch.randn(k * size, generator=gen).to(device) for _ in range(2))
+    params, direction = separate(), separate()
+    fparams, fdirection = flatten(separate()), flatten(separate())
+    calls: dict[str, Callable[[], Any]] = {
+        AXPY_METHODS[0]: lambda: flat_p.add_(flat_d, alpha=scale),
+        AXPY_METHODS[1]: lambda: fused_axpy_(fparams, fdirection, scale),
+        AXPY_METHODS[2]: lambda: fused_axpy_(params, direction, scale),
+        AXPY_METHODS[3]: lambda: fused_axpy(params, direction, scale),
+        AXPY_METHODS[4]: lambda: fused_axpy(fparams, fdirection, scale),
+        AXPY_METHODS[5]: lambda: [p.add_(d, alpha=scale) for p, d in zip(params, direction)],
+    }
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    sync()
+    order = list(calls)
+    for r in range(repeat):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            start = time.perf_counter()
+            calls[name]()
+            sync()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    limit = samples[AXPY_METHODS[0]]
+    rows = []
+    for name, times in samples.items():
+        ratios = tuple(t / lim for t, lim in zip(times, limit))
+        rows.append(LayoutRow(k, size, name, statistics.median(times), statistics.median(ratios),
+                              tuple(times), ratios))
+    return rows
+
+
+def format_layouts(rows: Sequence[LayoutRow]) -> str:
+    """The layout report as an aligned text table."""
+    header = ("layout", "method", "median ms", "vs limit")
+    lines = [header] + [(f"{r.tensors} x {_human(r.elements)}", r.method, f"{r.median_ms:.3f}",
+                         f"{r.median_ratio:.2f}x") for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
 
 
 def _inputs(n: int, seed: int) -> dict[str, tuple[Any, ...]]:
