@@ -11,7 +11,7 @@ import array_api_compat
 from .._backend import library_name
 from .._errors import BackendError, BatchError
 
-__all__ = ["check_like_parameters", "library_problem"]
+__all__ = ["check_batch_array", "check_like_parameters", "library_problem"]
 
 _LAYOUT_HINT = "Pass one array per parameter, in model.parameters() order, with their shapes and dtype."
 
@@ -25,6 +25,17 @@ def library_problem(xp: ModuleType, value: Any) -> str | None:
     if got is not xp:
         return f"is a {library_name(got)} array but the model's parameters are {library_name(xp)} arrays"
     return None
+
+
+def check_batch_array(xp: ModuleType, array: Any, what: str, parameter: Any) -> None:
+    """`BackendError` unless the batch's ``array`` is of namespace ``xp`` on ``parameter``'s device."""
+    problem = library_problem(xp, array)
+    if problem:
+        raise BackendError(f"batch {what} {problem}", f"Convert the batch to {library_name(xp)} arrays first.")
+    here, there = array_api_compat.device(array), array_api_compat.device(parameter)
+    if here != there:
+        raise BackendError(f"batch {what} is on device {here}; the model's parameters are on {there}",
+                           f"Move the batch to {there}.")
 
 
 def check_like_parameters(

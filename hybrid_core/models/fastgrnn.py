@@ -11,8 +11,8 @@ import array_api_compat
 import numpy as np
 
 from .._backend import as_namespace, from_numpy, library_name
-from .._errors import BackendError, BatchError, ConfigError
-from ._checks import check_like_parameters, library_problem
+from .._errors import BatchError, ConfigError
+from ._checks import check_batch_array, check_like_parameters
 
 __all__ = ["FastGRNN"]
 
@@ -271,14 +271,7 @@ class FastGRNN:
                              f"Cast x to {self.dtype} (or build the FastGRNN with dtype={x.dtype}).")
 
     def _check_array(self, a: Any, what: str) -> None:
-        problem = library_problem(self._xp, a)
-        lib = library_name(self._xp)
-        if problem:
-            raise BackendError(f"batch {what} {problem}", f"Convert the batch to {lib} arrays first.")
-        here, there = array_api_compat.device(a), array_api_compat.device(self._params[0])
-        if here != there:
-            raise BackendError(f"batch {what} is on device {here}; the model's parameters are on {there}",
-                               f"Move the batch to {there}.")
+        check_batch_array(self._xp, a, what, self._params[0])
 
 
 def _sigmoid(xp: ModuleType, a: Any) -> Any:
