@@ -22,7 +22,8 @@ import array_api_compat
 
 from . import _gru, _heads
 
-__all__ = ["Feedback", "Rollout", "mean_rollout", "quantile", "rollout", "staleness"]
+__all__ = ["EXTRA_INPUTS", "Feedback", "Holt", "Rollout", "holt_inputs", "mean_rollout", "quantile", "rollout",
+           "staleness"]
 
 
 class Feedback(NamedTuple):
@@ -33,6 +34,27 @@ class Feedback(NamedTuple):
     std: float
     bound: float
     stale_cap: int
+
+
+class Holt(NamedTuple):
+    """Holt's smoothed log-loss level and per-step trend after the last observed loss."""
+
+    level: float
+    trend: float
+
+
+EXTRA_INPUTS = 3
+"""Inputs after the feature slots: staleness, Holt's trend and the gap between Holt's forecast and the last loss."""
+
+TREND_HORIZON = 10.0
+"""Holt's trend is fed as its change over this many steps, in running target-scale units."""
+
+
+def holt_inputs(xp: ModuleType, stale: Any, trend: Any, gap: Any, scale: float, bound: float) -> Any:
+    """The extra input columns (…, 3) for staleness, Holt's raw trend and raw gap, standardised and clipped."""
+    trend_in = xp.clip(TREND_HORIZON * trend / scale, -bound, bound)
+    gap_in = xp.clip(gap / scale, -bound, bound)
+    return xp.stack([stale, trend_in, gap_in], axis=-1)
 
 
 class Rollout(NamedTuple):
@@ -48,27 +70,26 @@ def rollout(
     weights: list[Any],
     h0: Any,
     x: Any,
-    anchor: float,
+    holt: Holt,
     feedback: Feedback,
     target_scale: float,
     noise: Any,
 ) -> Rollout:
-    """Roll K = noise.shape[0] steps ahead after running the GRU from ``h0`` (E, 1, H) over ``x`` (T, D + 1).
+    """Roll K = noise.shape[0] steps ahead after running the GRU from ``h0`` (E, 1, H) over ``x`` (T, D + 3).
 
-    ``anchor`` is the current raw log-loss and ``noise`` (K, E, S, Z) the latent draws. Step k's
-    Δlog-loss is m·target_scale from the heads on the state after k inputs; the trend of sample s
-    is anchor + the cumulative sum of its Δs.
+    ``holt`` is the Holt state after the last observed loss and ``noise`` (K, E, S, Z) the latent
+    draws. Step k's log-loss is Holt's k-step forecast plus m·target_scale from the heads on the state
+    after k inputs: the network predicts the residual of Holt's forecast, not a step to be summed.
     """
     folded = _heads.fold(xp, *weights[4:])
-    advance = _feeder(xp, weights, feedback)
+    advance = _feeder(xp, weights, feedback, holt, target_scale)
     steps, members, samples = noise.shape[0], noise.shape[1], noise.shape[2]
     h = _warm_up(xp, weights, h0, x)
     h = xp.broadcast_to(h, (members, samples, h.shape[-1]))
-    log_loss = anchor
     trend, raw = [], []
     for k in range(steps):
         o = _heads.sample(xp, folded, h, noise[k, ...])
-        log_loss = log_loss + target_scale * o[..., 0]
+        log_loss = (holt.level + (k + 1) * holt.trend) + target_scale * o[..., 0]
         trend.append(log_loss)
         raw.append(o)
         if k + 1 < steps:
@@ -84,7 +105,7 @@ def mean_rollout(
     weights: list[Any],
     h0: Any,
     x: Any,
-    anchor: float,
+    holt: Holt,
     feedback: Feedback,
     target_scale: float,
     steps: int,
@@ -92,12 +113,11 @@ def mean_rollout(
     """The trend log-loss (K, E) of `rollout` with every latent at its prior mean, far cheaper."""
     _, _, _, _, w_p, b_p, w_o, b_o = weights
     w_mean, b_mean = _heads.mean_head(xp, w_p, b_p, w_o, b_o)
-    advance = _feeder(xp, weights, feedback)
+    advance = _feeder(xp, weights, feedback, holt, target_scale)
     h = _warm_up(xp, weights, h0, x)
-    log_loss = anchor
     trend = []
     for k in range(steps):
-        log_loss = log_loss + target_scale * (xp.matmul(h, w_mean) + b_mean)[..., 0]
+        log_loss = (holt.level + (k + 1) * holt.trend) + target_scale * (xp.matmul(h, w_mean) + b_mean)[..., 0]
         trend.append(log_loss)
         if k + 1 < steps:
             h = advance(h, log_loss, k + 1)
@@ -114,17 +134,29 @@ def _warm_up(xp: ModuleType, weights: list[Any], h0: Any, x: Any) -> Any:
     return h
 
 
-def _feeder(xp: ModuleType, weights: list[Any], feedback: Feedback) -> Callable[[Any, Any, int], Any]:
-    """advance(h, log_loss, k): one GRU step on a blank input carrying ``log_loss`` (E, B), k steps stale."""
+def _feeder(xp: ModuleType, weights: list[Any], feedback: Feedback, holt: Holt,
+            target_scale: float) -> Callable[[Any, Any, int], Any]:
+    """advance(h, log_loss, k): one GRU step on a blank input carrying ``log_loss`` (E, B), k steps stale.
+
+    The Holt inputs of a blank step: the trend of the last real step, and the gap between Holt's
+    forecast of the step being predicted and the fed-back log-loss.
+    """
     w_x, b, w_h, b_n = weights[:4]
-    w_slot, w_stale = w_x[:, feedback.index:feedback.index + 1, :], w_x[:, -1:, :]
+    dim = w_x.shape[1] - EXTRA_INPUTS
+    w_slot = w_x[:, feedback.index:feedback.index + 1, :]
+    w_stale, w_trend, w_gap = (w_x[:, dim + i:dim + i + 1, :] for i in range(EXTRA_INPUTS))
     # Clamping against 0-d arrays: the portable clip is a slow Python wrapper on NumPy.
     high = xp.asarray(feedback.bound, dtype=w_x.dtype, device=array_api_compat.device(w_x))
     low = -high
+    trend_in = min(max(TREND_HORIZON * holt.trend / target_scale, -feedback.bound), feedback.bound)
+    base = b + trend_in * w_trend
 
     def advance(h: Any, log_loss: Any, stale_steps: int) -> Any:
         fed_back = xp.minimum(xp.maximum((log_loss - feedback.mean) / feedback.std, low), high)
-        a = b + fed_back[..., None] * w_slot + staleness(stale_steps, feedback.stale_cap) * w_stale
+        ref = holt.level + (stale_steps + 1) * holt.trend
+        gap = xp.minimum(xp.maximum((ref - log_loss) / target_scale, low), high)
+        a = (base + fed_back[..., None] * w_slot + gap[..., None] * w_gap
+             + staleness(stale_steps, feedback.stale_cap) * w_stale)
         return _gru.step(xp, a, h, w_h, b_n)[0]
 
     return advance
