@@ -187,6 +187,7 @@ class OptaxOptimizer:
         self.transformation = transformation
         self._state = state
         self._fixed_lr = None if lr is None else float(lr)
+        self._host_lr: float | None = None  # host copy of a constant injected lr: reading it must not sync
         self._rule = _rule_for(state, model.treedef)
         self._xp = namespace_of(model.parameters(), what="the model's parameters")
         self._steps = 0
@@ -197,7 +198,13 @@ class OptaxOptimizer:
     def lr(self) -> float:
         """The learning rate (the injected hyperparameter, or the ``lr`` given at construction)."""
         node = injected_holding(self._state, "learning_rate")
-        return self._fixed_lr if node is None else float(node.hyperparams["learning_rate"])
+        if node is None:
+            return self._fixed_lr
+        if "learning_rate" in getattr(node, "hyperparams_states", {}):
+            return float(node.hyperparams["learning_rate"])  # a schedule moves it on the device
+        if self._host_lr is None:  # constant between `lr` sets and state loads: read it once
+            self._host_lr = float(node.hyperparams["learning_rate"])
+        return self._host_lr
 
     @lr.setter
     def lr(self, value: float) -> None:
@@ -212,6 +219,7 @@ class OptaxOptimizer:
         old = node.hyperparams["learning_rate"]
         hyper = {**node.hyperparams, "learning_rate": jnp.asarray(value, dtype=old.dtype)}
         self._state = replace_node(self._state, node, lambda n: n._replace(hyperparams=hyper))
+        self._host_lr = float(value)
 
     @property
     def opt_state(self) -> Any:
@@ -271,6 +279,7 @@ class OptaxOptimizer:
         last_update = self._arrays(state["last_update"], "last_update")
         last_grads = self._arrays(state["last_grads"], "last_grads")
         self._state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
+        self._host_lr = None
         self._steps, self._last_update, self._last_grads = steps, last_update, last_grads
 
     def _arrays(self, value: Any, name: str) -> list[jax.Array] | None:

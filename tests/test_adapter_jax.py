@@ -230,6 +230,34 @@ def test_lr_reads_and_writes_the_injected_learning_rate():
             opt.lr = bad
 
 
+def test_a_constant_lr_is_read_from_the_device_once_and_a_schedule_every_time():
+    model = ja.JaxModel(_mse, _params())
+    opt = ja.OptaxOptimizer(model, _injected(optax.adam, learning_rate=1e-3))
+    assert opt.lr == pytest.approx(1e-3)
+    _train(model, opt, 3)
+
+    def poke(optimizer, value):  # change the device value behind the adapter's back
+        node = ja.injected_holding(optimizer._state, "learning_rate")
+        hyper = {**node.hyperparams, "learning_rate": jnp.asarray(value, dtype=jnp.float32)}
+        optimizer._state = ja.replace_node(optimizer._state, node, lambda n: n._replace(hyperparams=hyper))
+
+    poke(opt, 0.5)
+    assert opt.lr == pytest.approx(1e-3)  # the host copy: no device read per step
+    opt.lr = 5e-4
+    assert opt.lr == 5e-4
+    poke(opt, 0.25)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.lr == pytest.approx(0.25)  # re-read once after a load
+    schedule = optax.linear_schedule(1e-3, 0.0, 10)
+    scheduled = ja.OptaxOptimizer(model, _injected(optax.adam, learning_rate=schedule))
+    _train(model, scheduled, 4)
+    # A schedule moves it on the device, so it is read every time (optax reports the value
+    # used by the last of the 4 updates).
+    assert scheduled.lr == pytest.approx(1e-3 * (1 - 3 / 10), rel=1e-5)
+    _train(model, scheduled, 1)
+    assert scheduled.lr == pytest.approx(1e-3 * (1 - 4 / 10), rel=1e-5)
+
+
 def test_lr_that_cannot_be_known_or_set_is_a_config_error():
     model = ja.JaxModel(_mse, _params())
     with pytest.raises(ConfigError, match="inject_hyperparams"):
