@@ -128,8 +128,9 @@ def test_folded_heads_sample_what_the_training_heads_compute():
 def test_is_a_dynamics_model_and_rejects_bad_arguments():
     assert isinstance(RSSMDynamics(**SMALL), DynamicsModel)
     with pytest.raises(ConfigError) as info:
-        RSSMDynamics(0, hidden=0, latent=1.5, lr=-1.0, clip=math.inf, seed=-1, log_loss_slot=3, tolerance=0)
-    assert len(info.value.problems) == 8 and "recovery" in str(info.value)
+        RSSMDynamics(0, hidden=0, latent=1.5, lr=-1.0, clip=math.inf, seed=-1, log_loss_slot=3, tolerance=0,
+                     train_every=0)
+    assert len(info.value.problems) == 9 and "recovery" in str(info.value)
     with pytest.raises(ConfigError, match="log_loss_slot"):
         RSSMDynamics(8, log_loss_slot=8)
     with pytest.raises(ConfigError, match="dtype"):
@@ -186,6 +187,44 @@ def test_longer_predictions_extend_shorter_ones():
     feed(dyn, feats, losses, stop=29)
     short, long = dyn.predict(feats[29], 4), dyn.predict(feats[29], 9)
     assert short.loss == long.loss[:4] and short.step_scale == long.step_scale[:4]
+
+
+def test_carries_holts_state_and_falls_back_to_it_where_members_disagree():
+    from hybrid_core import TrendDynamics
+
+    losses, _ = power_law(60, 0.03, seed=8)
+    feats = features_for(losses)
+    dyn, holt = RSSMDynamics(**SMALL), TrendDynamics()
+    feed(dyn, feats, losses)
+    feed(holt, feats, losses)
+    level, trend = dyn.state_dict()["holt"]
+    assert level == pytest.approx(holt.state_dict()["level"], abs=1e-12)
+    assert trend == pytest.approx(holt.state_dict()["trend"], abs=1e-12)
+    forecast = level + trend * np.arange(1, 6)
+    # Corrections of opposite signs cancel: the centre is Holt's forecast.
+    split = forecast + np.array([[0.1], [-0.1], [0.1], [-0.1]])
+    np.testing.assert_allclose(dyn._shrunk_centre(split), forecast, atol=1e-12)
+    # Members that agree keep their correction; a wider spread shrinks it further toward Holt.
+    agreed = forecast + np.full((4, 5), 0.2)
+    np.testing.assert_allclose(dyn._shrunk_centre(agreed), agreed[0], atol=1e-12)
+    near, far = (dyn._shrunk_centre(forecast + 0.2 + np.array([[d], [-d], [d], [-d]])) - forecast
+                 for d in (0.05, 0.2))
+    assert np.all(0.0 < far) and np.all(far < near) and np.all(near < 0.2)
+
+
+def test_training_every_other_step_carries_the_same_window_state():
+    losses, _ = power_law(40, 0.02, seed=9)
+    feats = features_for(losses)
+    every, other = RSSMDynamics(**SMALL, train_every=1), RSSMDynamics(**SMALL, train_every=2)
+    feed(every, feats, losses, stop=26)
+    feed(other, feats, losses, stop=26)
+    assert every.state_dict()["adam_step"] == 26 and other.state_dict()["adam_step"] == 13
+    # Step 26 did not train: the carried state before the window was still moved on, by one GRU step.
+    state = other.state_dict()
+    x = other._real_inputs(state["history"]["features"][:1], state["history"]["level"][:1],
+                           state["history"]["trend"][:1])
+    expected = _rollout.warm_up(as_namespace(np), state["weights"], state["h_start"], x)
+    np.testing.assert_allclose(state["h_after_first"], expected, rtol=1e-6, atol=1e-7)
 
 
 # --- properties ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ size H and latent size Z:
 
 - prior: [μ, ρ] = h·Wp + bp, log σ_z = 2·tanh(ρ/2) (σ_z in (e⁻², e²)), and the
   latent z = μ + σ_z·ε by the reparameterisation trick (ε ~ N(0, 1) given);
-- outputs: o = [h, z]·Wo + bo, read as the Δlog-loss mean m = o₀ (in units of
-  the running target scale), its log-std ℓ = L·tanh(o₁/L) with L =
+- outputs: o = [h, z]·Wo + bo, read as the target mean m = o₀ (the residual of
+  Holt's log-loss forecast, in units of the running target scale), its log-std ℓ = L·tanh(o₁/L) with L =
   `LOG_STD_BOUND`, and the step scale s = 2·σ(o₂) in (0, 2).
 
 The tanh bounds keep exp(·) finite for any weights without clipping gradients away.
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 LOG_STD_BOUND = 4.0
-"""|log-std| of the Δlog-loss head, in units of the running target scale, stays below this."""
+"""|log-std| of the target head, in units of the running target scale, stays below this."""
 
 
 class HeadOutputs(NamedTuple):
@@ -75,7 +75,7 @@ def forward(xp: ModuleType, states: Any, eps: Any, w_p: Any, b_p: Any, w_o: Any,
 
 
 def log_std(xp: ModuleType, o: Any) -> Any:
-    """The Δlog-loss log-std read from raw outputs ``o`` (…, 3)."""
+    """The target log-std read from raw outputs ``o`` (…, 3)."""
     return LOG_STD_BOUND * xp.tanh(o[..., 1] / LOG_STD_BOUND)
 
 
@@ -143,6 +143,6 @@ def backward(
 
 
 def mean_head(xp: ModuleType, w_p: Any, b_p: Any, w_o: Any, b_o: Any) -> tuple[Any, Any]:
-    """(w, c) with m = h·w + c the Δlog-loss mean at z = μ: the heads are linear in z, so this is E_z[m]."""
+    """(w, c) with m = h·w + c the target mean at z = μ: the heads are linear in z, so this is E_z[m]."""
     folded, latent = fold(xp, w_p, b_p, w_o, b_o), w_p.shape[2] // 2
     return folded.w[..., latent:latent + 1], folded.c[..., latent:latent + 1]

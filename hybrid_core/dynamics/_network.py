@@ -4,7 +4,7 @@ Weights come in the fixed order of `WEIGHT_NAMES`, each with the ensemble as a
 leading axis E (biases are (E, 1, k) so every array is 3-D). On a window of T
 steps from a given GRU state h0, member e minimises
 
-    Lₑ = (1/T)·Σₜ wₑₜ·[ ½((yₜ − mₜ)/σₜ)² + log σₜ            (Gaussian NLL of Δlog-loss)
+    Lₑ = (1/T)·Σₜ wₑₜ·[ ½((yₜ − mₜ)/σₜ)² + log σₜ            (Gaussian NLL of the target)
                        + κ·maskₜ·(sₜ − s*ₜ)²                  (step scale, observed targets only)
                        + β·Σⱼ KL(N(μₜⱼ, σ_zₜⱼ²) ‖ N(0, 1)) ]  (keeps the latent a calibrated noise source)
 
