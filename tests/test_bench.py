@@ -133,3 +133,28 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_target():
     run = RunResult(0, "hybrid", 0.1, curve=curve)
     assert time_to_target(run, 0.7) == (2.0, 20)
     assert time_to_target(run, 0.4) is None
+
+
+def test_the_hybrid_run_uses_the_chosen_dynamics_model(tmp_path, monkeypatch):
+    from hybrid_core import HybridTrainer
+    from hybrid_core._baseline import TrendDynamics
+    from hybrid_core.dynamics import RSSMDynamics
+
+    seen = []
+    original = HybridTrainer.__init__
+
+    def spy(self, model, optimizer, config=None, dynamics=None):
+        original(self, model, optimizer, config, dynamics)
+        seen.append(type(self.dynamics))
+
+    monkeypatch.setattr(HybridTrainer, "__init__", spy)
+    short = HybridConfig(warmup_steps=10, min_full_steps=10, max_predict_steps=10, horizon_arms=(0, 5, 10))
+    monkeypatch.setitem(TASKS, "digits-mlp", dataclasses.replace(TASKS["digits-mlp"], config=short))
+    for name, cls in (("rssm", RSSMDynamics), ("trend", TrendDynamics)):
+        seen.clear()
+        out = tmp_path / f"{name}.json"
+        args = ["bench", "--task", "digits-mlp", "--backend", "numpy", "--seeds", "1", "--steps", "30", "--quiet",
+                "--dynamics", name, "--out", str(out)]
+        assert main(args) == 0
+        assert json.loads(out.read_text())["dynamics"] == name
+        assert seen and set(seen) == {cls}  # the timed run, the overhead probe and the traced run

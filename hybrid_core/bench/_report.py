@@ -51,7 +51,8 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def summarize(results: list[RunResult], task: str, backend: str, steps: int, command: str) -> dict[str, Any]:
+def summarize(results: list[RunResult], task: str, backend: str, steps: int, command: str,
+              dynamics: str = "trend") -> dict[str, Any]:
     """The benchmark document: every run, per-seed comparisons and their median and min–max."""
     seeds = sorted({r.seed for r in results})
     per_seed = []
@@ -102,6 +103,7 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
         "steps": steps,
         "seeds": seeds,
         "command": command,
+        "dynamics": dynamics,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "library": __version__},
         "summary": summary,

@@ -13,10 +13,14 @@ import numpy as np
 from .._config import HybridConfig
 from .._phase import Phase
 from .._progress import Progress
+from .._protocols import DynamicsModel
 from .._trainer import HybridTrainer
 from ._tasks import BenchTask, TaskSetup
 
-__all__ = ["LR_FACTORS", "RunResult", "run_benchmark"]
+__all__ = ["LR_FACTORS", "DynamicsFactory", "RunResult", "run_benchmark"]
+
+DynamicsFactory = Callable[[], DynamicsModel]
+"""Makes a fresh dynamics model for one hybrid run."""
 
 MEMORY_STEPS = 150
 """Length of the separate, untimed, traced runs that measure peak memory."""
@@ -60,9 +64,12 @@ class RunResult:
 
 
 def _run(setup: TaskSetup, kind: str, seed: int, lr: float, steps: int, eval_every: int,
-         config: HybridConfig | None, show: Progress | None, done: list[int], trace: bool = False) -> RunResult:
+         config: HybridConfig | None, show: Progress | None, done: list[int], trace: bool = False,
+         dynamics: DynamicsFactory | None = None) -> RunResult:
     result = RunResult(seed, kind, lr)
-    trainer = HybridTrainer(setup.model, setup.optimizer, config) if config is not None else None
+    trainer = None
+    if config is not None:
+        trainer = HybridTrainer(setup.model, setup.optimizer, config, None if dynamics is None else dynamics())
     times: dict[str, list[float]] = {}
     wall = 0.0
     backward = 0
@@ -110,7 +117,8 @@ def _run(setup: TaskSetup, kind: str, seed: int, lr: float, steps: int, eval_eve
     return result
 
 
-def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfig) -> dict[str, list[float]]:
+def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfig,
+                   dynamics: DynamicsFactory | None = None) -> dict[str, list[float]]:
     """Seconds per step of plain steps and of hybrid FULL steps, timed in alternating blocks.
 
     Two fresh runs of the same seed: plain steps, and a trainer with ``config`` except that it
@@ -121,7 +129,8 @@ def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfi
     plain = task.setup(backend, seed, task.lr)
     hybrid = task.setup(backend, seed, task.lr)
     trainer = HybridTrainer(hybrid.model, hybrid.optimizer,
-                            config.replace(confidence_threshold=1.0, max_full_steps=10**9))
+                            config.replace(confidence_threshold=1.0, max_full_steps=10**9),
+                            None if dynamics is None else dynamics())
 
     def plain_step(i: int) -> None:
         _, grads = plain.model.loss_and_grad(plain.batch(i))
@@ -159,8 +168,11 @@ def run_benchmark(
     progress: bool = True,
     lr_factors: Sequence[float] = LR_FACTORS,
     log: Callable[[str], None] | None = None,
+    dynamics: DynamicsFactory | None = None,
 ) -> list[RunResult]:
     """All runs of ``task`` on ``backend``: per seed the baseline, each tuned lr, and the hybrid.
+
+    ``dynamics`` makes the hybrid trainer's dynamics model (default: the trainer's own).
 
     Runs alternate their order from seed to seed so slow drifts of a shared machine
     do not always hit the same kind of run.
@@ -182,12 +194,13 @@ def run_benchmark(
             if log is not None:
                 log(f"seed {seed}: {kind} lr {lr:g}")
             setup = task.setup(backend, seed, lr)
-            results.append(_run(setup, kind, seed, lr, steps, task.eval_every, cfg, show, done))
+            results.append(_run(setup, kind, seed, lr, steps, task.eval_every, cfg, show, done,
+                                dynamics=dynamics))
         hybrid_run = next(r for r in results if r.seed == seed and r.kind == "hybrid")
-        hybrid_run.probe_seconds = overhead_probe(task, backend, seed, config)
+        hybrid_run.probe_seconds = overhead_probe(task, backend, seed, config, dynamics)
         for kind, cfg in (("baseline", None), ("hybrid", config)):
             traced = _run(task.setup(backend, seed, task.lr), kind, seed, task.lr, min(steps, MEMORY_STEPS),
-                          task.eval_every, cfg, None, [0], trace=True)
+                          task.eval_every, cfg, None, [0], trace=True, dynamics=dynamics)
             next(r for r in results if r.seed == seed and r.kind == kind).peak_bytes = traced.peak_bytes
     if show is not None:
         show.close()
