@@ -28,14 +28,14 @@ def _strict_flags(name):
 
 
 @pytest.mark.parametrize("name", NAMESPACES)
-def test_300_steps_visit_every_phase_and_skip_backward_passes(name):
+def test_300_steps_visit_every_phase_and_skip_backward_passes(name, dynamics=None):
     with namespace(name) as xp, _strict_flags(name):
         split = split_digits(seed=0)
         x = from_numpy(xp, split.x_train, dtype=xp.float64)
         y = from_numpy(xp, split.y_train)
         val = (from_numpy(xp, split.x_val, dtype=xp.float64), from_numpy(xp, split.y_val))
         model = MLP([64, 32, 10], xp=xp, dtype=xp.float64, seed=0)
-        trainer = HybridTrainer(model, Adam(model, lr=3e-3), SHORT)
+        trainer = HybridTrainer(model, Adam(model, lr=3e-3), SHORT, dynamics)
         start_val = float(to_numpy(model.loss(val)))
         summary = trainer.fit(_batches(xp, x, y, split.y_train.shape[0], 64, 0), 300, progress=False)
         end_val = float(to_numpy(model.loss(val)))
@@ -47,6 +47,13 @@ def test_300_steps_visit_every_phase_and_skip_backward_passes(name):
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     assert end_val < 0.5 * start_val
     assert all(np.all(np.isfinite(to_numpy(p))) for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
+def test_300_steps_with_the_rssm_visit_every_phase(name):
+    from hybrid_core.dynamics import RSSMDynamics
+
+    test_300_steps_visit_every_phase_and_skip_backward_passes(name, RSSMDynamics())
 
 
 def test_numpy_and_strict_runs_agree():
