@@ -32,7 +32,11 @@ class TrendDynamics:
     ``level_rate`` and ``trend_rate`` are Holt's α and β; ``tolerance`` is the
     log-space forecast error (≈ relative error) at which confidence falls to
     1/e; ``lookahead`` is the horizon whose forecasts are scored.
+
+    It reads only the loss, so the trainer need not encode features for `observe`.
     """
+
+    observes_features = False
 
     def __init__(
         self,

@@ -122,7 +122,12 @@ class Prediction(NamedTuple):
 
 @runtime_checkable
 class DynamicsModel(Protocol):
-    """Learns the loss trajectory from features and predicts the next steps."""
+    """Learns the loss trajectory from features and predicts the next steps.
+
+    A model whose `observe` ignores its ``features`` may set a class attribute
+    ``observes_features = False``: the trainer then skips encoding them on every real
+    step and passes zeros to `observe` (`predict` always gets the real features).
+    """
 
     def observe(self, features: Array, outcome: Outcome) -> None:
         """Learn from one real step: ``features`` before it, ``outcome`` after it."""

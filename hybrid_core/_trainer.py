@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from ._backend import library_name, namespace_of
 from ._bandit import LinUCBBandit
@@ -21,7 +22,7 @@ from ._corrector import ResidualCorrector, ResidualStore
 from ._cycle import PredictCycle, corrected
 from ._directions import make_direction
 from ._errors import CheckpointError, ConfigError, DivergenceError, ModelError
-from ._features import CONTEXT_NAMES, compact_context, encode_features
+from ._features import CONTEXT_NAMES, FEATURE_DIM, compact_context, encode_features
 from ._metrics import MetricsCollector, StepRecord
 from ._monitor import DivergenceMonitor, Level
 from ._persist import CheckpointPolicy, checkpoint_path, load_trainer, newest_checkpoint, save_trainer
@@ -34,6 +35,9 @@ from ._state import TrainingState
 from .kernels import fused_stats
 
 __all__ = ["HybridTrainer", "StepResult"]
+
+_NO_FEATURES = np.zeros(FEATURE_DIM)
+_NO_FEATURES.flags.writeable = False
 
 
 Callback = Callable[["HybridTrainer", StepResult], "bool | None"]
@@ -86,6 +90,7 @@ class HybridTrainer(PredictingMixin):
         self.optimizer = optimizer
         self.config = config
         self.dynamics = dynamics
+        self._observes_features = getattr(dynamics, "observes_features", True) is not False
         self.state = TrainingState(config.history_size)
         self.metrics = MetricsCollector(config.metrics_max_records)
         self.monitor = DivergenceMonitor(config.divergence_sigma, config.explode_ratio)
@@ -228,7 +233,10 @@ class HybridTrainer(PredictingMixin):
     # -- real steps ----------------------------------------------------------------------------
 
     def _real_step(self, batch: Any, current: PhaseState) -> tuple[StepResult, Signals]:
-        features = encode_features(self.state, current, self.config.max_predict_steps)
+        # Taken before the step, as `observe` expects; skipped for models that declare they
+        # ignore them (the encoder is a fair share of the bookkeeping on a tiny model).
+        features = (encode_features(self.state, current, self.config.max_predict_steps)
+                    if self._observes_features else _NO_FEATURES)
         cycle = self._cycle
         first_correct = current.phase is Phase.CORRECT and current.steps_in_phase == 0 and cycle is not None
         if first_correct:

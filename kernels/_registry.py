@@ -122,6 +122,9 @@ def register(cls: type[Kernel]) -> type[Kernel]:
     return cls
 
 
+_SELECTED: dict[tuple[Any, ...], type[Kernel]] = {}
+
+
 def select(op: str, xp: ModuleType | str, device: Any, dtype: Any = None, *,
            choice: str | None = None) -> type[Kernel]:
     """The implementation of ``op`` to use for arrays of namespace ``xp`` on ``device`` with ``dtype``.
@@ -131,15 +134,23 @@ def select(op: str, xp: ModuleType | str, device: Any, dtype: Any = None, *,
     """
     if op not in REGISTRY:
         raise ConfigError(f"unknown kernel op {op!r}; the ops are {', '.join(OPS)}")
-    choice, source = _choice(choice)
     backend = xp if isinstance(xp, str) else library_name(xp)
     kind = device_kind(backend, device)
     dt = dtype_name(dtype)
+    # This runs on every trainer step: remember what was chosen for the same question under
+    # the same environment (the only run-time inputs besides installed packages).
+    key = (op, choice, backend, kind, dt, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    cached = _SELECTED.get(key)
+    if cached is not None:
+        return cached
+    choice, source = _choice(choice)
     forced = choice != "auto"
     rejections = []
     for impl in REGISTRY[op]:
         reason = impl.rejection(backend, kind, dt, forced=forced and impl.name == choice)
         if reason is None and (not forced or impl.name == choice):
+            if len(_SELECTED) < 256:
+                _SELECTED[key] = impl
             return impl
         rejections.append(f"{impl.name}: {reason or f'can run, but {source} forces {choice}'}")
     where = f"{backend} arrays on {kind}" + (f" ({dt})" if dt else "")

@@ -249,3 +249,32 @@ def test_python_float_loss_is_a_backend_error():
     model.loss_and_grad = lambda batch: (0.5, [np.zeros(3), np.zeros(1)])
     with pytest.raises(BackendError, match="not an array"):
         trainer.step((x, y))
+
+
+class _Recorder(Oracle):
+    def __init__(self, observes):
+        super().__init__()
+        if observes is not None:
+            self.observes_features = observes
+        self.seen, self.predicted_from = [], []
+
+    def observe(self, features, outcome):
+        self.seen.append(np.array(features))
+
+    def predict(self, features, horizon):
+        self.predicted_from.append(np.array(features))
+        return super().predict(features, horizon)
+
+
+@pytest.mark.parametrize("observes", [None, True, False])
+def test_features_are_encoded_for_observe_unless_the_model_declares_it_ignores_them(observes):
+    dynamics = _Recorder(observes)
+    trainer, _ = _trainer(dynamics=dynamics)
+    batches = regression_batches(np)
+    for _ in range(40):
+        trainer.step(next(batches))
+    assert dynamics.seen and dynamics.predicted_from
+    assert all(f.shape == (64,) for f in dynamics.seen)
+    zeros = [not f.any() for f in dynamics.seen]
+    assert all(zeros) if observes is False else not any(zeros)
+    assert all(f.any() for f in dynamics.predicted_from)  # predict always gets the real features
