@@ -74,7 +74,14 @@ def foreach_stats(loss: Tensor, grads: Sequence[Tensor], updates: Sequence[Tenso
     if not gs:
         return torch.stack([loss.reshape(()), zero, zero, zero, zero, zero])
     grad_sq = torch.stack(torch._foreach_norm(gs)).square().sum()
-    grad_max = torch.stack(torch._foreach_norm(gs, float("inf"))).max()
+    if gs[0].device.type == "cpu":
+        # foreach's inf-norm takes a slow path on CPU (~0.4 ms for 30 small tensors); one
+        # aminmax per tensor is ~5x cheaper. NaN propagates through both, as it must.
+        lows_highs = [torch.aminmax(g) for g in gs]
+        grad_max = torch.maximum(torch.stack([lo for lo, _ in lows_highs]).neg().max(),
+                                 torch.stack([hi for _, hi in lows_highs]).max())
+    else:
+        grad_max = torch.stack(torch._foreach_norm(gs, float("inf"))).max()
     update_sq = dot = zero
     if updates is not None:
         us = [_as(updates[i], dtype) for i in keep]
