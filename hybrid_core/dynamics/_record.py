@@ -22,7 +22,7 @@ import numpy as np
 
 from .._baseline import TrendDynamics
 from .._config import HybridConfig
-from .._errors import ConfigError
+from .._errors import CheckpointError, ConfigError
 from .._features import FEATURE_DIM, LOG_LOSS_SLOT
 from .._progress import Progress
 from .._protocols import DynamicsModel, Outcome, Prediction
@@ -97,7 +97,9 @@ class _Recorder:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if state:  # a recorder keeps nothing worth resuming: only its own empty state fits
+            raise CheckpointError("a recording dynamics model has no state to load",
+                                  "Record a trajectory in one run; do not resume it from a checkpoint.")
 
 
 def record_trajectory(task: str, steps: int, seed: int = 0, *, progress: bool = True) -> Trajectory:

@@ -8,10 +8,10 @@ from typing import Any
 
 import array_api_compat
 
-from .._backend import library_name
-from .._errors import BackendError, BatchError
+from .._backend import from_numpy, library_name
+from .._errors import BackendError, BatchError, ConfigError
 
-__all__ = ["check_batch_array", "check_like_parameters", "library_problem"]
+__all__ = ["check_batch_array", "check_like_parameters", "library_problem", "parameters_from_host"]
 
 _LAYOUT_HINT = "Pass one array per parameter, in model.parameters() order, with their shapes and dtype."
 
@@ -25,6 +25,25 @@ def library_problem(xp: ModuleType, value: Any) -> str | None:
     if got is not xp:
         return f"is a {library_name(got)} array but the model's parameters are {library_name(xp)} arrays"
     return None
+
+
+def parameters_from_host(xp: ModuleType, host: Sequence[Any], dtype: Any, device: Any) -> list[Any]:
+    """NumPy initial values as ``xp`` parameters of ``dtype`` on ``device``; `ConfigError` if they cannot be."""
+    lib = library_name(xp)
+    try:
+        params = [from_numpy(xp, a, dtype=dtype, device=device) for a in host]
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"dtype={dtype!r}, device={device!r}: {lib} cannot make parameters with them ({exc})",
+            f"Pass a floating dtype and a device of {lib} (or leave both at None).",
+        ) from exc
+    got = params[0].dtype
+    if not xp.isdtype(got, "real floating") or got != dtype:
+        raise ConfigError(
+            f"dtype={dtype!r}: {lib} made {got} parameters; a real floating dtype is needed",
+            "Pass e.g. xp.float32 or xp.float64 (JAX needs jax_enable_x64 for float64).",
+        )
+    return params
 
 
 def check_batch_array(xp: ModuleType, array: Any, what: str, parameter: Any) -> None:

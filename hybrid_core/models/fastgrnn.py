@@ -10,9 +10,9 @@ from typing import Any, final
 import array_api_compat
 import numpy as np
 
-from .._backend import as_namespace, from_numpy, library_name
+from .._backend import as_namespace, library_name
 from .._errors import BatchError, ConfigError
-from ._checks import check_batch_array, check_like_parameters
+from ._checks import check_batch_array, check_like_parameters, parameters_from_host
 
 __all__ = ["FastGRNN"]
 
@@ -71,7 +71,6 @@ class FastGRNN:
         self._params = self._initial_parameters(seed, self._xp.float32 if dtype is None else dtype, device)
 
     def _initial_parameters(self, seed: int, dtype: Any, device: Any) -> list[Any]:
-        xp, lib = self._xp, library_name(self._xp)
         d, h = self._settings["input_size"], self._settings["hidden_size"]
         rw, ru = self._settings["w_rank"], self._settings["u_rank"]
         rng = np.random.default_rng(seed)
@@ -79,20 +78,7 @@ class FastGRNN:
                 for fan_in, shape in ((d, (d, rw)), (rw, (rw, h)), (h, (h, ru)), (ru, (ru, h)))]
         host += [np.ones(h), np.zeros(h), np.ones(1), np.full(1, -4.0), rng.normal(0.0, 1.0 / math.sqrt(h), h),
                  np.zeros(1)]
-        try:
-            params = [from_numpy(xp, a, dtype=dtype, device=device) for a in host]
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(
-                f"dtype={dtype!r}, device={device!r}: {lib} cannot make parameters with them ({exc})",
-                f"Pass a floating dtype and a device of {lib} (or leave both at None).",
-            ) from exc
-        got = params[0].dtype
-        if not xp.isdtype(got, "real floating") or got != dtype:
-            raise ConfigError(
-                f"dtype={dtype!r}: {lib} made {got} parameters; a real floating dtype is needed",
-                "Pass e.g. xp.float32 or xp.float64 (JAX needs jax_enable_x64 for float64).",
-            )
-        return params
+        return parameters_from_host(self._xp, host, dtype, device)
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from typing import Any, final
 import array_api_compat
 import numpy as np
 
-from .._backend import as_namespace, from_numpy, library_name
+from .._backend import as_namespace, library_name
 from .._errors import BatchError, ConfigError
-from ._checks import check_batch_array, check_like_parameters
+from ._checks import check_batch_array, check_like_parameters, parameters_from_host
 
 __all__ = ["MLP"]
 
@@ -61,26 +61,11 @@ class MLP:
         self._params = self._initial_parameters(seed, self._xp.float32 if dtype is None else dtype, device)
 
     def _initial_parameters(self, seed: int, dtype: Any, device: Any) -> list[Any]:
-        xp, lib = self._xp, library_name(self._xp)
         rng = np.random.default_rng(seed)
-        params = []
-        try:
-            for fan_in, fan_out in itertools.pairwise(self._sizes):
-                w = rng.normal(0.0, 1.0 / math.sqrt(fan_in), size=(fan_in, fan_out))
-                params += [from_numpy(xp, w, dtype=dtype, device=device),
-                           from_numpy(xp, np.zeros(fan_out), dtype=dtype, device=device)]
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(
-                f"dtype={dtype!r}, device={device!r}: {lib} cannot make parameters with them ({exc})",
-                f"Pass a floating dtype and a device of {lib} (or leave both at None).",
-            ) from exc
-        got = params[0].dtype
-        if not xp.isdtype(got, "real floating") or got != dtype:
-            raise ConfigError(
-                f"dtype={dtype!r}: {lib} made {got} parameters; a real floating dtype is needed",
-                "Pass e.g. xp.float32 or xp.float64 (JAX needs jax_enable_x64 for float64).",
-            )
-        return params
+        host = []
+        for fan_in, fan_out in itertools.pairwise(self._sizes):
+            host += [rng.normal(0.0, 1.0 / math.sqrt(fan_in), size=(fan_in, fan_out)), np.zeros(fan_out)]
+        return parameters_from_host(self._xp, host, dtype, device)
 
     @property
     def sizes(self) -> tuple[int, ...]:
