@@ -14,7 +14,6 @@ import numpy as np
 
 from ._backend import library_name, namespace_of
 from ._bandit import LinUCBBandit
-from ._baseline import TrendDynamics
 from ._checks import call_model, check_loss_and_grads, read_host, require_protocol
 from ._codec import DEFAULT_MAX_BYTES
 from ._config import HybridConfig
@@ -32,6 +31,7 @@ from ._progress import Progress
 from ._protocols import Array, DynamicsModel, Model, Optimizer, Outcome
 from ._result import StepResult
 from ._state import TrainingState
+from .dynamics._rssm import RSSMDynamics
 from .kernels import fused_stats
 
 __all__ = ["HybridTrainer", "StepResult"]
@@ -48,7 +48,9 @@ class HybridTrainer(PredictingMixin):
     """Trains ``model`` with ``optimizer``, predicting some steps instead of computing them.
 
     Real steps (WARMUP, FULL, CORRECT) run forward + backward + optimizer step and
-    teach ``dynamics`` the loss trajectory. In FULL a LinUCB bandit picks the next
+    teach ``dynamics`` the loss trajectory (default: `RSSMDynamics` seeded with
+    ``config.seed``; `TrendDynamics` is the cheaper choice for models whose step
+    takes well under a few milliseconds, see docs/dynamics.md). In FULL a LinUCB bandit picks the next
     PREDICT horizon, 0 (keep training normally) included. A PREDICT step runs no
     backward pass: it applies ``step_scale · direction`` (the optimizer's predicted
     next update, or a line fitted through parameter snapshots) and every
@@ -74,7 +76,7 @@ class HybridTrainer(PredictingMixin):
             raise ConfigError(f"config must be a HybridConfig, got {type(config).__name__}")
         require_protocol(model, Model, "model")
         require_protocol(optimizer, Optimizer, "optimizer")
-        dynamics = TrendDynamics() if dynamics is None else dynamics
+        dynamics = RSSMDynamics(seed=config.seed) if dynamics is None else dynamics
         require_protocol(dynamics, DynamicsModel, "dynamics")
         params = list(model.parameters())
         if not params:

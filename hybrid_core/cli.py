@@ -63,11 +63,10 @@ def _bench(args: argparse.Namespace) -> int:
         f"--steps {args.steps or task.steps} --dynamics {args.dynamics}")
     print(f"{task.name}: {task.description}; backend {args.backend}; baseline, tuned baseline "
           f"(lr x0.5/x1/x2/x4) and hybrid, {len(seeds)} seed(s), one process", flush=True)
-    dynamics = None
-    if args.dynamics == "rssm":
-        from .dynamics import RSSMDynamics
+    from ._baseline import TrendDynamics
 
-        dynamics = RSSMDynamics
+    # None: the trainer's default, RSSMDynamics seeded with the run's seed.
+    dynamics = TrendDynamics if args.dynamics == "trend" else None
     results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet, dynamics=dynamics)
     doc = summarize(results, task.name, args.backend, args.steps or task.steps, command, args.dynamics)
     print(format_table(doc))
@@ -152,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", default="numpy")
     bench.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (task default)")
     bench.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (task default)")
-    bench.add_argument("--dynamics", choices=["trend", "rssm"], default="trend",
-                       help="the hybrid run's dynamics model (default: trend, the trainer's default)")
+    bench.add_argument("--dynamics", choices=["rssm", "trend"], default="rssm",
+                       help="the hybrid run's dynamics model (default: rssm, the trainer's default)")
     bench.add_argument("--out", metavar="JSON")
     bench.add_argument("--plot", metavar="PNG")
     bench.add_argument("--quiet", action="store_true")

@@ -7,7 +7,7 @@ from hybrid_core import HybridConfig, HybridTrainer, Phase
 from hybrid_core.data import split_digits
 
 CONFIG = HybridConfig(warmup_steps=50, min_full_steps=25, max_predict_steps=30, horizon_arms=(0, 10, 30),
-                      check_interval=5, correct_steps=5, confidence_threshold=0.3)
+                      check_interval=5, correct_steps=5, confidence_threshold=0.1)
 
 
 def _batches(seed=0):

@@ -49,11 +49,19 @@ def test_300_steps_visit_every_phase_and_skip_backward_passes(name, dynamics=Non
     assert all(np.all(np.isfinite(to_numpy(p))) for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
-def test_300_steps_with_the_rssm_visit_every_phase(name):
+def test_the_default_dynamics_model_is_the_rssm_seeded_by_the_config():
     from hybrid_core.dynamics import RSSMDynamics
 
-    test_300_steps_visit_every_phase_and_skip_backward_passes(name, RSSMDynamics())
+    model = MLP([64, 8, 10], seed=0)
+    trainer = HybridTrainer(model, Adam(model, lr=1e-3), HybridConfig(seed=7))
+    assert type(trainer.dynamics) is RSSMDynamics and trainer.dynamics.state_dict()["config"]["seed"] == 7
+
+
+@pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
+def test_300_steps_with_the_baseline_dynamics_visit_every_phase(name):
+    from hybrid_core import TrendDynamics
+
+    test_300_steps_visit_every_phase_and_skip_backward_passes(name, TrendDynamics())
 
 
 def test_numpy_and_strict_runs_agree():

@@ -58,19 +58,19 @@ def feed(dyn, feats, losses, start=0, stop=None):
 
 # --- gradients ---------------------------------------------------------------------------------------------
 
-def _problem(seed=0, ensemble=2, inputs=6, hidden=4, latent=3, steps=5):
-    """Random float64 weights and a random window, big enough to leave the linear regime of every unit."""
+def _problem(seed=0, ensemble=2, inputs=6, hidden=4, latent=3, steps=5, windows=3):
+    """Random float64 weights and random windows, big enough to leave the linear regime of every unit."""
     rng = np.random.default_rng(seed)
     weights = [w * 3.0 + rng.normal(0.0, 0.3, w.shape)
                for w in _network.initial_weights(rng, ensemble, inputs, hidden, latent)]
     batch = _network.WindowBatch(
-        h0=rng.normal(0.0, 0.5, (ensemble, 1, hidden)),
-        x=rng.normal(0.0, 1.0, (steps, inputs)),
-        target=rng.normal(0.0, 1.0, steps),
-        scale_target=rng.uniform(0.0, 2.0, steps),
-        scale_mask=(rng.random(steps) < 0.6).astype(np.float64),
-        weight=rng.poisson(1.0, (ensemble, steps)).astype(np.float64) + 0.5,
-        eps=rng.normal(0.0, 1.0, (ensemble, steps, latent)),
+        h0=rng.normal(0.0, 0.5, (ensemble, windows, hidden)),
+        x=rng.normal(0.0, 1.0, (steps, windows, inputs)),
+        target=rng.normal(0.0, 1.0, (steps, windows)),
+        scale_target=rng.uniform(0.0, 2.0, (steps, windows)),
+        scale_mask=(rng.random((steps, windows)) < 0.6).astype(np.float64),
+        weight=rng.poisson(1.0, (ensemble, steps, windows)).astype(np.float64) + 0.5,
+        eps=rng.normal(0.0, 1.0, (ensemble, steps, windows, latent)),
     )
     return weights, batch
 
@@ -79,11 +79,11 @@ def _relative_error(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(a), np.linalg.norm(b), 1e-300)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_gradients_match_central_finite_differences(seed):
+@pytest.mark.parametrize(("seed", "windows"), [(0, 3), (1, 1)])
+def test_gradients_match_central_finite_differences(seed, windows):
     xp = as_namespace(np)
-    weights, batch = _problem(seed)
-    _, grads, _ = _network.loss_and_grads(xp, weights, batch)
+    weights, batch = _problem(seed, windows=windows)
+    _, grads = _network.loss_and_grads(xp, weights, batch)
     step = 1e-6
     for name, w, g in zip(_network.WEIGHT_NAMES, weights, grads, strict=True):
         numeric = np.zeros_like(w)
@@ -100,8 +100,8 @@ def test_gradients_match_central_finite_differences(seed):
 def test_gradients_match_torch_autograd():
     import torch
 
-    weights, batch = _problem(seed=2, ensemble=3, inputs=7, hidden=5, latent=2, steps=6)
-    _, grads, _ = _network.loss_and_grads(as_namespace(np), weights, batch)
+    weights, batch = _problem(seed=2, ensemble=3, inputs=7, hidden=5, latent=2, steps=6, windows=4)
+    _, grads = _network.loss_and_grads(as_namespace(np), weights, batch)
     tensors = [torch.tensor(w, requires_grad=True) for w in weights]
     torch_batch = _network.WindowBatch(*(torch.tensor(v) for v in batch))
     _network.loss(as_namespace(torch), tensors, torch_batch).backward()
@@ -112,14 +112,15 @@ def test_gradients_match_torch_autograd():
 def test_folded_heads_sample_what_the_training_heads_compute():
     xp = as_namespace(np)
     weights, batch = _problem(seed=3)
-    h = np.random.default_rng(3).normal(0.0, 1.0, (*batch.eps.shape[:2], weights[2].shape[1]))
-    out = _heads.forward(xp, h, batch.eps, *weights[4:]).out
-    raw = _heads.sample(xp, _heads.fold(xp, *weights[4:]), h, batch.eps)
+    eps = batch.eps[:, :, 0, :]
+    h = np.random.default_rng(3).normal(0.0, 1.0, (*eps.shape[:2], weights[2].shape[1]))
+    out = _heads.forward(xp, h, eps, *weights[4:]).out
+    raw = _heads.sample(xp, _heads.fold(xp, *weights[4:]), h, eps)
     np.testing.assert_allclose(raw[..., 0], out.mean, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(_heads.log_std(xp, raw), out.log_std, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(_heads.step_scale(xp, raw), out.scale, rtol=1e-12, atol=1e-12)
     w_mean, b_mean = _heads.mean_head(xp, *weights[4:])
-    at_mean = _heads.forward(xp, h, np.zeros_like(batch.eps), *weights[4:]).out.mean
+    at_mean = _heads.forward(xp, h, np.zeros_like(eps), *weights[4:]).out.mean
     np.testing.assert_allclose((h @ w_mean + b_mean)[..., 0], at_mean, rtol=1e-12, atol=1e-12)
 
 
@@ -151,21 +152,38 @@ def test_non_finite_or_non_positive_losses_are_skipped():
     assert after["seen"] == 0 and after["rng"] == before["rng"]
 
 
-def test_confidence_is_cached_until_the_next_observe(monkeypatch):
-    losses, _ = power_law(40, 0.02, seed=0)
+def test_confidence_does_no_array_work_and_is_cached_until_the_next_observe(monkeypatch):
+    losses, _ = power_law(80, 0.02, seed=0)
     feats = features_for(losses)
-    dyn = RSSMDynamics(**SMALL)
-    feed(dyn, feats, losses, stop=30)
+    dyn = RSSMDynamics(**SMALL, train_every=8, windows=2)
+    feed(dyn, feats, losses, stop=64)
     calls = []
     real = _rollout.mean_rollout
     monkeypatch.setattr(_rollout, "mean_rollout", lambda *a: calls.append(1) or real(*a))
     first = dyn.confidence()
-    assert dyn.confidence() == first and dyn.predict(feats[30], 5).confidence == first
-    assert len(calls) == 1
-    feed(dyn, feats, losses, start=30, stop=31)
-    dyn.confidence()
-    dyn.confidence()
-    assert len(calls) == 2
+    assert 0.0 < first <= 1.0
+    assert dyn.confidence() == first and dyn.predict(feats[64], 5).confidence == first and not calls
+    # One 10-step forecast every 10th observe serves both confidence factors.
+    for t in range(64, 80):
+        feed(dyn, feats, losses, start=t, stop=t + 1)
+        dyn.confidence()
+        assert len(calls) == (t + 1) // 10 - 6
+    assert dyn.state_dict()["adam_step"] == 10
+
+
+def test_windows_batched_into_one_step_average_their_losses_and_gradients():
+    xp = as_namespace(np)
+    weights, batch = _problem(seed=4, windows=3)
+    total, grads = _network.loss_and_grads(xp, weights, batch)
+    singles = []
+    for b in range(3):
+        one = _network.WindowBatch(batch.h0[:, b:b + 1], batch.x[:, b:b + 1], batch.target[:, b:b + 1],
+                                   batch.scale_target[:, b:b + 1], batch.scale_mask[:, b:b + 1],
+                                   batch.weight[:, :, b:b + 1], batch.eps[:, :, b:b + 1])
+        singles.append(_network.loss_and_grads(xp, weights, one))
+    assert float(total) == pytest.approx(np.mean([float(t) for t, _ in singles]), rel=1e-12)
+    for i, g in enumerate(grads):
+        np.testing.assert_allclose(g, np.mean([s[1][i] for s in singles], axis=0), rtol=1e-10, atol=1e-13)
 
 
 def test_predict_changes_no_state():
@@ -201,30 +219,62 @@ def test_carries_holts_state_and_falls_back_to_it_where_members_disagree():
     assert level == pytest.approx(holt.state_dict()["level"], abs=1e-12)
     assert trend == pytest.approx(holt.state_dict()["trend"], abs=1e-12)
     forecast = level + trend * np.arange(1, 6)
+
+    def centre(members):
+        holt, correction, kept = dyn._shrinkage(members)
+        np.testing.assert_allclose(holt, forecast, atol=1e-12)
+        assert np.all(kept >= 0.0) and np.all(kept <= np.abs(members.mean(axis=0) - holt) / 2 + 1e-12)
+        return holt + correction
+
     # Corrections of opposite signs cancel: the centre is Holt's forecast.
     split = forecast + np.array([[0.1], [-0.1], [0.1], [-0.1]])
-    np.testing.assert_allclose(dyn._shrunk_centre(split), forecast, atol=1e-12)
+    np.testing.assert_allclose(centre(split), forecast, atol=1e-12)
     # Members that agree keep their correction; a wider spread shrinks it further toward Holt.
     agreed = forecast + np.full((4, 5), 0.2)
-    np.testing.assert_allclose(dyn._shrunk_centre(agreed), agreed[0], atol=1e-12)
-    near, far = (dyn._shrunk_centre(forecast + 0.2 + np.array([[d], [-d], [d], [-d]])) - forecast
-                 for d in (0.05, 0.2))
+    np.testing.assert_allclose(centre(agreed), agreed[0], atol=1e-12)
+    near, far = (centre(forecast + 0.2 + np.array([[d], [-d], [d], [-d]])) - forecast for d in (0.05, 0.2))
     assert np.all(0.0 < far) and np.all(far < near) and np.all(near < 0.2)
 
 
-def test_training_every_other_step_carries_the_same_window_state():
+def test_the_correction_is_trusted_only_as_far_as_scored_forecasts_support_it():
+    from hybrid_core.dynamics._accuracy import AccuracyTracker
+
+    def scored(gap_of):
+        tracker = AccuracyTracker(lookahead=4, span=2, step_rate=0.05, forecast_rate=0.2)
+        assert tracker.trust == 0.0  # nothing scored yet: Holt's forecast alone
+        rng = np.random.default_rng(0)
+        for n in range(0, 400, 4):
+            correction = float(rng.normal(0.0, 0.1))
+            tracker.start(n, [0.0] * 4, [correction] * 4)
+            for k in range(1, 5):
+                tracker.observed(n + k, gap_of(correction, rng))
+        return tracker.trust
+
+    assert scored(lambda c, rng: c) == pytest.approx(1.0)  # the correction is exactly what Holt missed
+    assert scored(lambda c, rng: 0.5 * c) == pytest.approx(0.5)  # half of it
+    assert scored(lambda c, rng: -c) == 0.0  # it points the wrong way
+    assert scored(lambda c, rng: rng.normal(0.0, 0.1)) < 0.3  # unrelated to what happens
+
+
+def test_trains_once_per_tick_on_windows_that_start_from_the_carried_states(monkeypatch):
     losses, _ = power_law(40, 0.02, seed=9)
     feats = features_for(losses)
-    every, other = RSSMDynamics(**SMALL, train_every=1), RSSMDynamics(**SMALL, train_every=2)
+    every, rarely = RSSMDynamics(**SMALL, train_every=1, windows=1), RSSMDynamics(**SMALL, train_every=8, windows=4)
+    seen = []
+    real = _network.loss_and_grads
+    monkeypatch.setattr(_network, "loss_and_grads", lambda xp, w, batch: seen.append(batch) or real(xp, w, batch))
     feed(every, feats, losses, stop=26)
-    feed(other, feats, losses, stop=26)
-    assert every.state_dict()["adam_step"] == 26 and other.state_dict()["adam_step"] == 13
-    # Step 26 did not train: the carried state before the window was still moved on, by one GRU step.
-    state = other.state_dict()
-    x = other._real_inputs(state["history"]["features"][:1], state["history"]["level"][:1],
-                           state["history"]["trend"][:1])
-    expected = _rollout.warm_up(as_namespace(np), state["weights"], state["h_start"], x)
-    np.testing.assert_allclose(state["h_after_first"], expected, rtol=1e-6, atol=1e-7)
+    assert every.state_dict()["adam_step"] == 26 and all(b.x.shape[1] == 1 for b in seen)
+    seen.clear()
+    feed(rarely, feats, losses, stop=24)
+    assert rarely.state_dict()["adam_step"] == 3 and len(seen) == 3
+    # The third tick, at the 24th row (the newest 4 + 8 - 1 = 11 kept): windows of 4 rows end at every 2nd
+    # of the newest 8 rows, and each starts from the GRU state carried before its first row.
+    last = seen[-1]
+    assert last.x.shape == (4, 4, DIM + _rollout.EXTRA_INPUTS)
+    carried = rarely.state_dict()["h_before"]
+    for b, end in enumerate((4, 6, 8, 10)):
+        np.testing.assert_array_equal(last.h0[:, b:b + 1], carried[end - 3])
 
 
 # --- properties ---------------------------------------------------------------------------------------------
@@ -342,10 +392,10 @@ def test_learns_a_noisy_power_law_and_trusts_it_more_than_a_random_walk():
 
 
 def test_step_scale_head_learns_observed_targets_only():
-    losses, _ = power_law(200, 0.02, seed=4)
+    losses, _ = power_law(400, 0.02, seed=4)
     feats = features_for(losses)
     taught, untaught = RSSMDynamics(**SMALL), RSSMDynamics(**SMALL)
-    for t in range(200):
+    for t in range(400):
         taught.observe(feats[t], Outcome(float(losses[t]), 0.4))
         untaught.observe(feats[t], Outcome(float(losses[t])))
     assert max(taught.predict(feats[-1], 5).step_scale) < 0.6

@@ -52,7 +52,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def summarize(results: list[RunResult], task: str, backend: str, steps: int, command: str,
-              dynamics: str = "trend") -> dict[str, Any]:
+              dynamics: str = "rssm") -> dict[str, Any]:
     """The benchmark document: every run, per-seed comparisons and their median and min–max."""
     seeds = sorted({r.seed for r in results})
     per_seed = []

@@ -12,7 +12,7 @@ import numpy as np
 from .._backend import from_numpy, library_name, to_numpy
 from .._errors import BatchError, ConfigError
 
-__all__ = ["FEATURE_BOUND", "host_features", "problems", "resolve_dtype"]
+__all__ = ["FEATURE_BOUND", "host_features", "is_int", "problems", "resolve_dtype"]
 
 FEATURE_BOUND = 1e12
 """Raw feature slots are clipped to ±this so their squares stay finite (the encoder itself clips at 1e6)."""
@@ -21,13 +21,13 @@ FEATURE_BOUND = 1e12
 def problems(sizes: dict[str, Any], positives: dict[str, Any], seed: Any, slot: Any) -> list[str]:
     """One line per bad constructor argument: ``sizes`` must be integers >= 1, ``positives`` finite > 0."""
     found = [f"{name}={value!r}: must be an integer >= 1" for name, value in sizes.items()
-             if not _is_int(value) or value < 1]
+             if not is_int(value) or value < 1]
     found += [f"{name}={value!r}: must be a finite number > 0" for name, value in positives.items()
               if not (_is_real(value) and value > 0)]
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         found.append(f"seed={seed!r}: must be an integer >= 0")
     dim = sizes["feature_dim"]
-    if not _is_int(slot) or slot < 0 or (_is_int(dim) and slot >= dim):
+    if not is_int(slot) or slot < 0 or (is_int(dim) and slot >= dim):
         found.append(f"log_loss_slot={slot!r}: must be an integer in [0, feature_dim)")
     return found
 
@@ -62,11 +62,13 @@ def host_features(features: Any, dim: int) -> np.ndarray:
     if row.shape != (dim,):
         raise BatchError(f"features have shape {row.shape}; expected ({dim},)",
                          f"Pass the {dim}-slot feature vector of the step.")
-    return np.clip(np.nan_to_num(row, nan=0.0, posinf=FEATURE_BOUND, neginf=-FEATURE_BOUND),
-                   -FEATURE_BOUND, FEATURE_BOUND)
+    if not np.isfinite(row).all():
+        row = np.nan_to_num(row, nan=0.0, posinf=FEATURE_BOUND, neginf=-FEATURE_BOUND)
+    return np.minimum(np.maximum(row, -FEATURE_BOUND), FEATURE_BOUND)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python int (bool excluded)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

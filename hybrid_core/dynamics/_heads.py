@@ -62,13 +62,13 @@ class HeadCache(NamedTuple):
 def forward(xp: ModuleType, states: Any, eps: Any, w_p: Any, b_p: Any, w_o: Any, b_o: Any) -> HeadCache:
     """Both heads on ``states`` (E, B, H) with latent noise ``eps`` (E, B, Z)."""
     latent = eps.shape[-1]
-    p = xp.matmul(states, w_p) + b_p
+    p = states @ w_p + b_p
     mu = p[..., :latent]
     tanh_rho = xp.tanh(0.5 * p[..., latent:])
     log_sigma_z = 2.0 * tanh_rho
     sigma_z = xp.exp(log_sigma_z)
     joint = xp.concat([states, mu + sigma_z * eps], axis=-1)
-    o = xp.matmul(joint, w_o) + b_o
+    o = joint @ w_o + b_o
     tanh_std = xp.tanh(o[..., 1] / LOG_STD_BOUND)
     out = HeadOutputs(o[..., 0], LOG_STD_BOUND * tanh_std, step_scale(xp, o), mu, log_sigma_z, sigma_z)
     return HeadCache(states, joint, eps, tanh_rho, tanh_std, out)
@@ -96,17 +96,17 @@ def fold(xp: ModuleType, w_p: Any, b_p: Any, w_o: Any, b_o: Any) -> Folded:
     """Fold the prior mean into the output head: o = h·(Wo_h + Wp_μ·Wo_z) + bo + bp_μ·Wo_z + (σ_z·ε)·Wo_z."""
     hidden, latent = w_p.shape[1], w_p.shape[2] // 2
     w_z = w_o[:, hidden:, :]
-    w = xp.concat([w_p[..., latent:], w_o[:, :hidden, :] + xp.matmul(w_p[..., :latent], w_z)], axis=-1)
-    c = xp.concat([b_p[..., latent:], b_o + xp.matmul(b_p[..., :latent], w_z)], axis=-1)
+    w = xp.concat([w_p[..., latent:], w_o[:, :hidden, :] + w_p[..., :latent] @ w_z], axis=-1)
+    c = xp.concat([b_p[..., latent:], b_o + b_p[..., :latent] @ w_z], axis=-1)
     return Folded(w, c, w_z)
 
 
 def sample(xp: ModuleType, folded: Folded, h: Any, eps: Any) -> Any:
     """Raw outputs o (E, B, 3) on states ``h`` (E, B, H) for latent noise ``eps`` (E, B, Z); as `forward`."""
     latent = eps.shape[-1]
-    q = xp.matmul(h, folded.w) + folded.c
+    q = h @ folded.w + folded.c
     sigma_z = xp.exp(2.0 * xp.tanh(0.5 * q[..., :latent]))
-    return q[..., latent:] + xp.matmul(sigma_z * eps, folded.w_z)
+    return q[..., latent:] + (sigma_z * eps) @ folded.w_z
 
 
 def backward(
@@ -129,16 +129,16 @@ def backward(
     s = cache.out.scale
     d_o1 = d_log_std * (1.0 - cache.tanh_std * cache.tanh_std)
     d_o = xp.stack([d_mean, d_o1, d_scale * s * (1.0 - 0.5 * s)], axis=-1)
-    d_w_o = xp.matmul(xp.matrix_transpose(cache.joint), d_o)
+    d_w_o = xp.matrix_transpose(cache.joint) @ d_o
     d_b_o = xp.sum(d_o, axis=1, keepdims=True)
-    d_joint = xp.matmul(d_o, xp.matrix_transpose(w_o))
+    d_joint = d_o @ xp.matrix_transpose(w_o)
     d_z = d_joint[..., hidden:]
     d_mu = d_mu + d_z
     d_log_sigma_z = d_log_sigma_z + d_z * cache.out.sigma_z * cache.eps
     d_p = xp.concat([d_mu, d_log_sigma_z * (1.0 - cache.tanh_rho * cache.tanh_rho)], axis=-1)
-    d_w_p = xp.matmul(xp.matrix_transpose(cache.states), d_p)
+    d_w_p = xp.matrix_transpose(cache.states) @ d_p
     d_b_p = xp.sum(d_p, axis=1, keepdims=True)
-    d_states = d_joint[..., :hidden] + xp.matmul(d_p, xp.matrix_transpose(w_p))
+    d_states = d_joint[..., :hidden] + d_p @ xp.matrix_transpose(w_p)
     return d_states, [d_w_p, d_b_p, d_w_o, d_b_o]
 
 

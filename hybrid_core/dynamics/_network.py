@@ -1,15 +1,17 @@
 """The ensemble network's weights and its training objective over one window, with hand-written gradients.
 
 Weights come in the fixed order of `WEIGHT_NAMES`, each with the ensemble as a
-leading axis E (biases are (E, 1, k) so every array is 3-D). On a window of T
-steps from a given GRU state h0, member e minimises
+leading axis E (biases are (E, 1, k) so every array is 3-D); they live as views
+of one flat (E, P) array (`unflatten`), so the optimiser updates a single array.
+On B windows of T steps, window b starting from a given GRU state h0_b, member e
+minimises
 
-    Lₑ = (1/T)·Σₜ wₑₜ·[ ½((yₜ − mₜ)/σₜ)² + log σₜ            (Gaussian NLL of the target)
-                       + κ·maskₜ·(sₜ − s*ₜ)²                  (step scale, observed targets only)
-                       + β·Σⱼ KL(N(μₜⱼ, σ_zₜⱼ²) ‖ N(0, 1)) ]  (keeps the latent a calibrated noise source)
+    Lₑ = (1/(T·B))·Σₜ,ᵦ wₑₜᵦ·[ ½((yₜᵦ − mₜᵦ)/σₜᵦ)² + log σₜᵦ         (Gaussian NLL of the target)
+                             + κ·maskₜᵦ·(sₜᵦ − s*ₜᵦ)²               (step scale, observed targets only)
+                             + β·Σⱼ KL(N(μₜᵦⱼ, σ_z²) ‖ N(0, 1)) ]    (keeps the latent a calibrated noise source)
 
-with wₑₜ the member's bootstrap weight of that observation; the total is Σₑ Lₑ,
-so each member's gradient is its own. h0 is a constant (truncated BPTT).
+with wₑₜᵦ the member's bootstrap weight of that observation; the total is Σₑ Lₑ,
+so each member's gradient is its own. The h0 are constants (truncated BPTT).
 `loss_and_grads` is checked against finite differences and torch.autograd in the tests.
 """
 
@@ -28,9 +30,11 @@ __all__ = [
     "SCALE_WEIGHT",
     "WEIGHT_NAMES",
     "WindowBatch",
+    "flatten",
     "initial_weights",
     "loss",
     "loss_and_grads",
+    "unflatten",
 ]
 
 WEIGHT_NAMES = ("w_x", "b", "w_h", "b_n", "w_p", "b_p", "w_o", "b_o")
@@ -60,7 +64,10 @@ def initial_weights(rng: np.random.Generator, ensemble: int, features: int, hidd
 
 
 class WindowBatch(NamedTuple):
-    """One training window; h0 is (E, 1, H), x (T, D), the targets and mask (T,), w (E, T), ε (E, T, Z)."""
+    """B windows of T steps, time-major: h0 (E, B, H), x (T, B, D), targets, mask (T, B), w (E, T, B), ε (E, T, B, Z).
+
+    Row t of window b is the t-th step of that window; every window has the same length.
+    """
 
     h0: Any
     x: Any
@@ -76,19 +83,30 @@ class _Cache(NamedTuple):
     heads: _heads.HeadCache
 
 
+def _positions(xp: ModuleType, value: Any) -> Any:
+    """A (E, T, B[, k]) per-member array as (E, T·B[, k]), positions ordered as `_gru.time_major_to_members`."""
+    shape = tuple(value.shape)
+    return xp.reshape(value, (shape[0], shape[1] * shape[2], *shape[3:]))
+
+
 def _forward(xp: ModuleType, weights: list[Any], batch: WindowBatch) -> tuple[Any, _Cache]:
     """The total loss (0-d) and the cache."""
     w_x, b, w_h, b_n, w_p, b_p, w_o, b_o = weights
-    a = xp.matmul(batch.x, w_x) + b
+    steps, windows, width = batch.x.shape
+    # (T·B, D) @ (E, D, 3H): one product per member, then laid out time-major (T, E, B, 3H).
+    a = _gru.members_to_time_major(xp, xp.reshape(batch.x, (steps * windows, width)) @ w_x + b, steps)
     states, gru_cache = _gru.forward(xp, a, batch.h0, w_h, b_n)
-    heads = _heads.forward(xp, states, batch.eps, w_p, b_p, w_o, b_o)
+    heads = _heads.forward(xp, _gru.time_major_to_members(xp, states), _positions(xp, batch.eps),
+                           w_p, b_p, w_o, b_o)
     out = heads.out
-    z_score = (batch.target - out.mean) * xp.exp(-out.log_std)
+    count = batch.target.shape[0] * batch.target.shape[1]
+    z_score = (xp.reshape(batch.target, (count,)) - out.mean) * xp.exp(-out.log_std)
     kl = xp.sum(0.5 * (out.mu * out.mu + out.sigma_z * out.sigma_z - 1.0) - out.log_sigma_z, axis=-1)
-    diff = out.scale - batch.scale_target
-    per_position = batch.weight * (0.5 * z_score * z_score + out.log_std
-                                   + SCALE_WEIGHT * batch.scale_mask * diff * diff + KL_WEIGHT * kl)
-    total = xp.sum(per_position) / per_position.shape[1]
+    diff = out.scale - xp.reshape(batch.scale_target, (count,))
+    per_position = _positions(xp, batch.weight) * (
+        0.5 * z_score * z_score + out.log_std
+        + SCALE_WEIGHT * xp.reshape(batch.scale_mask, (count,)) * diff * diff + KL_WEIGHT * kl)
+    total = xp.sum(per_position) / count
     return total, _Cache(gru_cache, heads)
 
 
@@ -97,24 +115,43 @@ def loss(xp: ModuleType, weights: list[Any], batch: WindowBatch) -> Any:
     return _forward(xp, weights, batch)[0]
 
 
-def loss_and_grads(xp: ModuleType, weights: list[Any], batch: WindowBatch) -> tuple[Any, list[Any], Any]:
-    """The total loss, its gradient w.r.t. each weight (`WEIGHT_NAMES` order), the GRU states (E, T, H)."""
+def loss_and_grads(xp: ModuleType, weights: list[Any], batch: WindowBatch) -> tuple[Any, list[Any]]:
+    """The total loss and its gradient w.r.t. each weight (`WEIGHT_NAMES` order)."""
     total, cache = _forward(xp, weights, batch)
     _, _, w_h, _, w_p, _, w_o, _ = weights
     out = cache.heads.out
-    k = batch.weight / batch.weight.shape[1]
+    steps = batch.target.shape[0]
+    count = steps * batch.target.shape[1]
+    k = _positions(xp, batch.weight) / count
     inv_std = xp.exp(-out.log_std)
-    z_score = (batch.target - out.mean) * inv_std
+    z_score = (xp.reshape(batch.target, (count,)) - out.mean) * inv_std
     d_mean = -k * z_score * inv_std
     d_log_std = k * (1.0 - z_score * z_score)
-    d_scale = k * (2.0 * SCALE_WEIGHT) * batch.scale_mask * (out.scale - batch.scale_target)
+    d_scale = (k * (2.0 * SCALE_WEIGHT) * xp.reshape(batch.scale_mask, (count,))
+               * (out.scale - xp.reshape(batch.scale_target, (count,))))
     k_kl = (KL_WEIGHT * k)[..., None]
     d_mu = k_kl * out.mu
     d_log_sigma_z = k_kl * (out.sigma_z * out.sigma_z - 1.0)
     d_states, head_grads = _heads.backward(xp, cache.heads, w_p, w_o, d_mean, d_log_std, d_scale, d_mu,
                                            d_log_sigma_z)
-    d_a, d_w_h, d_b_n = _gru.backward(xp, d_states, cache.gru, w_h)
-    d_w_x = xp.matmul(xp.matrix_transpose(batch.x), d_a)
-    d_b = xp.sum(d_a, axis=1, keepdims=True)
-    return total, [d_w_x, d_b, d_w_h, d_b_n, *head_grads], cache.heads.states
+    d_a, d_w_h, d_b_n = _gru.backward(xp, _gru.members_to_time_major(xp, d_states, steps), cache.gru, w_h)
+    d_a_all = _gru.time_major_to_members(xp, d_a)
+    x_all = xp.reshape(batch.x, (count, batch.x.shape[-1]))
+    d_w_x = xp.matrix_transpose(x_all) @ d_a_all
+    d_b = xp.sum(d_a_all, axis=1, keepdims=True)
+    return total, [d_w_x, d_b, d_w_h, d_b_n, *head_grads]
 
+
+def flatten(xp: ModuleType, arrays: list[Any]) -> Any:
+    """Per-member arrays (E, …) side by side as one (E, P) array, in `WEIGHT_NAMES` order."""
+    return xp.concat([xp.reshape(a, (a.shape[0], -1)) for a in arrays], axis=1)
+
+
+def unflatten(xp: ModuleType, flat: Any, shapes: list[tuple[int, ...]]) -> list[Any]:
+    """The arrays of per-member ``shapes`` that `flatten` laid side by side in ``flat`` (views where possible)."""
+    members, arrays, offset = flat.shape[0], [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        arrays.append(xp.reshape(flat[:, offset:offset + size], (members, *shape)))
+        offset += size
+    return arrays

@@ -25,11 +25,12 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import array_api_compat
+import numpy as np
 
 from . import _gru, _heads
 
-__all__ = ["EXTRA_INPUTS", "Feedback", "Holt", "Rollout", "holt_inputs", "mean_rollout", "quantile", "rollout",
-           "staleness", "warm_up"]
+__all__ = ["EXTRA_INPUTS", "Feedback", "Holt", "Net", "Rollout", "holt_inputs", "mean_rollout", "prepare", "quantile",
+           "rollout", "staleness", "warm_up"]
 
 
 class Feedback(NamedTuple):
@@ -56,11 +57,26 @@ TREND_HORIZON = 10.0
 """Holt's trend is fed as its change over this many steps, in running target-scale units."""
 
 
-def holt_inputs(xp: ModuleType, stale: Any, trend: Any, gap: Any, scale: float, bound: float) -> Any:
-    """The extra input columns (…, 3) for staleness, Holt's raw trend and raw gap, standardised and clipped."""
-    trend_in = xp.clip(TREND_HORIZON * trend / scale, -bound, bound)
-    gap_in = xp.clip(gap / scale, -bound, bound)
-    return xp.stack([stale, trend_in, gap_in], axis=-1)
+def holt_inputs(stale: np.ndarray, trend: np.ndarray, gap: np.ndarray, scale: float, bound: float) -> np.ndarray:
+    """The extra input columns (…, 3) for staleness, Holt's raw trend and raw gap, standardised and clipped (host)."""
+    trend_in = np.minimum(np.maximum(TREND_HORIZON * trend / scale, -bound), bound)
+    gap_in = np.minimum(np.maximum(gap / scale, -bound), bound)
+    return np.stack([stale, trend_in, gap_in], axis=-1)
+
+
+class Net(NamedTuple):
+    """The weights (`_network.WEIGHT_NAMES` order) and what rollouts derive from them, computed once per update."""
+
+    weights: list[Any]
+    folded: _heads.Folded
+    w_mean: Any
+    b_mean: Any
+
+
+def prepare(xp: ModuleType, weights: list[Any]) -> Net:
+    """The weights with their folded heads and mean head (see `_heads.fold`, `_heads.mean_head`)."""
+    w_mean, b_mean = _heads.mean_head(xp, *weights[4:])
+    return Net(weights, _heads.fold(xp, *weights[4:]), w_mean, b_mean)
 
 
 class Rollout(NamedTuple):
@@ -73,7 +89,7 @@ class Rollout(NamedTuple):
 
 def rollout(
     xp: ModuleType,
-    weights: list[Any],
+    net: Net,
     h0: Any,
     x: Any,
     holt: Holt,
@@ -87,14 +103,13 @@ def rollout(
     draws. Step k's log-loss is Holt's k-step forecast plus m·target_scale from the heads on the state
     after k inputs: the network predicts the residual of Holt's forecast, not a step to be summed.
     """
-    folded = _heads.fold(xp, *weights[4:])
-    advance = _feeder(xp, weights, feedback, holt, target_scale)
+    advance = _feeder(xp, net.weights, feedback, holt, target_scale)
     steps, members, samples = noise.shape[0], noise.shape[1], noise.shape[2]
-    h = warm_up(xp, weights, h0, x)
+    h = warm_up(xp, net.weights, h0, x)
     h = xp.broadcast_to(h, (members, samples, h.shape[-1]))
     trend, raw = [], []
     for k in range(steps):
-        o = _heads.sample(xp, folded, h, noise[k, ...])
+        o = _heads.sample(xp, net.folded, h, noise[k, ...])
         log_loss = (holt.level + (k + 1) * holt.trend) + target_scale * o[..., 0]
         trend.append(log_loss)
         raw.append(o)
@@ -108,7 +123,7 @@ def rollout(
 
 def mean_rollout(
     xp: ModuleType,
-    weights: list[Any],
+    net: Net,
     h0: Any,
     x: Any,
     holt: Holt,
@@ -117,13 +132,11 @@ def mean_rollout(
     steps: int,
 ) -> Any:
     """The trend log-loss (K, E) of `rollout` with every latent at its prior mean, far cheaper."""
-    _, _, _, _, w_p, b_p, w_o, b_o = weights
-    w_mean, b_mean = _heads.mean_head(xp, w_p, b_p, w_o, b_o)
-    advance = _feeder(xp, weights, feedback, holt, target_scale)
-    h = warm_up(xp, weights, h0, x)
+    advance = _feeder(xp, net.weights, feedback, holt, target_scale)
+    h = warm_up(xp, net.weights, h0, x)
     trend = []
     for k in range(steps):
-        log_loss = (holt.level + (k + 1) * holt.trend) + target_scale * (xp.matmul(h, w_mean) + b_mean)[..., 0]
+        log_loss = (holt.level + (k + 1) * holt.trend) + target_scale * (h @ net.w_mean + net.b_mean)[..., 0]
         trend.append(log_loss)
         if k + 1 < steps:
             h = advance(h, log_loss, k + 1)
@@ -133,7 +146,7 @@ def mean_rollout(
 def warm_up(xp: ModuleType, weights: list[Any], h0: Any, x: Any) -> Any:
     """The GRU state (E, 1, H) after the real inputs ``x``."""
     w_x, b, w_h, b_n = weights[:4]
-    a = xp.matmul(x, w_x) + b
+    a = x @ w_x + b
     h = h0
     for t in range(a.shape[1]):
         h = _gru.step(xp, a[:, t:t + 1, :], h, w_h, b_n)[0]

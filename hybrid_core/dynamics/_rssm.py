@@ -17,85 +17,92 @@ drawn once per observation, so their disagreement measures what the data has
 not pinned down. The members are batched along a leading axis: one array op
 serves all of them.
 
-Every ``train_every``-th `observe` takes one Adam step (each member's gradient
-clipped to global norm ``clip``) on the Gaussian NLL of the last ``window``
-residual targets, by truncated BPTT with hand-written gradients (`_network`):
-the GRU state before the window is carried over from earlier steps as a
-constant (moved on by one GRU step when an observe does not train), and the
-window's tail is fed the way a rollout feeds the unknown future (`_rollout`).
+The per-step work is kept small because the trainer calls `observe` and
+`confidence` on every real step. An `observe` moves the running GRU state on by
+one step. Every ``train_every``-th observe takes one Adam step (each member's
+gradient clipped to norm ``clip``) on the Gaussian NLL of ``windows`` windows of
+``window`` rows ending at evenly spaced recent observations, batched into one
+truncated BPTT pass with hand-written gradients (`_network`, `_windows`); each
+window starts from the GRU state carried before its first row (a constant of the
+pass, as in truncated BPTT). Every 10th observe makes one 10-step forecast that
+serves both confidence factors, and the one-step predictions of the rows seen
+since are scored. The network only corrects Holt's forecast as far as scored
+forecasts show the correction helps (`_accuracy`'s trust, 0 at the start), so a
+young or useless network leaves Holt's forecast, the baseline's, as it is.
 Features are standardised online per slot and the targets by their running RMS
 (`_normalizer`, host-side), since slot magnitudes differ by orders of magnitude.
+Host reads: two per 10 observes (one-step scores, forecast), one more per Adam step, one per `predict`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+from collections import deque
 from types import ModuleType
 from typing import Any, final
 
 import numpy as np
 
 from .._backend import as_namespace, from_numpy, to_numpy
-from .._errors import CheckpointError, ConfigError
+from .._errors import ConfigError
+from .._features import FEATURE_DIM, LOG_LOSS_SLOT
 from .._protocols import Outcome, Prediction
-from . import _checks, _heads, _network, _rollout
+from . import _checks, _network, _rollout, _rssm_state
 from ._accuracy import AccuracyTracker
 from ._adam import Adam
 from ._normalizer import RunningNormalizer, RunningScale
+from ._threads import one_blas_thread
+from ._windows import DELTA_BOUND, LOG_BOUND, Rows, slot_log_loss, window_batch
 
 __all__ = ["RSSMDynamics"]
 
 _MIN_OBSERVATIONS = 20  # below this the error averages mean little: confidence stays 0
-_LOOKAHEAD = 10  # horizon of the forecasts behind confidence (see _accuracy), one made every this many steps
-_SPAN = 5  # a forecast is scored on the mean of its last this many steps
+_LOOKAHEAD = 10  # horizon of the forecasts behind confidence (see _accuracy)
+_SPAN = 10  # a forecast is scored on the mean of its last this many steps
 _STEP_RATE = 0.05  # EMA rate of the squared one-step error (≈ the last 20 steps)
-_FORECAST_RATE = 0.2  # EMA rate of the scored forecasts' squared errors (≈ the last 5, i.e. 50 steps)
+_FORECAST_RATE = 0.2  # EMA rate of the scored forecasts' squared errors (≈ the last 5 scored)
 _BAND = (0.05, 0.95)
 _NOISE_DRAWS = 4  # one-step noise draws per trend sample: smoother band quantiles at little cost
-_LOG_BOUND = 700.0  # |log-loss| fed to exp(), so every returned loss is finite
-_DELTA_BOUND = 50.0  # |residual of Holt's log-loss forecast| in raw units
-_TARGET_BOUND = 10.0  # |residual| target in running-RMS units: one spike cannot dominate a window
 _INITIAL_TARGET_SCALE = 0.1  # prior RMS of the residual before the first observation
-_HISTORY_KEYS = ("features", "log_loss", "level", "trend", "scale_target", "scale_mask", "weight")
 _HOLT = (0.05, 0.02)  # Holt's level and trend rates, as in TrendDynamics
-_SHAPE_KEYS = ("feature_dim", "hidden", "latent", "ensemble", "window", "log_loss_slot")
-_FORMAT = "RSSMDynamics/2"
 
 
 @final
 class RSSMDynamics:
     """Ensemble RSSM-lite `DynamicsModel` trained online by truncated BPTT; runs on any array-API namespace.
 
-    ``samples`` latent draws per member are rolled out by `predict`; ``tolerance`` is the
-    log-space error (≈ relative error) at which each confidence factor falls to 1/e.
-    Weights are ``dtype`` (default float32) on ``device``; all randomness comes from
-    ``numpy.random.default_rng(seed)``.
+    The trainer's default dynamics model. ``samples`` latent draws per member are rolled
+    out by `predict`; ``tolerance`` is the log-space error (≈ relative error) at which each
+    confidence factor falls to 1/e. Weights are ``dtype`` (default float32) on ``device``;
+    all randomness comes from ``numpy.random.default_rng(seed)``.
     """
 
     def __init__(
         self,
-        feature_dim: int = 64,
+        feature_dim: int = FEATURE_DIM,
         *,
         hidden: int = 64,
         latent: int = 16,
         ensemble: int = 5,
         window: int = 12,
-        train_every: int = 2,
-        lr: float = 2e-3,
+        train_every: int = 16,
+        windows: int = 4,
+        lr: float = 1.2e-2,
         clip: float = 1.0,
         seed: int = 0,
         xp: ModuleType | None = None,
         dtype: Any = None,
         device: Any = None,
-        log_loss_slot: int = 1,
+        log_loss_slot: int = LOG_LOSS_SLOT,
         samples: int = 8,
         tolerance: float = 0.1,
     ) -> None:
         sizes = {"feature_dim": feature_dim, "hidden": hidden, "latent": latent, "ensemble": ensemble,
-                 "window": window, "samples": samples, "train_every": train_every}
+                 "window": window, "samples": samples, "train_every": train_every, "windows": windows}
         positives = {"lr": lr, "clip": clip, "tolerance": tolerance}
         problems = _checks.problems(sizes, positives, seed, log_loss_slot)
+        if _checks.is_int(windows) and _checks.is_int(train_every) and 1 <= train_every < windows:
+            problems.append(f"windows={windows!r}: must be <= train_every ({train_every})")
         if problems:
             raise ConfigError(problems, "Fix the listed arguments of RSSMDynamics; each names its range.")
         self._xp = as_namespace(xp)
@@ -107,24 +114,27 @@ class RSSMDynamics:
         # Extra inputs after the feature slots: staleness and Holt's state (see _rollout).
         initial = _network.initial_weights(self._rng, ensemble, feature_dim + _rollout.EXTRA_INPUTS, hidden,
                                            latent)
-        self._weights = [self._to_xp(w) for w in initial]
+        self._shapes = [tuple(w.shape[1:]) for w in initial]
+        self._set_weights(_network.flatten(self._xp, [self._to_xp(w) for w in initial]))
         self._adam = Adam(float(lr), float(clip))
         self._features = RunningNormalizer(feature_dim)
         self._targets = RunningScale(_INITIAL_TARGET_SCALE)
-        self._history = {"features": np.zeros((0, feature_dim)), "weight": np.zeros((0, ensemble)),
-                         **{k: np.zeros(0) for k in _HISTORY_KEYS[1:-1]}}
-        # GRU states before the stored window's first row and after it (the start once that row drops out).
-        self._h_start = self._to_xp(np.zeros((ensemble, 1, hidden)))
-        self._h_after_first = self._h_start
-        self._h_run = self._h_start  # after every observed row: where rollouts start
+        # The newest rows (enough for a tick's windows) and the carried GRU state before each of them.
+        keep = window + train_every - 1
+        self._rows: deque[tuple[Any, ...]] = deque(maxlen=keep)
+        self._h_before: deque[Any] = deque(maxlen=keep)
+        self._h_run = self._to_xp(np.zeros((ensemble, 1, hidden)))  # after every observed row: rollouts start here
+        # (residual, target scale) of each row since the last tick: its one-step prediction is scored then.
+        self._unscored: list[tuple[float, float]] = []
         self._seen = 0
         self._accuracy = AccuracyTracker(_LOOKAHEAD, _SPAN, _STEP_RATE, _FORECAST_RATE)
+        self._spread = math.nan  # the members' disagreement that enters the last 10-step forecast (agreement)
         self._last_log_loss = math.nan
         self._holt = (0.0, 0.0)  # Holt's level and trend of log-loss after the last observed loss
         self._confidence: float | None = None
 
     def observe(self, features: Any, outcome: Outcome) -> None:
-        """Learn from one real step; every ``train_every``-th, one Adam step on the window ending with it.
+        """Learn from one real step: one GRU step, and every ``train_every``-th observe a training tick.
 
         A non-finite or non-positive loss teaches nothing and is skipped; a missing or
         non-finite ``outcome.step_scale`` trains every head but the step-scale one.
@@ -134,46 +144,72 @@ class RSSMDynamics:
             return
         cfg = self._config
         row = _checks.host_features(features, cfg["feature_dim"])
-        log_loss = min(math.log(loss), _LOG_BOUND)
+        log_loss = min(math.log(loss), LOG_BOUND)
         level, trend = (log_loss, 0.0) if self._seen == 0 else self._holt
-        residual = float(np.clip(log_loss - level - trend, -_DELTA_BOUND, _DELTA_BOUND))
+        residual = float(np.clip(log_loss - level - trend, -DELTA_BOUND, DELTA_BOUND))
         scale = None if outcome.step_scale is None else float(outcome.step_scale)
         observed = scale is not None and math.isfinite(scale)
         self._features.update(row)
         prior_scale = self._targets.scale
         self._targets.update(residual)
-        new = {"features": row, "log_loss": log_loss, "level": level, "trend": trend, "scale_mask": float(observed),
-               "scale_target": min(max(scale, 0.0), 2.0) if observed else 1.0,
-               "weight": self._rng.poisson(1.0, cfg["ensemble"]).astype(np.float64)}
-        if len(self._history["log_loss"]) == cfg["window"]:
-            self._h_start = self._h_after_first
-        self._history = {k: _keep_last(self._history[k], new[k], cfg["window"]) for k in _HISTORY_KEYS}
-        if self._seen % cfg["train_every"] == 0:
-            batch, last_residual = self._window_batch()
-            _, grads, states = _network.loss_and_grads(self._xp, self._weights, batch)
-            self._h_after_first = states[:, :1, :]
-            # Scored before learning from the step; the window's last row is fed as in a rollout.
-            self._accuracy.add_step_error(last_residual - prior_scale * self._mean_delta(states))
-            self._weights = self._adam.step(self._xp, self._weights, grads)
-        else:
-            self._h_after_first = _rollout.warm_up(self._xp, self._weights, self._h_start, self._real_inputs(
-                self._history["features"][:1], self._history["level"][:1], self._history["trend"][:1]))
-        # One GRU step per observe keeps the rollouts' start state, so predict runs no warm-up over the window.
-        self._h_run = _rollout.warm_up(self._xp, self._weights, self._h_run,
+        self._rows.append((row, log_loss, level, trend, min(max(scale, 0.0), 2.0) if observed else 1.0,
+                           float(observed), self._rng.poisson(1.0, cfg["ensemble"]).astype(np.float64)))
+        self._h_before.append(self._h_run)
+        self._h_run = _rollout.warm_up(self._xp, self._net.weights, self._h_run,
                                        self._real_inputs(row[None, :], np.array([level]), np.array([trend])))
+        self._unscored.append((residual, prior_scale))
         self._last_log_loss = log_loss
         self._holt = _holt_update(self._holt, log_loss, self._seen)
         self._seen += 1
         self._accuracy.observed(self._seen, log_loss)
-        if self._accuracy.wants_forecast(self._seen):
-            self._accuracy.start(self._seen, np.mean(self._forecast(), axis=1).tolist())
+        if self._seen % cfg["train_every"] == 0:
+            with one_blas_thread(self._xp):
+                self._score_one_step()  # before the weights that made those predictions change
+                self._train()
+        if self._seen % _LOOKAHEAD == 0:
+            self._score_one_step()
+            self._start_forecast()
         self._confidence = None
+
+    def _score_one_step(self) -> None:
+        """Score the one-step predictions of the rows since the last scoring (one host read)."""
+        if not self._unscored:
+            return
+        xp, net, count = self._xp, self._net, len(self._unscored)
+        # The states after each unscored row (the last is the running state), read by the mean head: the
+        # predictions of those losses made before learning from them, as no weight has changed since.
+        after = [*list(self._h_before)[len(self._h_before) - count + 1:], self._h_run]
+        predicted = to_numpy(xp.mean(xp.concat(after, axis=1) @ net.w_mean + net.b_mean, axis=(0, 2)))
+        trust = self._accuracy.trust
+        for (residual, prior_scale), mean in zip(self._unscored, predicted.tolist(), strict=True):
+            self._accuracy.add_step_error(residual - prior_scale * trust * mean)
+        self._unscored = []
+
+    def _train(self) -> None:
+        """One Adam step on the windows ending at every (train_every / windows)-th of the newest rows."""
+        cfg, xp = self._config, self._xp
+        stride = cfg["train_every"] // cfg["windows"]
+        ends = [len(self._rows) - 1 - stride * i for i in reversed(range(cfg["windows"]))]
+        batch = window_batch(xp, self._to_xp, self._stored_rows(), self._h_before, ends,
+                             min(cfg["window"], ends[0] + 1), features=self._features,
+                             target_scale=self._targets.scale, slot=cfg["log_loss_slot"],
+                             stale_cap=cfg["window"] - 1, latent=cfg["latent"], rng=self._rng)
+        _, grads = _network.loss_and_grads(xp, self._net.weights, batch)
+        self._set_weights(self._adam.step(xp, self._flat, _network.flatten(xp, grads)))
+
+    def _start_forecast(self) -> None:
+        """The 10-step forecast behind both confidence factors (one host read): agreement now, accuracy later."""
+        members = to_numpy(self._forecast()).astype(np.float64).T  # (E, _LOOKAHEAD)
+        holt, correction, kept = self._shrinkage(members)
+        self._spread = self._accuracy.trust * float(kept[-1])
+        if self._accuracy.idle:  # scored as `predict` delivers it: Holt's plus the trusted, shrunk correction
+            self._accuracy.start(self._seen, holt.tolist(), correction.tolist())
 
     def predict(self, features: Any, horizon: int) -> Prediction:
         """Loss after 1..``horizon`` more steps, its 90% band, the step scales and `confidence`.
 
         The trajectory is exp of Holt's forecast plus the members' mean correction, shrunk by
-        their disagreement (`_shrunk_centre`); the band holds the 5%
+        their disagreement (`_shrinkage`); the band holds the 5%
         and 95% quantiles over members × latent samples of the trend plus draws of the
         head's one-step noise (batch noise does not accumulate, the trend's uncertainty
         does), widened to contain the trajectory and so that its log-space half-widths
@@ -195,36 +231,47 @@ class RSSMDynamics:
         table = xp.concat([xp.stack([_rollout.quantile(xp, noisy, _BAND[0]), _rollout.quantile(xp, noisy, _BAND[1]),
                                      scale]), xp.matrix_transpose(xp.mean(path.log_loss, axis=-1))])
         q_low, q_high, scale, *members = to_numpy(table).astype(np.float64)
-        centre = self._shrunk_centre(np.stack(members))
+        holt, correction, _ = self._shrinkage(np.stack(members))
+        centre = holt + self._accuracy.trust * correction
+        # The samples' spread around the members' mean, recentred on the delivered centre.
+        shift = centre - np.mean(members, axis=0)
+        q_low, q_high = q_low + shift, q_high + shift
         # Half-widths as running maxima: no step is reported as surer than an earlier one.
         below = np.maximum.accumulate(np.maximum(centre - q_low, 0.0))
         above = np.maximum.accumulate(np.maximum(q_high - centre, 0.0))
-        logs = np.clip(np.stack([centre, centre - below, centre + above]), -_LOG_BOUND, _LOG_BOUND)
+        logs = np.clip(np.stack([centre, centre - below, centre + above]), -LOG_BOUND, LOG_BOUND)
         loss, low, high = np.exp(logs).tolist()
         return Prediction(tuple(loss), tuple(low), tuple(high), tuple(scale.tolist()), self.confidence())
 
-    def _shrunk_centre(self, members: np.ndarray) -> np.ndarray:
-        """The centre (K,) from each member's mean log-loss forecast (E, K): Holt's plus a shrunk correction.
+    def _shrinkage(self, members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """From each member's mean log-loss forecast (E, K): Holt's forecast, the shrunk correction, and the
+        disagreement that correction keeps, each (K,).
 
-        The members' mean correction c̄ of Holt's forecast is scaled by c̄² / (c̄² + v), v the
+        The members' mean correction c̄ of Holt's forecast is scaled by s = c̄² / (c̄² + v), v the
         variance across members: where they disagree about the correction, the forecast falls
-        back to Holt's.
+        back to Holt's. The disagreement kept is s·√v (at most |c̄|/2): members that disagree
+        about a correction the forecast drops do not make it less certain. The delivered
+        forecast adds the shrunk correction weighted by the trust it has earned (`_accuracy`).
         """
         level, trend = self._holt
-        correction = members - (level + trend * np.arange(1, members.shape[1] + 1))
+        holt = level + trend * np.arange(1, members.shape[1] + 1)
+        correction = members - holt
         mean, spread = correction.mean(axis=0), correction.var(axis=0)
         square = mean * mean
-        return members.mean(axis=0) - mean + mean * square / np.maximum(square + spread, 1e-300)
+        shrink = square / np.maximum(square + spread, 1e-300)
+        return holt, mean * shrink, shrink * np.sqrt(spread)
 
     def confidence(self) -> float:
         """Recent accuracy × ensemble agreement, each exp(−log-space error / tolerance); cached per observe.
 
-        Accuracy: the RMS error of the 10-step forecasts made every 10 steps (members' mean,
-        latent at its mean), scored on the mean of their last 5 steps once observed, beyond
-        what the batch noise seen in one-step errors explains (see `_accuracy`): noise around
-        a well-predicted trend is not held against the model, a drifting forecast or a
-        random-walk loss is. Agreement: the standard deviation across members of their
-        current 10-step forecasts. 0 before 20 observations and the first scored forecast.
+        Accuracy: the RMS error of the 10-step forecasts made every 10th observe (latent at its
+        mean, delivered as `predict` delivers them: Holt's plus the trusted, shrunk correction),
+        scored on the mean of the 10 losses once observed, beyond what the batch noise seen in
+        one-step errors explains (see `_accuracy`): noise around a well-predicted trend is not
+        held against the model, a drifting forecast or a random-walk loss is. Agreement: how
+        much of the members' disagreement about the last such forecast its delivered centre
+        keeps (`_shrinkage`). 0 before 20 observations and the first scored forecast. No array
+        work: both factors are kept up to date by `observe`.
         """
         if self._confidence is None:
             self._confidence = self._compute_confidence()
@@ -232,19 +279,19 @@ class RSSMDynamics:
 
     def _compute_confidence(self) -> float:
         trend_error = self._accuracy.trend_error()
-        if self._seen < _MIN_OBSERVATIONS or not math.isfinite(trend_error):
+        if self._seen < _MIN_OBSERVATIONS or not (math.isfinite(trend_error) and math.isfinite(self._spread)):
             return 0.0
         tolerance = self._config["tolerance"]
         accuracy = math.exp(-trend_error / tolerance)
-        agreement = math.exp(-float(np.std(self._forecast()[-1])) / tolerance)
+        agreement = math.exp(-self._spread / tolerance)
         return min(1.0, max(0.0, accuracy * agreement))
 
-    def _forecast(self) -> np.ndarray:
+    def _forecast(self) -> Any:
         """Each member's log-loss forecast (_LOOKAHEAD, E) from the state after the last observed step."""
         # That state's features: the last observed ones with the realised loss in the log-loss slot.
-        row = self._history["features"][-1].copy()
+        row = self._rows[-1][0].copy()
         row[self._config["log_loss_slot"]] = self._last_log_loss
-        return to_numpy(_rollout.mean_rollout(*self._rollout_start(row), _LOOKAHEAD))
+        return _rollout.mean_rollout(*self._rollout_start(row), _LOOKAHEAD)
 
     def _rollout_start(self, row: np.ndarray) -> tuple[Any, ...]:
         """The leading arguments of the rollouts: the state after the observed rows, then the current ``row``."""
@@ -253,147 +300,36 @@ class RSSMDynamics:
         x = self._real_inputs(row[None, :], np.array([self._holt[0]]), np.array([self._holt[1]]))
         feedback = _rollout.Feedback(slot, float(self._features.mean[slot]), float(self._features.std[slot]),
                                      self._features.bound, cfg["window"] - 1)
-        return self._xp, self._weights, self._h_run, x, _rollout.Holt(*self._holt), feedback, self._targets.scale
+        return self._xp, self._net, self._h_run, x, _rollout.Holt(*self._holt), feedback, self._targets.scale
 
     def _real_inputs(self, raw: np.ndarray, level: np.ndarray, trend: np.ndarray) -> Any:
         """Network inputs (T, D + 3) of real feature rows ``raw`` whose Holt states before them are given."""
-        gap = level + trend - _slot_log_loss(raw, self._config["log_loss_slot"])
-        extra = _rollout.holt_inputs(np, np.zeros(len(raw)), trend, gap, self._targets.scale,
+        gap = level + trend - slot_log_loss(raw, self._config["log_loss_slot"])
+        extra = _rollout.holt_inputs(np.zeros(len(raw)), trend, gap, self._targets.scale,
                                      self._features.bound)
         return self._to_xp(np.concatenate([self._features.normalize(raw), extra], axis=1))
 
-    def _window_batch(self) -> tuple[_network.WindowBatch, float]:
-        """The stored window as a training batch, with fresh latent noise; and its last row's raw residual.
+    def _stored_rows(self) -> Rows:
+        """The stored rows as arrays, oldest first."""
+        columns = list(zip(*self._rows, strict=True))
+        return Rows(*(np.asarray(c, dtype=np.float64) for c in columns))
 
-        Windows are fed the way `predict` feeds the future: after a random row j (any but
-        the last) every input is blank but for the real log-loss slot, the staleness and the
-        Holt inputs, and the targets of rows i > j are the residuals of Holt's (i − j + 1)-step
-        forecast from the state before row j. Feeding only half the windows this way learnt
-        long rollouts slower: 50-step log errors about twice as large over steps 300–700 of a
-        noisy power law.
-        """
-        h, cfg = self._history, self._config
-        dim, steps, slot = cfg["feature_dim"], len(h["log_loss"]), cfg["log_loss_slot"]
-        inputs, stale = self._features.normalize(h["features"]), np.zeros(steps)
-        last_real = steps - 1
-        if steps >= 2:
-            last_real = int(self._rng.integers(0, steps - 1))
-            blank = np.zeros((steps - 1 - last_real, dim))
-            blank[:, slot] = inputs[last_real + 1:, slot]
-            inputs = np.concatenate([inputs[:last_real + 1], blank])
-            stale = np.array([_rollout.staleness(max(0, i - last_real), cfg["window"] - 1) for i in range(steps)])
-        index = np.arange(steps)
-        origin = np.minimum(index, last_real)
-        trend = h["trend"][origin]
-        forecast = h["level"][origin] + (index - origin + 1) * trend
-        scale = self._targets.scale
-        extra = _rollout.holt_inputs(np, stale, trend, forecast - _slot_log_loss(h["features"], slot), scale,
-                                     self._features.bound)
-        residual = np.clip(h["log_loss"] - forecast, -_DELTA_BOUND, _DELTA_BOUND)
-        target = np.clip(residual / scale, -_TARGET_BOUND, _TARGET_BOUND)
-        width = dim + _rollout.EXTRA_INPUTS
-        rows = self._to_xp(np.concatenate([inputs, extra, target[:, None], h["scale_target"][:, None],
-                                           h["scale_mask"][:, None]], axis=1))
-        eps = self._rng.standard_normal((cfg["ensemble"], steps, cfg["latent"]))
-        per_member = self._to_xp(np.concatenate([eps, h["weight"].T[:, :, None]], axis=2))
-        batch = _network.WindowBatch(self._h_start, rows[:, :width], rows[:, width], rows[:, width + 1],
-                                     rows[:, width + 2], per_member[..., -1], per_member[..., :-1])
-        return batch, float(residual[-1])
-
-    def _mean_delta(self, states: Any) -> float:
-        """The members' mean residual (target units) after the window's last step, latent at its mean."""
-        w_mean, b_mean = _heads.mean_head(self._xp, *self._weights[4:])
-        return float(np.mean(to_numpy(self._xp.matmul(states[:, -1:, :], w_mean) + b_mean)))
+    def _set_weights(self, flat: Any) -> None:
+        self._flat = flat
+        self._net = _rollout.prepare(self._xp, _network.unflatten(self._xp, flat, self._shapes))
 
     def _to_xp(self, value: np.ndarray) -> Any:
         return from_numpy(self._xp, value, dtype=self._dtype, device=self._device)
 
     def state_dict(self) -> dict[str, Any]:
-        """Config, weights, Adam moments, carried GRU states, normaliser stats, RNG state, history, scores."""
-        xp, adam = self._xp, self._adam
-
-        def copies(arrays: list[Any] | None) -> list[Any] | None:
-            return None if arrays is None else [xp.asarray(a, copy=True) for a in arrays]
-
-        return {
-            "format": _FORMAT,
-            "config": dict(self._config),
-            "weights": copies(self._weights),
-            "adam_step": adam.step_count,
-            "exp_avg": copies(adam.exp_avg),
-            "exp_avg_sq": copies(adam.exp_avg_sq),
-            "h_start": xp.asarray(self._h_start, copy=True),
-            "h_after_first": xp.asarray(self._h_after_first, copy=True),
-            "h_run": xp.asarray(self._h_run, copy=True),
-            "features": self._features.state_dict(),
-            "targets": self._targets.state_dict(),
-            "rng": copy.deepcopy(self._rng.bit_generator.state),
-            "history": {k: v.copy() for k, v in self._history.items()},
-            "seen": self._seen,
-            "accuracy": self._accuracy.state_dict(),
-            "last_log_loss": self._last_log_loss,
-            "holt": list(self._holt),
-        }
+        """Config, weights, Adam moments, carried GRU states, normaliser stats, RNG state, rows, scores."""
+        return _rssm_state.dump(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; on a mismatch raise `CheckpointError` and change nothing."""
-        try:
-            loaded = self._read_state(state)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise CheckpointError(f"RSSMDynamics state is malformed ({type(exc).__name__}: {exc})") from exc
-        (self._config, self._weights, self._adam, self._h_start, self._h_after_first, self._h_run, self._features,
-         self._targets, self._accuracy, self._rng, self._history, self._seen, self._last_log_loss,
-         self._holt) = loaded
+        _rssm_state.load(self, state)
+        self._set_weights(self._flat)
         self._confidence = None
-
-    def _read_state(self, state: dict[str, Any]) -> tuple[Any, ...]:
-        if state.get("format") != _FORMAT:
-            raise CheckpointError(f"state format {state.get('format')!r} is not {_FORMAT!r}",
-                                  "Load a state_dict() saved by RSSMDynamics.")
-        config = dict(state["config"])
-        wrong = [k for k in _SHAPE_KEYS if config[k] != self._config[k]]
-        if wrong:
-            raise CheckpointError(
-                "state was saved by an RSSMDynamics with other sizes: "
-                + ", ".join(f"{k}={config[k]!r} (here {self._config[k]!r})" for k in wrong),
-                "Construct RSSMDynamics with the saved sizes before loading.")
-        weights = [self._from_state(w) for w in state["weights"]]
-        carried = [self._from_state(state[k]) for k in ("h_start", "h_after_first", "h_run")]
-        adam = Adam(float(config["lr"]), float(config["clip"]))
-        adam.step_count = int(state["adam_step"])
-        if adam.step_count:
-            adam.exp_avg = [self._from_state(m) for m in state["exp_avg"]]
-            adam.exp_avg_sq = [self._from_state(v) for v in state["exp_avg_sq"]]
-        expected = [tuple(w.shape) for w in self._weights]
-        groups = [weights, *([adam.exp_avg, adam.exp_avg_sq] if adam.step_count else [])]
-        if (any([tuple(a.shape) for a in group] != expected for group in groups)
-                or any(tuple(h.shape) != tuple(self._h_start.shape) for h in carried)):
-            raise CheckpointError("state arrays have the wrong shapes", "Load a state saved with the sizes.")
-        features = RunningNormalizer(config["feature_dim"])
-        features.load_state_dict(state["features"])
-        targets = RunningScale(_INITIAL_TARGET_SCALE)
-        targets.load_state_dict(state["targets"])
-        rng = np.random.default_rng()
-        rng.bit_generator.state = copy.deepcopy(state["rng"])
-        history = {k: np.array(state["history"][k], dtype=np.float64) for k in _HISTORY_KEYS}
-        accuracy = AccuracyTracker(_LOOKAHEAD, _SPAN, _STEP_RATE, _FORECAST_RATE)
-        accuracy.load_state_dict(state["accuracy"])
-        return (config, weights, adam, *carried, features, targets, accuracy, rng, history,
-                int(state["seen"]), float(state["last_log_loss"]), _holt_state(state["holt"]))
-
-    def _from_state(self, value: Any) -> Any:
-        return self._to_xp(np.asarray(value) if isinstance(value, list) else to_numpy(value))
-
-
-def _keep_last(stored: np.ndarray, value: Any, keep: int) -> np.ndarray:
-    """``stored`` with ``value`` appended as a new row, cut to the last ``keep`` rows."""
-    start = max(0, len(stored) + 1 - keep)
-    return np.concatenate([stored[start:], np.asarray(value, dtype=np.float64)[None, ...]])
-
-
-def _slot_log_loss(raw: np.ndarray, slot: int) -> np.ndarray:
-    """The raw log-loss slot of feature rows, bounded as the losses are."""
-    return np.clip(raw[..., slot], -_LOG_BOUND, _LOG_BOUND)
 
 
 def _holt_update(holt: tuple[float, float], log_loss: float, seen: int) -> tuple[float, float]:
@@ -404,8 +340,3 @@ def _holt_update(holt: tuple[float, float], log_loss: float, seen: int) -> tuple
     level, trend = holt
     new_level = level_rate * log_loss + (1.0 - level_rate) * (level + trend)
     return new_level, trend + trend_rate * (new_level - level - trend)
-
-
-def _holt_state(value: Any) -> tuple[float, float]:
-    level, trend = (float(v) for v in value)
-    return level, trend
