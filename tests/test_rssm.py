@@ -348,10 +348,37 @@ def test_load_state_dict_rejects_foreign_states():
     a = RSSMDynamics(**SMALL)
     with pytest.raises(CheckpointError, match="sizes"):
         RSSMDynamics(**{**SMALL, "hidden": 9}).load_state_dict(a.state_dict())
-    with pytest.raises(CheckpointError):
-        a.load_state_dict({"format": "RSSMDynamics/1"})
-    with pytest.raises(CheckpointError):
-        a.load_state_dict({"format": "something else"})
+    with pytest.raises(CheckpointError, match="sizes"):
+        RSSMDynamics(**{**SMALL, "windows": 2}).load_state_dict(a.state_dict())
+    for old in ("RSSMDynamics/1", "RSSMDynamics/2", "something else"):
+        with pytest.raises(CheckpointError, match="format"):
+            a.load_state_dict({"format": old})
+
+
+def _damaged(state):
+    """Variants of a valid state with one part broken."""
+    rows = state["rows"]
+    yield {**state, "seen": state["seen"] - 10}  # rows no longer match the observations
+    yield {**state, "h_before": state["h_before"][:-1]}
+    yield {**state, "rows": {**rows, "features": rows["features"][:, :-1]}}
+    yield {**state, "weights": state["weights"][:, :-1]}
+    yield {**state, "h_run": np.zeros((1, 1, 1))}
+    yield {**state, "unscored": [[0.0, 1.0]] * 40}
+    yield {**state, "accuracy": {**state["accuracy"], "pending": [1.0, 2.0]}}
+    yield {k: v for k, v in state.items() if k != "targets"}
+
+
+def test_a_damaged_state_raises_and_changes_nothing():
+    losses, _ = power_law(30, 0.03, seed=2)
+    feats = features_for(losses)
+    good, victim = RSSMDynamics(**SMALL), RSSMDynamics(**SMALL, seed=5)
+    feed(good, feats, losses, stop=25)
+    feed(victim, feats, losses, stop=13)
+    before = victim.predict(feats[13], 4)
+    for broken in _damaged(good.state_dict()):
+        with pytest.raises(CheckpointError):
+            victim.load_state_dict(broken)
+        assert victim.predict(feats[13], 4) == before and victim.state_dict()["seen"] == 13
 
 
 # Eager JAX compiles each new (operation, shape) once, ~200 of them here (~12 s): slow even for a short run.
@@ -467,3 +494,32 @@ def test_rssm_tracks_a_long_noisy_power_law():
     # One step ahead it must beat repeating the last loss: it has learnt to discount that loss's noise.
     assert result["skill"][1] > 0.2
     assert all(0.75 <= result["coverage"][h] <= 1.0 for h in (1, 10, 50))
+
+
+# --- BLAS threads -------------------------------------------------------------------------------------------
+
+def test_training_runs_numpy_blas_on_one_thread_and_restores_the_count(monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    losses, _ = power_law(20, 0.03, seed=3)
+    feats = features_for(losses)
+    dyn = RSSMDynamics(**SMALL, train_every=4, windows=2)
+    inside = []
+    real = _network.loss_and_grads
+
+    def numpy_blas_threads():  # NumPy's own BLAS (its wheel ships it in numpy.libs); other libraries may be loaded
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+
+    def spy(xp, weights, batch):
+        inside.append(numpy_blas_threads())
+        return real(xp, weights, batch)
+
+    monkeypatch.setattr(_network, "loss_and_grads", spy)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        outside = numpy_blas_threads()
+        if not outside or max(outside) < 2:
+            pytest.skip("NumPy's BLAS here is not a library of its own that can run two threads")
+        feed(dyn, feats, losses)
+        after = numpy_blas_threads()
+    assert len(inside) == 5 and all(counts == [1] * len(outside) for counts in inside)
+    assert after == outside

@@ -71,9 +71,10 @@ _HOLT = (0.05, 0.02)  # Holt's level and trend rates, as in TrendDynamics
 class RSSMDynamics:
     """Ensemble RSSM-lite `DynamicsModel` trained online by truncated BPTT; runs on any array-API namespace.
 
-    The trainer's default dynamics model. ``samples`` latent draws per member are rolled
-    out by `predict`; ``tolerance`` is the log-space error (≈ relative error) at which each
-    confidence factor falls to 1/e. Weights are ``dtype`` (default float32) on ``device``;
+    The trainer's default dynamics model. Every ``train_every``-th `observe` takes one Adam
+    step (``lr``, per-member gradient norm ≤ ``clip``) on ``windows`` windows of ``window``
+    rows; ``samples`` latent draws per member are rolled out by `predict`; ``tolerance`` is
+    the log-space error (≈ relative error) at which each confidence factor falls to 1/e. Weights are ``dtype`` (default float32) on ``device``;
     all randomness comes from ``numpy.random.default_rng(seed)``.
     """
 
@@ -124,7 +125,7 @@ class RSSMDynamics:
         self._rows: deque[tuple[Any, ...]] = deque(maxlen=keep)
         self._h_before: deque[Any] = deque(maxlen=keep)
         self._h_run = self._to_xp(np.zeros((ensemble, 1, hidden)))  # after every observed row: rollouts start here
-        # (residual, target scale) of each row since the last tick: its one-step prediction is scored then.
+        # (residual, target scale) of each row since the last scoring (every Adam step and 10th observe).
         self._unscored: list[tuple[float, float]] = []
         self._seen = 0
         self._accuracy = AccuracyTracker(_LOOKAHEAD, _SPAN, _STEP_RATE, _FORECAST_RATE)

@@ -28,7 +28,7 @@ __all__ = ["FORMAT", "dump", "load"]
 FORMAT = "RSSMDynamics/3"
 """The state format; states of earlier formats are refused (their layout differs)."""
 
-_SHAPE_KEYS = ("feature_dim", "hidden", "latent", "ensemble", "window", "log_loss_slot", "train_every")
+_SHAPE_KEYS = ("feature_dim", "hidden", "latent", "ensemble", "window", "log_loss_slot", "train_every", "windows")
 _ROW_KEYS = ("features", "log_loss", "level", "trend", "scale_target", "scale_mask", "weight")
 
 
@@ -117,11 +117,15 @@ def _read(model: RSSMDynamics, state: dict[str, Any]) -> dict[str, Any]:
     accuracy.load_state_dict(state["accuracy"])
     level, trend = (float(v) for v in state["holt"])
     keep = model._rows.maxlen
+    seen = int(state["seen"])
+    if seen < 0 or len(rows) != min(seen, keep):
+        raise CheckpointError(f"state has {len(rows)} stored rows after {seen} observations (expected "
+                              f"{min(max(seen, 0), keep)})", "Load an unmodified state_dict().")
     return {
         "_config": config, "_flat": flat, "_adam": adam, "_h_run": h_run,
         "_h_before": deque(h_before, maxlen=keep), "_rows": deque(rows, maxlen=keep),
         "_unscored": unscored, "_features": features,
-        "_targets": targets, "_rng": rng, "_seen": int(state["seen"]), "_accuracy": accuracy,
+        "_targets": targets, "_rng": rng, "_seen": seen, "_accuracy": accuracy,
         "_spread": float(state["spread"]), "_last_log_loss": float(state["last_log_loss"]),
         "_holt": (level, trend),
     }

@@ -35,7 +35,8 @@ def one_blas_thread(xp: ModuleType) -> Iterator[None]:
 
 
 def _numpy_blas() -> Any:
-    """A threadpoolctl controller of the BLAS libraries loaded now, built once (that scan costs milliseconds)."""
+    """A threadpoolctl controller of the BLAS libraries loaded now (NumPy's among them), built once: the scan
+    costs milliseconds. A BLAS library loaded later (SciPy's, say) is left alone."""
     global _controller
     if _controller is None:
         try:
