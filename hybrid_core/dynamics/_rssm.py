@@ -74,8 +74,9 @@ class RSSMDynamics:
     The trainer's default dynamics model. Every ``train_every``-th `observe` takes one Adam
     step (``lr``, per-member gradient norm ≤ ``clip``) on ``windows`` windows of ``window``
     rows; ``samples`` latent draws per member are rolled out by `predict`; ``tolerance`` is
-    the log-space error (≈ relative error) at which each confidence factor falls to 1/e. Weights are ``dtype`` (default float32) on ``device``;
-    all randomness comes from ``numpy.random.default_rng(seed)``.
+    the log-space error (≈ relative error) at which each confidence factor falls to 1/e.
+    Weights are ``dtype`` (default float32) on ``device``; all randomness comes from
+    ``numpy.random.default_rng(seed)``.
     """
 
     def __init__(
