@@ -26,6 +26,7 @@ __all__ = [
     "HeadOutputs",
     "backward",
     "fold",
+    "folded_mean_head",
     "forward",
     "log_std",
     "mean_head",
@@ -144,5 +145,10 @@ def backward(
 
 def mean_head(xp: ModuleType, w_p: Any, b_p: Any, w_o: Any, b_o: Any) -> tuple[Any, Any]:
     """(w, c) with m = h·w + c the target mean at z = μ: the heads are linear in z, so this is E_z[m]."""
-    folded, latent = fold(xp, w_p, b_p, w_o, b_o), w_p.shape[2] // 2
+    return folded_mean_head(fold(xp, w_p, b_p, w_o, b_o))
+
+
+def folded_mean_head(folded: Folded) -> tuple[Any, Any]:
+    """`mean_head` read from heads already folded: the mean output's column of ``folded``."""
+    latent = folded.w_z.shape[1]
     return folded.w[..., latent:latent + 1], folded.c[..., latent:latent + 1]

@@ -75,8 +75,8 @@ class Net(NamedTuple):
 
 def prepare(xp: ModuleType, weights: list[Any]) -> Net:
     """The weights with their folded heads and mean head (see `_heads.fold`, `_heads.mean_head`)."""
-    w_mean, b_mean = _heads.mean_head(xp, *weights[4:])
-    return Net(weights, _heads.fold(xp, *weights[4:]), w_mean, b_mean)
+    folded = _heads.fold(xp, *weights[4:])
+    return Net(weights, folded, *_heads.folded_mean_head(folded))
 
 
 class Rollout(NamedTuple):
