@@ -256,6 +256,19 @@ def test_the_correction_is_trusted_only_as_far_as_scored_forecasts_support_it():
     assert scored(lambda c, rng: rng.normal(0.0, 0.1)) < 0.3  # unrelated to what happens
 
 
+@settings(max_examples=30, deadline=None)
+@given(hnp.arrays(np.float64, (DIM,), elements=st.floats(-1e6, 1e6)), st.floats(-50, 50), st.floats(-5, 5))
+def test_a_steps_inputs_are_those_the_training_windows_give_a_real_row(raw, level, trend):
+    losses, _ = power_law(12, 0.03, seed=1)
+    dyn = RSSMDynamics(**SMALL)
+    feed(dyn, features_for(losses), losses)
+    bound, scale = dyn._features.bound, dyn._targets.scale
+    gap = np.array([level + trend]) - np.clip(raw[None, 1], -700.0, 700.0)
+    extra = _rollout.holt_inputs(np.zeros(1), np.array([trend]), gap, scale, bound)
+    expected = np.concatenate([dyn._features.normalize(raw[None, :]), extra], axis=1)
+    np.testing.assert_array_equal(dyn._row_inputs(raw, level, trend), expected.astype(np.float32))
+
+
 def test_trains_once_per_tick_on_windows_that_start_from_the_carried_states(monkeypatch):
     losses, _ = power_law(40, 0.02, seed=9)
     feats = features_for(losses)

@@ -26,6 +26,7 @@ class RunningNormalizer:
         self.count = 0
         self.mean = np.zeros(dim)
         self.var = np.zeros(dim)
+        self._std = self._spread()
 
     def update(self, x: np.ndarray) -> None:
         """Fold one observation into the statistics (exponentially weighted Welford step)."""
@@ -34,10 +35,15 @@ class RunningNormalizer:
         delta = x - self.mean
         self.mean = self.mean + rate * delta
         self.var = (1.0 - rate) * (self.var + rate * delta * delta)
+        self._std = self._spread()
 
     @property
     def std(self) -> np.ndarray:
-        """The spread used to standardise; the relative floor keeps float rounding of a constant slot at 0."""
+        """The spread used to standardise (kept from the last update: `normalize` runs every step)."""
+        return self._std
+
+    def _spread(self) -> np.ndarray:
+        # The relative floor keeps float rounding of a constant slot at 0.
         return np.sqrt(self.var) + 1e-8 * (1.0 + np.abs(self.mean))
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
@@ -54,6 +60,7 @@ class RunningNormalizer:
         self.count = int(state["count"])
         self.mean = np.array(state["mean"], dtype=np.float64)
         self.var = np.array(state["var"], dtype=np.float64)
+        self._std = self._spread()
 
 
 class RunningScale:

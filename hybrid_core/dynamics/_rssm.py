@@ -52,7 +52,7 @@ from ._accuracy import AccuracyTracker
 from ._adam import Adam
 from ._normalizer import RunningNormalizer, RunningScale
 from ._threads import one_blas_thread
-from ._windows import DELTA_BOUND, LOG_BOUND, Rows, slot_log_loss, window_batch
+from ._windows import DELTA_BOUND, LOG_BOUND, Rows, window_batch
 
 __all__ = ["RSSMDynamics"]
 
@@ -157,8 +157,7 @@ class RSSMDynamics:
         self._rows.append((row, log_loss, level, trend, min(max(scale, 0.0), 2.0) if observed else 1.0,
                            float(observed), self._rng.poisson(1.0, cfg["ensemble"]).astype(np.float64)))
         self._h_before.append(self._h_run)
-        self._h_run = _rollout.warm_up(self._xp, self._net.weights, self._h_run,
-                                       self._real_inputs(row[None, :], np.array([level]), np.array([trend])))
+        self._h_run = _rollout.warm_up(self._xp, self._net.weights, self._h_run, self._row_inputs(row, level, trend))
         self._unscored.append((residual, prior_scale))
         self._last_log_loss = log_loss
         self._holt = _holt_update(self._holt, log_loss, self._seen)
@@ -299,17 +298,22 @@ class RSSMDynamics:
         """The leading arguments of the rollouts: the state after the observed rows, then the current ``row``."""
         cfg = self._config
         slot = cfg["log_loss_slot"]
-        x = self._real_inputs(row[None, :], np.array([self._holt[0]]), np.array([self._holt[1]]))
+        x = self._row_inputs(row, *self._holt)
         feedback = _rollout.Feedback(slot, float(self._features.mean[slot]), float(self._features.std[slot]),
                                      self._features.bound, cfg["window"] - 1)
         return self._xp, self._net, self._h_run, x, _rollout.Holt(*self._holt), feedback, self._targets.scale
 
-    def _real_inputs(self, raw: np.ndarray, level: np.ndarray, trend: np.ndarray) -> Any:
-        """Network inputs (T, D + 3) of real feature rows ``raw`` whose Holt states before them are given."""
-        gap = level + trend - slot_log_loss(raw, self._config["log_loss_slot"])
-        extra = _rollout.holt_inputs(np.zeros(len(raw)), trend, gap, self._targets.scale,
-                                     self._features.bound)
-        return self._to_xp(np.concatenate([self._features.normalize(raw), extra], axis=1))
+    def _row_inputs(self, raw: np.ndarray, level: float, trend: float) -> Any:
+        """Network inputs (1, D + 3) of one real feature row whose Holt state before it is (level, trend).
+
+        The same values `_rollout.holt_inputs` gives a stack of rows, in Python floats: this runs on
+        every step, where each NumPy call on tiny arrays costs more than its arithmetic.
+        """
+        bound, scale = self._features.bound, self._targets.scale
+        logged = min(max(float(raw[self._config["log_loss_slot"]]), -LOG_BOUND), LOG_BOUND)
+        extra = (0.0, min(max(_rollout.TREND_HORIZON * trend / scale, -bound), bound),
+                 min(max((level + trend - logged) / scale, -bound), bound))
+        return self._to_xp(np.concatenate([self._features.normalize(raw), extra])[None, :])
 
     def _stored_rows(self) -> Rows:
         """The stored rows as arrays, oldest first."""
