@@ -50,8 +50,8 @@ class HybridTrainer(PredictingMixin):
     Real steps (WARMUP, FULL, CORRECT) run forward + backward + optimizer step and
     teach ``dynamics`` the loss trajectory (default: `RSSMDynamics` seeded with
     ``config.seed``; `TrendDynamics` is the cheaper choice for models whose step
-    takes well under a few milliseconds, see docs/dynamics.md). In FULL a LinUCB bandit picks the next
-    PREDICT horizon, 0 (keep training normally) included. A PREDICT step runs no
+    takes well under a few milliseconds, see docs/dynamics.md). In FULL a LinUCB
+    bandit picks the next PREDICT horizon, 0 (keep training normally) included. A PREDICT step runs no
     backward pass: it applies ``step_scale · direction`` (the optimizer's predicted
     next update, or a line fitted through parameter snapshots) and every
     ``check_interval`` steps a forward-only check compares the loss with the

@@ -53,7 +53,7 @@ def dump(model: RSSMDynamics) -> dict[str, Any]:
         "features": model._features.state_dict(),
         "targets": model._targets.state_dict(),
         "rng": copy.deepcopy(model._rng.bit_generator.state),
-        "rows": {k: (np.zeros(0) if rows is None else getattr(rows, k).copy()) for k in _ROW_KEYS},
+        "rows": {k: (np.zeros(0) if rows is None else getattr(rows, k)) for k in _ROW_KEYS},  # fresh arrays
         "seen": model._seen,
         "accuracy": model._accuracy.state_dict(),
         "spread": model._spread,
