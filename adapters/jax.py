@@ -55,6 +55,31 @@ def _transform(tx: Any, treedef: Any, grads: Any, state: Any, params: Any) -> tu
     return [u.astype(p.dtype) for u, p in pairs], new_state
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any, measure: bool, keep_grads: bool,
+                fixed_lr: float | None, leaves: list[jax.Array], state: Any, batch: Any) -> tuple[Any, ...]:
+    """One real step in one computation: loss and gradients, the optax update applied, and (``measure``)
+    the statistics ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]``."""
+    params = treedef.unflatten(leaves)
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, new_state = tx.update(grads, state, params)
+    flat_u = [u.astype(p.dtype) for u, p in zip(treedef.flatten_up_to(updates), leaves, strict=True)]
+    new_leaves = [p + u for p, u in zip(leaves, flat_u, strict=True)]
+    flat_g = treedef.flatten_up_to(grads)
+    stats = None
+    if measure:
+        f32 = jnp.float32
+        g32 = [g.astype(f32) for g in flat_g]
+        u32 = [u.astype(f32) for u in flat_u]
+        node = injected_holding(new_state, "learning_rate")
+        lr = jnp.asarray(fixed_lr if node is None else node.hyperparams["learning_rate"], f32)
+        stats = jnp.stack([loss.astype(f32), sum(jnp.sum(g * g) for g in g32), sum(jnp.sum(u * u) for u in u32),
+                           sum(jnp.sum(g * u) for g, u in zip(g32, u32, strict=True)),
+                           jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in g32])),
+                           sum(jnp.sum(~jnp.isfinite(g)) for g in g32).astype(f32), lr])
+    return new_leaves, new_state, loss, flat_u, (flat_g if keep_grads else None), stats
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _mhat_update(tx: Any, treedef: Any, state: Any, params: Any) -> list[jax.Array]:
     """The update ``tx`` would take for the gradient m̂_t of its one (injected-b1) Adam state."""
@@ -127,6 +152,15 @@ class JaxModel:
         """Rebind the leaves to θ + scale·update (one jitted call; ``scale`` is traced, so no recompiling)."""
         update = check_like_parameters(self._xp, self._leaves, update, "the update")
         self._leaves = list(_add_scaled(self._leaves, update, float(scale)))
+        self._params = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
+
+    def set_parameters(self, values: Sequence[jax.Array]) -> None:
+        """Rebind the leaves to ``values`` (same shapes, dtypes; JAX arrays)."""
+        self._rebind(check_like_parameters(self._xp, self._leaves, values, "the parameters"))
+
+    def _rebind(self, leaves: Sequence[jax.Array]) -> None:
+        """Take ``leaves`` as the parameters, unchecked (for this module's own jitted updates)."""
+        self._leaves = list(leaves)
         self._params = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
 
     def _check_batch(self, batch: Any) -> None:
@@ -238,6 +272,22 @@ class OptaxOptimizer:
             self._last_grads = grads
         self._steps += 1
         return list(update)
+
+    def fused_step(self, batch: Any, measure: bool) -> tuple[jax.Array, jax.Array | None]:
+        """One real step as one ``jax.jit``-ed computation: value_and_grad, the optax update applied, and
+        (``measure``) the statistics vector, lr included (read from the state on the device, no host read)."""
+        model = self.model
+        if measure:
+            model._check_batch(batch)
+        leaves, state, loss, update, grads, stats = _fused_step(
+            model.loss_fn, self.transformation, model.treedef, bool(measure), self._rule == "replay",
+            self._fixed_lr, model.parameters(), self._state, batch)
+        model._rebind(leaves)
+        self._state, self._last_update = state, list(update)
+        if grads is not None:
+            self._last_grads = list(grads)
+        self._steps += 1
+        return loss, stats
 
     def extrapolate(self) -> list[jax.Array]:
         """The predicted next update (see the class docstring); changes neither model nor state."""

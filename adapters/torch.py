@@ -12,6 +12,7 @@ import torch
 from hybrid_core._backend import namespace_of
 from hybrid_core._errors import BackendError, BatchError, CheckpointError, ConfigError, ModelError
 from hybrid_core._protocols import Model
+from hybrid_core.kernels import fused_stats
 from hybrid_core.models._checks import check_like_parameters
 
 from ._batch import batch_leaves, library_of
@@ -99,6 +100,12 @@ class TorchModel:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         return loss.detach(), [p.grad for p in self._params]
+
+    def set_parameters(self, values: Sequence[torch.Tensor]) -> None:
+        """Copy ``values`` into the live parameter tensors (one ``torch._foreach_copy_``)."""
+        values = check_like_parameters(self._xp, self._params, values, "the parameters")
+        with torch.no_grad():
+            torch._foreach_copy_(self._params, values)
 
     def apply_update(self, update: Sequence[torch.Tensor], scale: float) -> None:
         """θ ← θ + scale·update for all parameters in one ``torch._foreach_add_``."""
@@ -244,6 +251,62 @@ class TorchOptimizer:
         if self.scheduler is not None:
             self.scheduler.step()
         return list(update)
+
+    def fused_step(self, batch: Any, measure: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One real step as torch users write it: ``zero_grad``, ``loss.backward()``, ``optimizer.step()``.
+
+        Nothing is read to the host. Only with ``measure`` are the batch's devices checked, Δθ
+        measured in the reused buffer and the statistics ``[loss, Σg², Σu², Σg·u, max|g|,
+        non-finite count, lr]`` computed (one device vector); otherwise the step costs what the
+        plain loop costs. A model that is not a `TorchModel` takes the unfused path.
+        """
+        model = self.model
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses (a scheduler moves it after)
+        if not isinstance(model, TorchModel):
+            loss, grads = model.loss_and_grad(batch)
+            update = self.step(grads)
+            return loss, (self._stats(loss, list(grads), update, lr) if measure else None)
+        if measure:
+            model._check_batch(batch)
+        module, params = model.module, self._params
+        module.zero_grad(set_to_none=True)
+        mode = contextlib.nullcontext() if module.training else _mode(module, True)
+        with torch.enable_grad(), mode:
+            loss = model._scalar(model.loss_fn(module, batch))
+            if not loss.requires_grad:
+                raise ModelError("the loss does not depend on any trainable parameter",
+                                 "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
+            loss.backward()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        self._has_update = False
+        with torch.no_grad():
+            if measure:
+                if self._buffer is None:
+                    self._buffer = torch._foreach_clone(params)
+                else:
+                    torch._foreach_copy_(self._buffer, params)
+            self.optimizer.step()
+            if measure:
+                torch._foreach_sub_(self._buffer, params)
+                torch._foreach_neg_(self._buffer)
+                self._has_update = True
+        if self._rule is sgd_next:
+            self._last_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        self._steps = [s + 1 for s in self._steps]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        loss = loss.detach()
+        if not measure:
+            return loss, None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        return loss, self._stats(loss, grads, self._buffer, lr)
+
+    @staticmethod
+    def _stats(loss: torch.Tensor, grads: list[torch.Tensor], update: Sequence[torch.Tensor],
+               lr: float) -> torch.Tensor:
+        stats = fused_stats(loss, grads, list(update))
+        return torch.cat([stats, torch.tensor([lr], dtype=stats.dtype, device=stats.device)])
 
     def extrapolate(self) -> list[torch.Tensor]:
         """The predicted next Δθ (fresh tensors); changes neither the model nor the optimizer state."""

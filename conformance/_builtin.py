@@ -8,36 +8,38 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_core._backend import as_namespace, from_numpy
+from hybrid_core._backend import BACKEND_MODULES, from_numpy, namespace_for
+from hybrid_core._errors import BackendError
 from hybrid_core.conformance._case import ConformanceCase
 from hybrid_core.models import MLP
 from hybrid_core.optim import Adam
 
 __all__ = ["builtin_cases"]
 
-_BACKENDS = (("numpy", "numpy"), ("array_api_strict", "array_api_strict"), ("torch", "torch"),
-             ("jax", "jax.numpy"), ("cupy", "cupy"))
 
-
-def _skip_reason(module: str) -> str | None:
+def _skip_reason(backend: str) -> str | None:
+    """Why the backend called ``backend`` cannot run here (it does not import or cannot make an array), or None."""
     try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        return f"{module} is not installed ({exc})"
-    if module == "cupy":
-        try:
-            if mod.cuda.runtime.getDeviceCount() < 1:
-                return "cupy: no CUDA device"
-        except Exception as exc:  # any CUDA failure means it cannot run here
-            return f"cupy cannot run kernels without a GPU ({type(exc).__name__}: {exc})"
+        namespace_for(backend)
+    except BackendError as exc:  # e.g. not installed, or CuPy without a usable GPU
+        return exc.message
     return None
 
 
-def _case(name: str, module: str) -> ConformanceCase:
-    reason = _skip_reason(module)
+def _import_reason(module: str) -> str | None:
+    """Why ``module`` (a library that is not an array backend, e.g. optax) does not import, or None."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"{module} is not installed ({exc})"
+    return None
+
+
+def _case(name: str) -> ConformanceCase:
+    reason = _skip_reason(name)
 
     def xp() -> Any:
-        return as_namespace(importlib.import_module(module))
+        return namespace_for(name)
 
     def make_model(seed: int) -> MLP:
         return MLP([12, 16, 4], xp=xp(), seed=seed, dtype=xp().float32)
@@ -97,7 +99,7 @@ def _torch_adapter_case() -> ConformanceCase:
 
 
 def _jax_adapter_case() -> ConformanceCase:
-    reason = _skip_reason("jax.numpy") or _skip_reason("optax")
+    reason = _skip_reason("jax") or _import_reason("optax")
 
     def make_model(seed: int) -> Any:
         import jax.numpy as jnp
@@ -141,4 +143,4 @@ def builtin_cases() -> list[ConformanceCase]:
 
     Missing or GPU-less backends are skipped with a reason.
     """
-    return [*(_case(name, module) for name, module in _BACKENDS), _torch_adapter_case(), _jax_adapter_case()]
+    return [*(_case(name) for name in BACKEND_MODULES), _torch_adapter_case(), _jax_adapter_case()]

@@ -3,7 +3,7 @@
 Run: python examples/fastgrnn_router.py [--backend numpy|torch] [--data synthetic|digits]
                                         [--epochs 30] [--out DIR] [--seed 0]
 
-``synthetic`` are seeded routing logs (see `hybrid_core.router.routing_logs` for the features and
+``synthetic`` are seeded routing logs (see `hybrid_core.apps.router.routing_logs` for the features and
 the labelling rule); ``digits`` is the bundled handwritten-digits set read row by row (8 steps of
 8 pixels), 0-4 vs 5-9. The output folder receives ``epochs.jsonl`` (per-epoch metrics),
 ``summary.json`` and ``router.ckpt`` (weights and normaliser).
@@ -16,8 +16,8 @@ import importlib
 
 import numpy as np
 
-from hybrid_core.data import sequential_digits
-from hybrid_core.router import RouterConfig, load_router, routing_logs, train_router
+from hybrid_core.apps.data import sequential_digits
+from hybrid_core.apps.router import RouterConfig, load_router, routing_logs, train_router
 
 
 def main(argv: list[str] | None = None) -> int:

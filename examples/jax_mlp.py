@@ -20,7 +20,7 @@ import optax
 
 from hybrid_core import HybridConfig, HybridTrainer
 from hybrid_core.adapters.jax import JaxModel, OptaxOptimizer
-from hybrid_core.data import split_digits
+from hybrid_core.apps.data import split_digits
 
 
 def cross_entropy(params: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> jax.Array:

@@ -20,7 +20,7 @@ import torch
 
 from hybrid_core import HybridConfig, HybridTrainer
 from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
-from hybrid_core.data import split_digits
+from hybrid_core.apps.data import split_digits
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ import argparse
 import numpy as np
 
 from hybrid_core import HybridConfig, HybridTrainer
-from hybrid_core.data import split_digits
+from hybrid_core.apps.data import split_digits
 from hybrid_core.models import MLP
 from hybrid_core.optim import Adam
 

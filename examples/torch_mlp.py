@@ -19,7 +19,7 @@ from torch import nn
 
 from hybrid_core import HybridConfig, HybridTrainer
 from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
-from hybrid_core.data import split_digits
+from hybrid_core.apps.data import split_digits
 
 
 def cross_entropy(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,6 @@ The core is written against the Python array API standard, so the same trainer
 drives NumPy, array-api-strict, PyTorch, JAX and CuPy arrays. See README.md.
 """
 
-from ._baseline import TrendDynamics
 from ._config import HybridConfig
 from ._errors import (
     BackendError,
@@ -23,6 +22,7 @@ from ._protocols import DynamicsModel, Model, Optimizer, Outcome, Prediction
 from ._state import TrainingState
 from ._trainer import HybridTrainer, StepResult
 from ._version import __version__ as __version__
+from .dynamics import TrendDynamics
 
 __all__ = [
     "FEATURE_DIM",

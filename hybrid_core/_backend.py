@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -12,13 +13,60 @@ import numpy as np
 from ._errors import BackendError
 
 __all__ = [
+    "BACKEND_MODULES",
     "as_namespace",
     "from_numpy",
     "library_name",
+    "namespace_for",
     "namespace_of",
     "same_namespace",
     "to_numpy",
 ]
+
+BACKEND_MODULES: dict[str, str] = {
+    "numpy": "numpy",
+    "array_api_strict": "array_api_strict",
+    "torch": "torch",
+    "jax": "jax.numpy",
+    "cupy": "cupy",
+}
+"""Backend name -> the module whose arrays it means. The package's one such map: use `namespace_for`.
+
+The names are the short ones `library_name` gives, so ``library_name(namespace_for(n)) == n``.
+"""
+
+_EXTRAS = {"array_api_strict": "test", "torch": "torch", "jax": "jax", "cupy": "cupy"}
+"""The pip extra of this package that installs each optional backend."""
+
+
+def namespace_for(name: str) -> ModuleType:
+    """The array-API namespace of the backend called ``name`` (a key of `BACKEND_MODULES`), imported now.
+
+    The result is what `as_namespace` gives for that module. `BackendError`, with a recovery
+    hint, if ``name`` is not a known backend or its library does not import (or cannot make
+    an array) here.
+    """
+    module_name = BACKEND_MODULES.get(name) if isinstance(name, str) else None
+    if module_name is None:
+        raise BackendError(
+            f"unknown backend {name!r}; known backends: {', '.join(BACKEND_MODULES)}",
+            f"Pass one of {', '.join(repr(n) for n in BACKEND_MODULES)}.",
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or a broken install failing on import in its own way
+        extra = _EXTRAS.get(name)
+        raise BackendError(
+            f"backend {name!r} is not available: {module_name} does not import ({type(exc).__name__}: {exc})",
+            f"pip install 'hybrid-predict-trainer[{extra}]'" if extra else f"Install {module_name}.",
+        ) from exc
+    try:
+        return as_namespace(module)
+    except BackendError as exc:  # it imports but cannot make an array here (CuPy without a usable GPU)
+        raise BackendError(
+            f"backend {name!r} imports but cannot make an array here: {exc.message}",
+            f"Run where {module_name} works (CuPy needs a CUDA GPU and driver) or pick another backend.",
+        ) from exc
 
 
 def library_name(xp: ModuleType) -> str:

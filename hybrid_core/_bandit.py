@@ -68,6 +68,11 @@ class LinUCBBandit:
                 break
         return out
 
+    def gave_up(self) -> bool:
+        """Whether every horizon `choose` may pick besides 0 was tried and earned no positive mean reward."""
+        tried = [i for i, arm in enumerate(self.arms) if arm != 0 and arm in self.allowed()]
+        return bool(tried) and all(self.pulls[i] > 0 and self.reward_sums[i] <= 0 for i in tried)
+
     def scores(self, context: np.ndarray) -> np.ndarray:
         """Upper confidence bound of each arm's reward for ``context``."""
         x = self._context(context)

@@ -9,7 +9,7 @@ from ._backend import same_namespace, to_numpy
 from ._errors import BatchError, HybridError, ModelError
 from ._protocols import Model
 
-__all__ = ["call_model", "check_loss_and_grads", "read_host", "require_protocol"]
+__all__ = ["call_model", "check_loss_and_grads", "has_method", "read_host", "require_protocol"]
 
 
 def call_model(method: Callable[[Any], Any], batch: Any, name: str) -> Any:
@@ -57,3 +57,8 @@ def require_protocol(obj: Any, protocol: type, what: str) -> None:
             f"{what} ({type(obj).__name__}) does not implement {protocol.__name__}: missing {', '.join(missing)}",
             f"Implement {', '.join(missing)} (see hybrid_core.{protocol.__name__}).",
         )
+
+
+def has_method(obj: Any, name: str) -> bool:
+    """Whether ``obj`` offers the optional method ``name`` (models with buffers expose ``state_dict``)."""
+    return callable(getattr(obj, name, None))

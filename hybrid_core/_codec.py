@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
+from ._backend import BACKEND_MODULES
 from ._errors import CheckpointError
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "ForeignArray", "decode", "encode", "read_file", "write_atomic"]
@@ -33,7 +34,7 @@ _DTYPES = frozenset(
     ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
      "float16", "float32", "float64", "complex64", "complex128"]
 )
-_LIBRARIES = frozenset(["numpy", "array_api_strict", "torch", "jax", "cupy"])
+_LIBRARIES = frozenset(BACKEND_MODULES)  # the backends a stored array may come from
 DEFAULT_MAX_BYTES = 8 * 2**30
 """Largest checkpoint `read_file` accepts unless told otherwise (8 GiB)."""
 

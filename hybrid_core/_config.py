@@ -18,13 +18,16 @@ NONFINITE_POLICIES = ("raise", "skip")
 """What a real step does with a NaN/Inf loss or gradient: raise `DivergenceError` or skip the batch."""
 
 _INT_MAX = 10**9
+_TUPLE_FIELDS = ("horizon_arms", "correction_fractions")
 
 
 @dataclass(frozen=True)
 class HybridConfig:
     """Settings of `HybridTrainer`; invalid values raise one `ConfigError` listing every problem.
 
-    Phase lengths are in steps. Defaults follow DESIGN §4 (the earlier design's sweep).
+    Phase lengths are in steps. The phase defaults come from an earlier parameter sweep of this
+    design (a starting point, kept while measurements do not argue against them); the bookkeeping defaults (``read_every``, ``idle_after``, ``idle_steps``)
+    from the overhead measurements in docs/benchmarks.md.
     """
 
     warmup_steps: int = 100
@@ -76,6 +79,18 @@ class HybridConfig:
     """Per-step records kept in memory by `MetricsCollector` (totals are always exact)."""
     seed: int = 0
     """Seed of every random choice the trainer makes."""
+    read_every: int = 8
+    """Real steps between host reads of the loss and gradient statistics (1 = every step). Between
+    reads the values stay on the device; the statistics are measured on the step of each read; a
+    non-finite value found late rolls the run back to the last read that was all finite and replays
+    the steps since, reading each (see docs/architecture.md)."""
+    idle_after: int = 4
+    """FULL-phase decisions in a row with confidence below half the threshold before the trainer goes
+    idle (no statistics, no features, no dynamics model: the loss alone is read); a PREDICT cycle whose
+    reward leaves the bandit no horizon that paid makes it idle at once. 0 = never idle."""
+    idle_steps: int = 1000
+    """Real steps an idle spell lasts; then the dynamics model is fed again and, after
+    ``min_full_steps`` fed steps, the question whether to predict is asked again."""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -90,6 +105,17 @@ class HybridConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return HybridConfig(**values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HybridConfig:
+        """The config `to_dict` described (lists accepted for the tuple fields); `ConfigError` if invalid."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a dict, got {type(values).__name__}")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError([f"unknown field {name!r}" for name in unknown])
+        clean = {k: tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v for k, v in values.items()}
+        return cls(**clean)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (for checkpoints and reports)."""
@@ -160,6 +186,9 @@ def _problems(c: HybridConfig) -> list[str]:
         _int_problem("history_size", c.history_size, 16, 1_000_000),
         _int_problem("metrics_max_records", c.metrics_max_records, 0),
         _int_problem("seed", c.seed, 0, 2**63 - 1),
+        _int_problem("read_every", c.read_every, 1, 100_000),
+        _int_problem("idle_after", c.idle_after, 0),
+        _int_problem("idle_steps", c.idle_steps, 1),
     ]
     problems = [p for p in checks if p is not None]
     # Cross-field bounds only make sense once both fields are valid integers.

@@ -1,59 +1,271 @@
-"""`PredictCycle`: one PREDICT phase and the CORRECT phase after it, and what it earned."""
+"""`PredictionCycle`: one PREDICT phase and the CORRECT phase after it, start to reward.
+
+The cycle owns everything between entering PREDICT and leaving CORRECT: the direction
+and the forecast, the scales applied (so rolling back to any point is one update by
+minus the later scales: no copy of the weights), the forward checks, CORRECT's line
+search and residual bookkeeping, and the reward the bandit is paid. Its methods return
+records (`Check`, `LineSearch`, `Residual inputs`, `CycleEnd`); the trainer counts and
+logs them. It also owns the horizon the bandit chose for the next cycle and the shrink
+factor the divergence monitor puts on it.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._config import HybridConfig
 from ._protocols import Array, Model, Prediction
 
-__all__ = ["PredictCycle", "corrected", "cycle_reward"]
+__all__ = ["Check", "CycleEnd", "LineSearch", "PredictionCycle", "corrected", "cycle_reward"]
 
 
 @dataclass
-class PredictCycle:
-    """Everything the trainer tracks between entering PREDICT and leaving CORRECT.
+class CycleRun:
+    """The state of the cycle in progress."""
 
-    ``applied`` holds the scale of every predicted step still applied along
-    ``direction``, so rolling back to any point of the phase is one update by
-    −(sum of the later scales): no copy of the weights is kept.
-    """
-
-    horizon: int
     arm: int | None
+    context: np.ndarray
     direction: list[Array]
     prediction: Prediction
-    context: np.ndarray
     entry_slope: float
     slope_stderr: float
+    probe: bool
     applied: list[float] = field(default_factory=list)
+    """Scales of the predicted steps still applied along ``direction``."""
     good: int = 0
     """How many of ``applied`` a forward check has vouched for."""
-    predicted_steps: int = 0
-    correct_prediction: Prediction | None = None
+    steps: int = 0
+    """Predicted steps taken (rolled-back ones included)."""
+    forwards: int = 0
+    """Forward-only passes spent on checks and the line search."""
     correct_raw: Prediction | None = None
+    correct_prediction: Prediction | None = None
     correct_context: np.ndarray | None = None
-    correct_losses: list[float] = field(default_factory=list)
     best_fraction: float | None = None
     paired_gain: float | None = None
     """log L(entry point) − log L(all predicted steps applied) on the line-search batch."""
-    forward_passes: int = 0
-    """Forward-only passes spent on checks and the line search."""
 
-    def roll_back_to(self, model: Model, index: int) -> float:
-        """Undo the applied predicted steps after ``index``; returns the scale undone."""
-        undo = math.fsum(self.applied[index:])
+
+class Check(NamedTuple):
+    """A forward-only check during PREDICT."""
+
+    loss: float
+    predicted: float
+    passed: bool
+    undone: float
+    """Scale rolled back (0 if the check passed or nothing was unchecked)."""
+
+
+class LineSearch(NamedTuple):
+    """CORRECT's line search: the fraction of the displacement rolled back, and what it cost."""
+
+    best_fraction: float
+    forwards: int
+    finite: bool
+
+
+class CycleEnd(NamedTuple):
+    """A finished cycle: the arm it was run for and its reward."""
+
+    arm: int | None
+    context: np.ndarray
+    reward: float
+
+
+class PredictionCycle:
+    """The cycle in progress (if any), the arm chosen for the next one, and the horizon's shrink factor."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        self._config = config
+        self._run: CycleRun | None = None
+        self.chosen: tuple[int, np.ndarray] | None = None
+        """(arm, context) the bandit chose for the PREDICT phase about to start."""
+        self.horizon_scale = 1.0
+        """Shrinks the next horizon after the monitor saw a spike; a cycle that pays resets it."""
+
+    @property
+    def active(self) -> bool:
+        """Whether a cycle is between PREDICT's start and CORRECT's end."""
+        return self._run is not None
+
+    @property
+    def applied(self) -> list[float]:
+        """Scales of the predicted steps still applied (a copy)."""
+        return list(self._require().applied)
+
+    @property
+    def run(self) -> CycleRun | None:
+        """The cycle in progress (read it, do not change it), or None."""
+        return self._run
+
+    @property
+    def prediction(self) -> Prediction:
+        """The forecast of the PREDICT phase in progress."""
+        return self._require().prediction
+
+    # -- PREDICT -------------------------------------------------------------------------------
+
+    def start(self, direction: list[Array], prediction: Prediction, context: np.ndarray,
+              trend: tuple[float, float], probe: bool) -> None:
+        """Begin a cycle along ``direction`` with ``prediction`` (already corrected)."""
+        arm, chosen_context = self.chosen if (self.chosen is not None and not probe) else (None, None)
+        self.chosen = None
+        self._run = CycleRun(arm, context if chosen_context is None else chosen_context, direction, prediction,
+                             trend[0], trend[1], probe)
+
+    def check_due(self, k: int) -> bool:
+        """Whether predicted step ``k`` (0-based) starts with a forward check."""
+        run = self._require()
+        interval = 1 if run.probe else self._config.check_interval
+        return bool(interval) and k > 0 and k % interval == 0
+
+    def check(self, model: Model, k: int, loss: float, diverging: bool) -> Check:
+        """Judge the loss measured before step ``k``; outside the band (or ``diverging``) roll back to the
+        last vouched-for point."""
+        run = self._require()
+        run.forwards += 1
+        # k steps are applied: the forecast for "after k steps" is entry k − 1.
+        predicted = run.prediction.loss[k - 1]
+        if diverging or not math.isfinite(loss) or loss > run.prediction.upper[k - 1]:
+            return Check(loss, predicted, False, self.roll_back(model, run.good))
+        run.good = len(run.applied)
+        return Check(loss, predicted, True, 0.0)
+
+    def advance(self, model: Model, k: int) -> None:
+        """Apply predicted step ``k``: θ += step_scale[k] · direction."""
+        run = self._require()
+        scale = run.prediction.step_scale[k]
+        model.apply_update(run.direction, scale)
+        run.applied.append(scale)
+        run.steps += 1
+
+    def count_failed_step(self) -> None:
+        """A predicted step whose check failed (it applied nothing but counts as spent)."""
+        self._require().steps += 1
+
+    def roll_back(self, model: Model, index: int) -> float:
+        """Undo the predicted steps applied after the first ``index``; returns the scale undone."""
+        run = self._require()
+        undo = math.fsum(run.applied[index:])
         if undo:
-            model.apply_update(self.direction, -undo)
-        del self.applied[index:]
-        self.good = min(self.good, index)
+            model.apply_update(run.direction, -undo)
+        del run.applied[index:]
+        run.good = min(run.good, index)
         return undo
 
-    def net_scale(self) -> float:
-        """Total scale still applied along the direction."""
-        return math.fsum(self.applied)
+    # -- CORRECT -------------------------------------------------------------------------------
+
+    def enter_correct(self, raw: Prediction, factor: float, context: np.ndarray) -> None:
+        """CORRECT begins: the forecast its real steps are compared with (``raw`` times ``factor``)."""
+        run = self._require()
+        run.correct_raw, run.correct_context = raw, context
+        run.correct_prediction = corrected(raw, factor)
+
+    def line_search(self, model: Model, batch: Any, forward: Callable[[Any], Array],
+                    read: Callable[[list[Array]], list[float]]) -> LineSearch | None:
+        """Roll back the fraction of the PREDICT displacement that fits ``batch`` best (forward passes only).
+
+        0 (keep everything) and 1 (back to the entry point) are always measured: their paired
+        difference on one batch is what the reward is made of. None when nothing is applied.
+        """
+        run = self._require()
+        total = math.fsum(run.applied)
+        if not run.applied or total == 0.0:
+            run.paired_gain = 0.0
+            return None
+        fractions = sorted({0.0, 1.0, *self._config.correction_fractions})
+        losses, at = [], 0.0
+        for f in fractions:
+            model.apply_update(run.direction, -(f - at) * total)
+            at = f
+            losses.append(forward(batch))
+        values = read(losses)
+        run.forwards += len(fractions)
+        finite = [(v, f) for v, f in zip(values, fractions) if math.isfinite(v)]
+        best = min(finite)[1] if finite else 1.0
+        model.apply_update(run.direction, -(best - at) * total)
+        run.best_fraction = best
+        entry, predicted_end = values[-1], values[0]
+        if math.isfinite(entry) and entry > 0:
+            run.paired_gain = (math.log(entry) - math.log(predicted_end)
+                               if math.isfinite(predicted_end) and predicted_end > 0 else -math.inf)
+        return LineSearch(best, len(fractions), bool(finite))
+
+    def step_scale_seen(self) -> float | None:
+        """The step scale CORRECT's line search found best (what the first CORRECT step teaches the
+        dynamics model), or None."""
+        run = self._run
+        if run is None or run.best_fraction is None or not run.applied:
+            return None
+        return (1.0 - run.best_fraction) * run.prediction.step_scale[0]
+
+    def expected_in_correct(self, k: int) -> tuple[float, float, np.ndarray] | None:
+        """(corrected forecast, raw forecast, context) for CORRECT step ``k``; None outside a cycle."""
+        run = self._run
+        if run is None or run.correct_prediction is None or run.correct_raw is None:
+            return None
+        k = min(k, len(run.correct_prediction.loss) - 1)
+        context = run.correct_context if run.correct_context is not None else run.context
+        return run.correct_prediction.loss[k], run.correct_raw.loss[k], context
+
+    def finish(self) -> CycleEnd | None:
+        """End the cycle and price it (None if none was running)."""
+        run, self._run = self._run, None
+        if run is None:
+            return None
+        reward = cycle_reward(run, self._config.forward_cost, self._config.predict_step_cost)
+        if reward > 0:
+            self.horizon_scale = 1.0
+        return CycleEnd(run.arm, run.context, reward)
+
+    def shrink(self, factor: float) -> None:
+        """Cap the next horizon's scale at ``factor`` (not cumulative)."""
+        self.horizon_scale = min(self.horizon_scale, factor)
+
+    def _require(self) -> CycleRun:
+        if self._run is None:
+            raise RuntimeError("no prediction cycle is running")
+        return self._run
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cycle in progress (arrays kept as arrays), the chosen arm and the horizon scale."""
+        run = None
+        if self._run is not None:
+            run = {}
+            for f in fields(self._run):
+                value = getattr(self._run, f.name)
+                run[f.name] = [list(v) for v in value] if isinstance(value, Prediction) else value
+        chosen = None if self.chosen is None else [self.chosen[0], self.chosen[1].tolist()]
+        return {"run": run, "chosen": chosen, "horizon_scale": self.horizon_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (`ValueError`/`TypeError`/`KeyError` on a malformed one)."""
+        run = state["run"]
+        if run is not None:
+            values = dict(run)
+            for name in ("prediction", "correct_prediction", "correct_raw"):
+                if values[name] is not None:
+                    loss, lower, upper, scale, conf = values[name]
+                    values[name] = Prediction(tuple(loss), tuple(lower), tuple(upper), tuple(scale), float(conf))
+            for name in ("context", "correct_context"):
+                if values[name] is not None:
+                    values[name] = np.asarray(values[name], dtype=np.float64)
+            values["direction"] = list(values["direction"])
+            run = CycleRun(**values)
+        chosen = state["chosen"]
+        scale = float(state["horizon_scale"])
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"horizon_scale={scale!r}: must be in (0, 1]")
+        self._run = run
+        self.chosen = None if chosen is None else (int(chosen[0]), np.asarray(chosen[1], dtype=np.float64))
+        self.horizon_scale = scale
 
 
 def corrected(prediction: Prediction, factor: float) -> Prediction:
@@ -65,7 +277,7 @@ def corrected(prediction: Prediction, factor: float) -> Prediction:
     )
 
 
-def cycle_reward(cycle: PredictCycle, forward_cost: float, predict_step_cost: float) -> float:
+def cycle_reward(run: CycleRun, forward_cost: float, predict_step_cost: float) -> float:
     """Plain steps the predicted steps saved, per predicted step, clipped to [-1, 1].
 
     Gain: the line search measured, on one batch, the loss at the PREDICT entry point
@@ -80,8 +292,8 @@ def cycle_reward(cycle: PredictCycle, forward_cost: float, predict_step_cost: fl
     is reproducible; the benchmark measures real wall-clock. Arm 0 (no PREDICT) earns
     exactly 0, so the bandit prefers it whenever predicting loses.
     """
-    if cycle.paired_gain is None:
-        return -1.0 if cycle.predicted_steps else 0.0
-    worth = cycle.paired_gain / max(-cycle.entry_slope, cycle.slope_stderr, 1e-8)
-    cost = cycle.forward_passes * forward_cost + cycle.predicted_steps * predict_step_cost
-    return float(np.clip((worth - cost) / max(cycle.predicted_steps, 1), -1.0, 1.0))
+    if run.paired_gain is None:
+        return -1.0 if run.steps else 0.0
+    worth = run.paired_gain / max(-run.entry_slope, run.slope_stderr, 1e-8)
+    cost = run.forwards * forward_cost + run.steps * predict_step_cost
+    return float(np.clip((worth - cost) / max(run.steps, 1), -1.0, 1.0))

@@ -31,7 +31,7 @@ class ExtrapolateDirection:
 
 
 class LinefitDirection:
-    """Per-parameter least-squares line through the last ``count`` snapshots taken every ``spacing`` steps.
+    """Per-parameter least-squares line through the last ``count`` snapshots, at least ``spacing`` steps apart.
 
     The direction is the fitted slope per step (θ units per step), the weight-nowcasting
     idea with a linear model. Memory: ``count`` copies of the parameters. Until two
@@ -47,8 +47,12 @@ class LinefitDirection:
         self._snapshots: list[tuple[int, list[Array]]] = []
 
     def observe(self, step: int, model: Model) -> None:
-        """Snapshot the parameters when ``step`` is a multiple of ``spacing``."""
-        if step % self.spacing:
+        """Snapshot the parameters at ``step`` if ``spacing`` steps passed since the last snapshot.
+
+        The trainer calls it at each read of its real steps (every ``read_every`` steps), so
+        snapshots are at least ``spacing`` steps apart and labelled with their true step.
+        """
+        if self._snapshots and step - self._snapshots[-1][0] < self.spacing:
             return
         params = model.parameters()
         copy = [p * 1 for p in params]  # a fresh array in every namespace (torch, jax, numpy alike)

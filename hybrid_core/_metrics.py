@@ -73,7 +73,15 @@ class MetricsCollector:
         self._steps += 1
         self._backward += int(rec.backward)
         self._phase_steps[rec.phase] += 1
-        self._phase_seconds[rec.phase] += rec.wall_seconds
+        if math.isfinite(rec.wall_seconds):  # NaN: the step's call is still running (see add_seconds)
+            self._phase_seconds[rec.phase] += rec.wall_seconds
+
+    def add_seconds(self, step: int, seconds: float) -> None:
+        """Set the wall seconds of step ``step``, recorded before its step call ended (with NaN seconds)."""
+        if self._records and self._records[-1].step == step:
+            last = self._records[-1]
+            self._records[-1] = last._replace(wall_seconds=seconds)
+            self._phase_seconds[last.phase] += seconds
 
     def count(self, event: str, n: int = 1) -> None:
         """Add ``n`` to the counter of ``event`` (checks, failed checks, rollbacks, skips, …)."""

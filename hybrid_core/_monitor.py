@@ -20,10 +20,8 @@ class Level(enum.IntEnum):
     SHRINK = 1
     """Halve the next PREDICT horizon."""
     FORCE_FULL = 2
-    """No PREDICT now; end a running PREDICT phase."""
-    ROLLBACK = 3
-    """Undo predicted steps back to the last good point."""
-    FATAL = 4
+    """No PREDICT now; end a running PREDICT phase (a failed check also rolls its steps back)."""
+    FATAL = 3
     """Stop with `DivergenceError` (or skip the batch when the config says so)."""
 
 
@@ -45,8 +43,13 @@ class DivergenceMonitor:
         self.max_prediction_error = max_prediction_error
         self.max_oscillation = max_oscillation
 
-    def assess(self, state: TrainingState, loss: float, grad_norm: float | None) -> Assessment:
-        """Judge a measured loss (and gradient norm, on real steps) against the history in ``state``."""
+    def assess(self, state: TrainingState, loss: float, grad_norm: float | None,
+               oscillation: bool = True) -> Assessment:
+        """Judge a measured loss (and gradient norm, when measured) against the history in ``state``.
+
+        ``oscillation`` also scans the last 32 losses for step-to-step sign flips (the one check
+        that reads a window, so the trainer asks for it once per statistics measurement).
+        """
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             return Assessment(Level.FATAL, ("non-finite loss or gradient",))
         if not state.warmup_done:
@@ -67,8 +70,8 @@ class DivergenceMonitor:
                 found.append((Level.SHRINK, "vanishing gradient"))
         if state.pred_err_ema > self.max_prediction_error:
             found.append((Level.SHRINK, f"prediction error {state.pred_err_ema:.2f} (log)"))
-        window = state.losses.last(32)
-        if window.size >= 16:
+        window = state.losses.last(32) if oscillation else ()
+        if len(window) >= 16:
             diffs = np.sign(np.diff(window))
             diffs = diffs[diffs != 0]
             if diffs.size > 2 and float(np.mean(diffs[1:] != diffs[:-1])) > self.max_oscillation:

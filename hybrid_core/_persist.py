@@ -1,33 +1,46 @@
-"""Saving and restoring a whole `HybridTrainer` (see `_codec` for the file format)."""
+"""Checkpoints of named parts: ``{part name: part.state_dict()}`` in one msgpack file (see `_codec`).
+
+Nothing here knows the trainer: a checkpoint is a format tag, the library version, the
+config as a plain dict, and the parts' states. `restore_parts` loads them in order and,
+if any part refuses its state, puts the earlier ones back, so a failed load leaves the
+objects as they were.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import array_api_compat
 import numpy as np
 
-from ._backend import from_numpy, library_name, to_numpy
+from ._backend import from_numpy, library_name, namespace_for, to_numpy
+from ._checks import has_method
 from ._codec import DEFAULT_MAX_BYTES, ForeignArray, encode, read_file, write_atomic
-from ._config import HybridConfig
-from ._cycle import PredictCycle
 from ._errors import CheckpointError, HybridError
-from ._phase import Phase, PhaseState
-from ._protocols import DynamicsModel, Model, Optimizer, Prediction
+from ._ledger import copies
+from ._protocols import Model
 from ._version import __version__ as _version
 
-if TYPE_CHECKING:
-    from ._trainer import HybridTrainer
+__all__ = ["TRAINER_FORMAT", "CheckpointPolicy", "ModelState", "Part", "checkpoint_path", "newest_checkpoint",
+           "read_checkpoint", "restore_parts", "write_checkpoint"]
 
-__all__ = ["CheckpointPolicy", "checkpoint_path", "load_trainer", "newest_checkpoint", "save_trainer"]
+TRAINER_FORMAT = 2
+"""Layout of the trainer's state inside a checkpoint file. 1: before the trainer was a composition
+of parts (refused with `CheckpointError`); 2: ``{"parts": {name: state_dict}}``."""
 
 _NAME = re.compile(r"^step-(\d{9,})\.ckpt$")
-_TUPLE_FIELDS = ("horizon_arms", "correction_fractions")
+
+
+class Part(Protocol):
+    """Anything with a state of its own."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class CheckpointPolicy(NamedTuple):
@@ -42,63 +55,90 @@ class CheckpointPolicy(NamedTuple):
     resume: bool = True
 
 
-def _host(value: Any) -> tuple[np.ndarray, str] | None:
-    try:
-        xp = array_api_compat.array_namespace(value)
-    except TypeError:
-        return None
-    return np.array(to_numpy(value), copy=True), library_name(xp)
+class ModelState:
+    """The model as a part: its parameters and, if it has one, its own ``state_dict`` (buffers)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters (live arrays; the codec copies them) and the model's extra state."""
+        model = self.model
+        extra = model.state_dict() if has_method(model, "state_dict") else None
+        return {"params": list(model.parameters()), "extra": extra}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the parameters exactly (θ − θ is 0, 0 + θ_saved is θ_saved) after checking shapes and dtypes."""
+        params = self.model.parameters()
+        saved = list(state["params"])
+        if len(saved) != len(params):
+            raise CheckpointError(f"the checkpoint holds {len(saved)} parameters, the model has {len(params)}")
+        for i, (s, p) in enumerate(zip(saved, params)):
+            if tuple(s.shape) != tuple(p.shape) or s.dtype != p.dtype:
+                raise CheckpointError(f"parameter {i}: checkpoint has {tuple(s.shape)} {s.dtype}, "
+                                      f"model has {tuple(p.shape)} {p.dtype}")
+        if state["extra"] is not None and has_method(self.model, "load_state_dict"):
+            self.model.load_state_dict(state["extra"])
+        if has_method(self.model, "set_parameters"):
+            self.model.set_parameters(saved)
+        else:
+            self.model.apply_update(copies(params), -1.0)
+            self.model.apply_update(saved, 1.0)
 
 
-def save_trainer(trainer: HybridTrainer, path: str | os.PathLike[str]) -> None:
-    """Write everything needed to continue ``trainer`` bit for bit to ``path`` (atomically)."""
-    model = trainer.model
-    state = {
-        "library_version": _version,
-        "config": trainer.config.to_dict(),
-        "params": list(model.parameters()),
-        "model_state": model.state_dict() if _has(model, "state_dict") else None,
-        "optimizer": trainer.optimizer.state_dict(),
-        "dynamics": {"type": type(trainer.dynamics).__name__, "state": trainer.dynamics.state_dict()},
-        "state": trainer.state.state_dict(),
-        "metrics": trainer.metrics.state_dict(),
-        "bandit": trainer.bandit.state_dict(),
-        "residuals": trainer.residuals.state_dict(),
-        "corrector": trainer.corrector.state_dict(),
-        "directions": trainer.directions.state_dict(),
-        "phase": list(trainer.phase_state._replace(phase=trainer.phase.value)),
-        "last_update": trainer._last_update,
-        "cycle": _cycle_state(trainer._cycle),
-        "pending": None if trainer._pending is None else [trainer._pending[0], trainer._pending[1]],
-        "horizon_scale": trainer._horizon_scale,
-        "host_syncs": trainer.host_syncs,
-    }
-    write_atomic(path, encode(state, _host))
+def write_checkpoint(path: str | os.PathLike[str], config: Mapping[str, Any], parts: Mapping[str, Part],
+                     extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``{format, library_version, config, parts: {name: state_dict}}`` to ``path`` atomically."""
+    doc = {"trainer_format": TRAINER_FORMAT, "library_version": _version, "config": dict(config),
+           **(extra or {}), "parts": {name: part.state_dict() for name, part in parts.items()}}
+    write_atomic(path, encode(doc, _host))
 
 
-def load_trainer(
-    cls: type[HybridTrainer],
-    path: str | os.PathLike[str],
-    model: Model,
-    optimizer: Optimizer,
-    dynamics: DynamicsModel | None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> HybridTrainer:
-    """A trainer restored from ``path`` around ``model`` and ``optimizer`` (whose states are overwritten).
-
-    The whole file is read and checked first; on any problem a `CheckpointError` is
-    raised before ``model``, ``optimizer`` or ``dynamics`` are touched.
-    """
+def read_checkpoint(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """The checkpoint document of ``path``, its format checked; arrays still as decoded (see `restore_parts`)."""
     raw = read_file(path, max_bytes)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{os.fspath(path)}: the file does not hold a trainer state")
+    found = raw.get("trainer_format", 1)
+    if found != TRAINER_FORMAT:
+        written = raw.get("library_version", "an unknown version")
+        raise CheckpointError(
+            f"{os.fspath(path)}: trainer-state format {found!r} (written by hybrid-predict-trainer "
+            f"{written}); this version reads format {TRAINER_FORMAT}",
+            "Resume it with the version that wrote it, or start the run again: format 1 predates the "
+            "trainer's redesign into parts and cannot be converted.",
+        )
+    if not isinstance(raw.get("parts"), dict) or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{os.fspath(path)}: the checkpoint lacks its parts or config")
+    return raw
+
+
+def restore_parts(parts: Mapping[str, Part], saved: Mapping[str, Any], xp: Any, device: Any,
+                  where: str = "") -> None:
+    """Load each part's saved state in the order of ``parts``; on any failure put the loaded ones back.
+
+    Arrays are turned back into ``xp`` arrays on ``device`` (or into the library they were saved from).
+    """
+    missing = sorted(set(parts) - set(saved))
+    if missing:
+        raise CheckpointError(f"{where}the checkpoint lacks the parts {', '.join(missing)}")
+    live = _Converter(library_name(xp), xp, device)
+    done: list[tuple[Part, dict[str, Any]]] = []
     try:
-        return _restore(cls, raw, model, optimizer, dynamics)
-    except HybridError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{os.fspath(path)}: {exc.message}", exc.recovery) from exc
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise CheckpointError(f"{os.fspath(path)}: the checkpoint's contents are not a trainer state "
-                              f"({type(exc).__name__}: {exc})") from exc
+        for name, part in parts.items():
+            backup = part.state_dict()
+            try:
+                part.load_state_dict(live(saved[name]))
+            except HybridError as exc:
+                raise CheckpointError(f"{where}part {name!r}: {exc.message}", exc.recovery) from exc
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                raise CheckpointError(f"{where}part {name!r} is not a valid state "
+                                      f"({type(exc).__name__}: {exc})") from exc
+            done.append((part, backup))
+    except BaseException:
+        for part, backup in reversed(done):
+            part.load_state_dict(backup)
+        raise
 
 
 def newest_checkpoint(directory: str | os.PathLike[str]) -> list[Path]:
@@ -115,66 +155,12 @@ def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
     return Path(directory) / f"step-{step:09d}.ckpt"
 
 
-def _restore(cls: type[HybridTrainer], raw: Any, model: Model, optimizer: Optimizer,
-             dynamics: DynamicsModel | None) -> HybridTrainer:
-    if not isinstance(raw, dict):
-        raise CheckpointError("the checkpoint does not hold a trainer state")
-    config_fields = dict(raw["config"])
-    for name in _TUPLE_FIELDS:
-        if name in config_fields:
-            config_fields[name] = tuple(config_fields[name])
-    config = HybridConfig(**config_fields)
-    trainer = cls(model, optimizer, config, dynamics)
-    saved_dyn = raw["dynamics"]["type"]
-    if type(trainer.dynamics).__name__ != saved_dyn:
-        raise CheckpointError(f"the checkpoint was saved with dynamics {saved_dyn}, "
-                              f"not {type(trainer.dynamics).__name__}",
-                              f"Pass dynamics={saved_dyn}(...) to load it.")
-    params = model.parameters()
-    xp = trainer.xp
-    device = array_api_compat.device(params[0])
-    to_live = _Converter(library_name(xp), xp, device)
-    saved = [to_live(p) for p in raw["params"]]
-    if len(saved) != len(params):
-        raise CheckpointError(f"the checkpoint holds {len(saved)} parameters, the model has {len(params)}")
-    for i, (s, p) in enumerate(zip(saved, params)):
-        if tuple(s.shape) != tuple(p.shape) or s.dtype != p.dtype:
-            raise CheckpointError(f"parameter {i}: checkpoint has {tuple(s.shape)} {s.dtype}, "
-                                  f"model has {tuple(p.shape)} {p.dtype}")
-    # Each component validates its own state; if a later one refuses, the earlier ones are put
-    # back, so a failed load leaves the objects the caller passed as they were. Parameters go last.
-    restored: list[tuple[Any, Any]] = []
-    parts = [(optimizer, raw["optimizer"]), (trainer.dynamics, raw["dynamics"]["state"])]
-    if raw["model_state"] is not None and _has(model, "load_state_dict"):
-        parts.append((model, raw["model_state"]))
+def _host(value: Any) -> tuple[np.ndarray, str] | None:
     try:
-        for component, saved_state in parts:
-            backup = component.state_dict()
-            component.load_state_dict(to_live(saved_state))
-            restored.append((component, backup))
-    except BaseException:
-        for component, backup in reversed(restored):
-            component.load_state_dict(backup)
-        raise
-    # θ − θ is exactly 0 and 0 + θ_saved is exactly θ_saved: an exact set through apply_update.
-    model.apply_update([p * 1 for p in model.parameters()], -1.0)
-    model.apply_update(saved, 1.0)
-    trainer.state.load_state_dict(raw["state"])
-    trainer.metrics.load_state_dict(raw["metrics"])
-    trainer.bandit.load_state_dict(raw["bandit"])
-    trainer.residuals.load_state_dict(raw["residuals"])
-    trainer.corrector.load_state_dict(raw["corrector"])
-    trainer.directions.load_state_dict(to_live(raw["directions"]))
-    phase, steps, horizon, probe = raw["phase"]
-    trainer._phase = PhaseState(Phase(phase), int(steps), int(horizon), bool(probe))
-    trainer._last_update = None if raw["last_update"] is None else [to_live(u) for u in raw["last_update"]]
-    trainer._cycle = _cycle_from(raw["cycle"], to_live)
-    pending = raw["pending"]
-    trainer._pending = None if pending is None else (
-        int(pending[0]), None if pending[1] is None else np.asarray(pending[1], dtype=np.float64))
-    trainer._horizon_scale = float(raw["horizon_scale"])
-    trainer.host_syncs = int(raw["host_syncs"])
-    return trainer
+        xp = array_api_compat.array_namespace(value)
+    except TypeError:
+        return None
+    return np.array(to_numpy(value), copy=True), library_name(xp)
 
 
 class _Converter:
@@ -198,43 +184,9 @@ class _Converter:
         arr = value.array
         if value.library == self.library:
             return from_numpy(self.xp, arr, dtype=getattr(self.xp, arr.dtype.name), device=self.device)
-        module = {"jax": "jax.numpy"}.get(value.library, value.library)
         try:
-            from ._backend import as_namespace
-
-            xp = as_namespace(importlib.import_module(module))
-        except ImportError as exc:
-            raise CheckpointError(f"the checkpoint holds {value.library} arrays but {module} does not import",
+            xp = namespace_for(value.library)
+        except HybridError as exc:
+            raise CheckpointError(f"the checkpoint holds {value.library} arrays: {exc.message}",
                                   f"Install {value.library} to load this checkpoint.") from exc
         return from_numpy(xp, arr, dtype=getattr(xp, arr.dtype.name))
-
-
-def _cycle_state(cycle: PredictCycle | None) -> dict[str, Any] | None:
-    if cycle is None:
-        return None
-    out = {}
-    for f in dataclasses.fields(cycle):
-        value = getattr(cycle, f.name)
-        out[f.name] = [list(v) if isinstance(v, tuple) else v for v in value] if isinstance(
-            value, Prediction) else value
-    return out
-
-
-def _cycle_from(raw: dict[str, Any] | None, to_live: _Converter) -> PredictCycle | None:
-    if raw is None:
-        return None
-    values = dict(raw)
-    for name in ("prediction", "correct_prediction", "correct_raw"):
-        if values[name] is not None:
-            loss, lower, upper, scale, conf = values[name]
-            values[name] = Prediction(tuple(loss), tuple(lower), tuple(upper), tuple(scale), float(conf))
-    for name in ("context", "correct_context"):
-        if values[name] is not None:
-            values[name] = np.asarray(values[name], dtype=np.float64)
-    values["direction"] = [to_live(d) for d in values["direction"]]
-    return PredictCycle(**values)
-
-
-def _has(obj: Any, name: str) -> bool:
-    # Optional capability: models with extra state (batch-norm buffers, …) expose state_dict().
-    return callable(getattr(obj, name, None))

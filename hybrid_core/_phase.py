@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from ._config import HybridConfig
 
-__all__ = ["Phase", "PhaseState", "Signals", "initial_phase_state", "next_phase", "phase_bound"]
+__all__ = ["Phase", "PhaseMachine", "PhaseState", "Signals", "initial_phase_state", "next_phase", "phase_bound"]
 
 
 class Phase(enum.Enum):
@@ -107,3 +107,30 @@ def next_phase(state: PhaseState, config: HybridConfig, signals: Signals) -> Pha
         return state._replace(steps_in_phase=done, horizon=horizon)
 
     return PhaseState(Phase.FULL) if done >= config.correct_steps else state._replace(steps_in_phase=done)
+
+
+class PhaseMachine:
+    """The phase in force: the trainer's part that `next_phase` advances (its `state`)."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        self._config = config
+        self.state = initial_phase_state()
+
+    def advance(self, signals: Signals) -> PhaseState:
+        """Move on by one step with ``signals``; returns the new state."""
+        self.state = next_phase(self.state, self._config, signals)
+        return self.state
+
+    def state_dict(self) -> dict[str, object]:
+        """The phase (by name), steps done in it, the horizon in force and the probe flag."""
+        ps = self.state
+        return {"phase": ps.phase.value, "steps_in_phase": ps.steps_in_phase, "horizon": ps.horizon,
+                "probe": ps.probe}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what `state_dict` returned (`ValueError` on a malformed state)."""
+        steps, horizon, probe = state["steps_in_phase"], state["horizon"], state["probe"]
+        if not (isinstance(steps, int) and isinstance(horizon, int) and isinstance(probe, bool)
+                and steps >= 0 and horizon >= 0):
+            raise ValueError("phase state needs integers >= 0 for steps_in_phase and horizon, a bool probe")
+        self.state = PhaseState(Phase(state["phase"]), steps, horizon, probe)

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 __all__ = [
     "Array",
     "DynamicsModel",
+    "FusedStep",
     "Model",
     "Optimizer",
     "Outcome",
@@ -27,7 +28,13 @@ Array = Any
 
 @runtime_checkable
 class Model(Protocol):
-    """A trainable model seen as a flat list of parameter arrays."""
+    """A trainable model seen as a flat list of parameter arrays.
+
+    Optional methods the trainer uses when present: ``set_parameters(values)`` (θ ← values; lets
+    the trainer read losses in batches and still come back from non-finite weights — without it
+    every real step is read before its update), ``state_dict()``/``load_state_dict()`` for state
+    beyond the parameters (batch-norm buffers).
+    """
 
     def parameters(self) -> list[Array]:
         """The current parameter arrays, in a fixed order shared by gradients and updates.
@@ -147,4 +154,29 @@ class DynamicsModel(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
+        ...
+
+
+@runtime_checkable
+class FusedStep(Protocol):
+    """Optional: an `Optimizer` that runs a whole real step of its model in one call.
+
+    The trainer uses it when the optimizer drives the trainer's own model (``optimizer.model``
+    is the model), so a framework's step runs the way its users write it: torch's
+    ``zero_grad(); loss.backward(); opt.step()``, one ``jax.jit``-ed computation for JAX.
+    """
+
+    @property
+    def model(self) -> Model:
+        """The model this optimizer updates."""
+        ...
+
+    def fused_step(self, batch: Any, measure: bool) -> tuple[Array, Array | None]:
+        """Forward, backward and one optimizer update on ``batch``; nothing is read to the host.
+
+        Returns the loss (a device scalar) and, when ``measure``, the statistics vector
+        ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]`` (g this step's gradients, u the
+        update this step applied, lr the learning rate used) as one device array; else ``None``.
+        A non-finite gradient is applied like any other (the trainer rolls back when it reads it).
+        """
         ...

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["RingBuffer", "TrainingState"]
+__all__ = ["Measured", "RingBuffer", "TrainingState"]
 
 _FAST, _SLOW = 0.1, 0.01
 
@@ -61,11 +61,23 @@ class RingBuffer:
             self.append(float(v))
 
 
+class Measured(NamedTuple):
+    """The statistics of a measured real step: its gradient, the update it applied, the learning rate."""
+
+    grad_sq: float
+    update_sq: float
+    grad_dot_update: float
+    grad_max: float
+    param_count: int
+    lr: float
+
+
 class TrainingState:
     """Running statistics and bounded histories of one training run.
 
-    Only Python floats live here (read from the device once per real step), so the
+    Only Python floats live here (read from the device in batches, see `Ledger`), so the
     whole state is small: ``history_size`` values per buffer, whatever the run length.
+    ``grad_norms`` holds one value per measured step, ``losses`` one per real step.
     """
 
     def __init__(self, history_size: int = 256) -> None:
@@ -90,6 +102,7 @@ class TrainingState:
         self.grad_max = 0.0
         self.grad_rms = 0.0
         self.warmup_grad_norm = math.nan
+        self.warmup_measured = 0
         self.update_norm = 0.0
         self.update_norm_ema = 0.0
         self.cos_grad_update = 0.0
@@ -107,27 +120,17 @@ class TrainingState:
 
     # -- recording -------------------------------------------------------------------------
 
-    def record_real(
-        self,
-        loss: float,
-        grad_sq: float,
-        update_sq: float,
-        grad_dot_update: float,
-        grad_max: float,
-        param_count: int,
-        lr: float,
-        warmup: bool,
-    ) -> None:
-        """Record one real step: its loss, gradient statistics and the previous update's."""
+    def record_real(self, loss: float, warmup: bool, measured: Measured | None = None) -> None:
+        """Record one real step: its loss and, when it was measured, its gradient and update statistics.
+
+        Statistics are measured on some steps only (every ``read_every``-th and before decisions);
+        on the others the gradient and update fields keep their last measured values.
+        """
         prev_loss = self.losses.get(0) if len(self.losses) else loss
         self.losses.append(loss)
-        gnorm = math.sqrt(max(grad_sq, 0.0))
-        self.grad_norms.append(gnorm)
         if self.real_steps == 0:
             self.first_loss = loss
             self.loss_ema_fast = self.loss_ema_slow = loss
-            self.grad_norm_ema = gnorm
-            self.initial_lr = lr
         if loss < self.min_loss:
             self.min_loss, self.steps_since_min = loss, 0
         else:
@@ -139,26 +142,35 @@ class TrainingState:
         self.loss_var_ema += _FAST * (dev * dev - self.loss_var_ema)
         self.loss_ema_fast += _FAST * (loss - self.loss_ema_fast)
         self.loss_ema_slow += _SLOW * (loss - self.loss_ema_slow)
-        self.grad_norm = gnorm
-        self.grad_norm_ema += _FAST * (gnorm - self.grad_norm_ema)
-        self.grad_max = grad_max
-        self.grad_rms = gnorm / math.sqrt(max(param_count, 1))
-        if warmup:
-            n = self.real_steps + 1
-            base = 0.0 if math.isnan(self.warmup_grad_norm) else self.warmup_grad_norm
-            self.warmup_grad_norm = base + (gnorm - base) / n
-        self.update_norm = math.sqrt(max(update_sq, 0.0))
-        self.update_norm_ema += _FAST * (self.update_norm - self.update_norm_ema)
-        denom = gnorm * self.update_norm
-        self.cos_grad_update = grad_dot_update / denom if denom > 0 else 0.0
-        self.cos_ema += _FAST * (self.cos_grad_update - self.cos_ema)
-        self.lr = lr
-        self.param_count = param_count
+        if measured is not None:
+            self._record_measured(measured, warmup)
         self.nonfinite_ema *= 1.0 - _FAST
         self.real_steps += 1
         self.step += 1
         self.steps_since_correction += 1
         self.warmup_done = self.warmup_done or not warmup
+
+    def _record_measured(self, m: Measured, warmup: bool) -> None:
+        gnorm = math.sqrt(max(m.grad_sq, 0.0))
+        self.grad_norms.append(gnorm)
+        if math.isnan(self.grad_norm_ema):
+            self.grad_norm_ema = gnorm
+            self.initial_lr = m.lr
+        if warmup:
+            self.warmup_measured += 1
+            base = 0.0 if math.isnan(self.warmup_grad_norm) else self.warmup_grad_norm
+            self.warmup_grad_norm = base + (gnorm - base) / self.warmup_measured
+        self.grad_norm = gnorm
+        self.grad_norm_ema += _FAST * (gnorm - self.grad_norm_ema)
+        self.grad_max = m.grad_max
+        self.grad_rms = gnorm / math.sqrt(max(m.param_count, 1))
+        self.update_norm = math.sqrt(max(m.update_sq, 0.0))
+        self.update_norm_ema += _FAST * (self.update_norm - self.update_norm_ema)
+        denom = gnorm * self.update_norm
+        self.cos_grad_update = m.grad_dot_update / denom if denom > 0 else 0.0
+        self.cos_ema += _FAST * (self.cos_grad_update - self.cos_ema)
+        self.lr = m.lr
+        self.param_count = m.param_count
 
     def record_skip(self) -> None:
         """Record a real step whose batch was skipped for a NaN/Inf loss or gradient."""
@@ -219,7 +231,11 @@ class TrainingState:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+        """Restore what `state_dict` returned (`ValueError` naming the fields if they differ)."""
+        if not isinstance(state, dict) or set(state) != set(vars(self)):
+            got = set(state) if isinstance(state, dict) else set()
+            raise ValueError(f"training state fields differ: missing {sorted(set(vars(self)) - got)}, "
+                             f"unknown {sorted(got - set(vars(self)))}")
         for key, value in state.items():
             current = getattr(self, key)
             if isinstance(current, RingBuffer):

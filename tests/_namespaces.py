@@ -5,20 +5,21 @@ import importlib
 
 import pytest
 
-from hybrid_core._backend import as_namespace
+from hybrid_core._backend import BACKEND_MODULES, namespace_for
 
-_MODULES = {"numpy": "numpy", "array_api_strict": "array_api_strict", "torch": "torch", "jax": "jax.numpy"}
+_NAMES = [name for name in BACKEND_MODULES if name != "cupy"]  # the backends that run on a CPU
 
 
-def _param(name, module):
+def _param(name):
+    module = BACKEND_MODULES[name]
     try:
-        importlib.import_module(module)
+        importlib.import_module(module)  # importing is enough here; `namespace` builds the namespace
     except ImportError as exc:
         return pytest.param(name, id=name, marks=pytest.mark.skip(reason=f"{module} does not import ({exc})"))
     return pytest.param(name, id=name)
 
 
-NAMESPACES = [_param(name, module) for name, module in _MODULES.items()]
+NAMESPACES = [_param(name) for name in _NAMES]
 """One pytest.param per namespace name; use with `namespace` or `namespace_fixture`."""
 
 
@@ -35,7 +36,7 @@ def available(name):
 @contextlib.contextmanager
 def namespace(name):
     """The array-API namespace called ``name``; on JAX float64 is enabled inside the block only."""
-    module = as_namespace(importlib.import_module(_MODULES[name]))
+    module = namespace_for(name)
     if name != "jax":
         yield module
         return

@@ -7,7 +7,7 @@ import numpy as np
 
 from hybrid_core import HybridConfig, HybridTrainer
 from hybrid_core._backend import as_namespace, from_numpy, to_numpy
-from hybrid_core.data import split_digits
+from hybrid_core.apps.data import split_digits
 from hybrid_core.models import MLP
 from hybrid_core.optim import Adam
 

@@ -36,6 +36,9 @@ class LeastSquares:
     def apply_update(self, update, scale):
         self.params = [p + scale * u for p, u in zip(self.params, update)]
 
+    def set_parameters(self, values):
+        self.params = list(values)
+
 
 class PlainSGD:
     """θ ← θ − lr·g; extrapolates the last update; implements `Optimizer`."""

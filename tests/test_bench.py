@@ -12,10 +12,10 @@ import pytest
 from _namespaces import available
 
 from hybrid_core import HybridConfig
-from hybrid_core.bench import SCHEMA, TASKS
-from hybrid_core.bench._report import time_to_target
-from hybrid_core.bench._runner import RunResult
-from hybrid_core.cli import main
+from hybrid_core.apps.bench import SCHEMA, TASKS
+from hybrid_core.apps.bench._report import time_to_target
+from hybrid_core.apps.bench._runner import RunResult
+from hybrid_core.apps.cli import main
 
 CASES = [(task, backend) for task in TASKS for backend in TASKS[task].backends]
 
@@ -137,8 +137,7 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_target():
 
 def test_the_hybrid_run_uses_the_chosen_dynamics_model(tmp_path, monkeypatch):
     from hybrid_core import HybridTrainer
-    from hybrid_core._baseline import TrendDynamics
-    from hybrid_core.dynamics import RSSMDynamics
+    from hybrid_core.dynamics import RSSMDynamics, TrendDynamics
 
     seen = []
     original = HybridTrainer.__init__

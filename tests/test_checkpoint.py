@@ -157,7 +157,7 @@ def test_auto_checkpoints_keep_the_newest_and_resume(tmp_path):
     data = [(rng.normal(size=(8, 6)), rng.integers(0, 3, size=8)) for _ in range(100)]
     policy = CheckpointPolicy(tmp_path / "ckpts", every=10, keep=2)
     trainer, _ = _trainer()
-    assert trainer.state.step == 30
+    assert trainer.steps_done == 30
     trainer.fit(lambda i: data[i % 100], 25, progress=False, checkpoint=policy)  # steps 30..54
     files = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
     assert files == ["step-000000040.ckpt", "step-000000050.ckpt"]

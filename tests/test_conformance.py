@@ -76,7 +76,7 @@ def test_load_cases_rejects_bad_specs():
 def test_cli_conformance_command(tmp_path):
     (tmp_path / "broken_case.py").write_text(BROKEN)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    run = subprocess.run([sys.executable, "-m", "hybrid_core.cli", "conformance", "broken_case:make_case"],
+    run = subprocess.run([sys.executable, "-m", "hybrid_core.apps.cli", "conformance", "broken_case:make_case"],
                          capture_output=True, text=True, env=env, cwd="/")
     assert run.returncode == 1 and "finite-difference" in run.stdout
 

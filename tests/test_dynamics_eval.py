@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hybrid_core import FEATURE_DIM, FEATURE_NAMES, ConfigError, HybridTrainer, TrendDynamics
-from hybrid_core.bench._tasks import get_task
-from hybrid_core.cli import main
-from hybrid_core.dynamics._record import record_trajectory, run_dynamics_eval
+from hybrid_core.apps.bench._tasks import get_task
+from hybrid_core.apps.cli import main
+from hybrid_core.apps.dynamics_eval import record_trajectory, run_dynamics_eval
 
 STEPS = 200
 

@@ -8,8 +8,8 @@ from _namespaces import NAMESPACES, namespace
 
 from hybrid_core import HybridConfig, HybridTrainer, Phase
 from hybrid_core._backend import from_numpy, to_numpy
-from hybrid_core.data import split_digits
-from hybrid_core.demo import _batches
+from hybrid_core.apps.data import split_digits
+from hybrid_core.apps.demo import _batches
 from hybrid_core.models import MLP
 from hybrid_core.optim import Adam
 

@@ -5,7 +5,6 @@ under TRITON_INTERPRET=1), tests/test_kernels_pallas.py (Pallas, interpret=True)
 and tests/test_kernels_cuda.py (CUDA sources through nvcc and CuPy).
 """
 
-import importlib
 import json
 import math
 import subprocess
@@ -19,8 +18,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hybrid_core import BackendError, ConfigError, ModelError
-from hybrid_core._backend import to_numpy
-from hybrid_core.cli import main
+from hybrid_core._backend import namespace_for, to_numpy
+from hybrid_core.apps.cli import main
+from hybrid_core.apps.kernels_bench import parse_size
 from hybrid_core.kernels import (
     CHOICES,
     OPS,
@@ -34,7 +34,6 @@ from hybrid_core.kernels import (
     select,
 )
 from hybrid_core.kernels._registry import dtype_name
-from hybrid_core.kernels.bench import parse_size
 
 SHAPE_CASES = {
     "odd-sizes": [(7,), (3, 5), (1031,)],
@@ -64,17 +63,8 @@ def gru_inputs(e, t, d, h, seed=0):
 
 def to_backend(name, arrays):
     """Convert NumPy arrays (or a list of them) to the namespace called ``name``."""
-    if name == "torch":
-        import torch
-
-        convert = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
-    elif name == "jax":
-        import jax.numpy as jnp
-
-        convert = jnp.asarray
-    else:
-        module = importlib.import_module(name)
-        convert = lambda a: module.asarray(np.array(a))  # noqa: E731
+    xp = namespace_for(name)
+    convert = lambda a: xp.asarray(np.array(a))  # noqa: E731
     return [convert(a) for a in arrays] if isinstance(arrays, list) else convert(arrays)
 
 

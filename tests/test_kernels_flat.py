@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybrid_core import BackendError, ConfigError, HybridError, ModelError
-from hybrid_core.cli import main
+from hybrid_core.apps.cli import main
+from hybrid_core.apps.kernels_bench import AXPY_METHODS, format_layouts, run_axpy_layouts
 from hybrid_core.kernels import fused_axpy, fused_axpy_, reference
-from hybrid_core.kernels.bench import AXPY_METHODS, format_layouts, run_axpy_layouts
 
 torch = pytest.importorskip("torch")
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import hybrid_core
-from hybrid_core.cli import main
+from hybrid_core.apps.cli import main
 
 PUBLIC = {
     "HybridTrainer", "HybridConfig", "Phase", "StepResult", "Model", "Optimizer", "DynamicsModel",
@@ -36,7 +36,7 @@ def test_error_hierarchy_and_hints():
 
 
 def test_subpackages_map_into_hybrid_core_only():
-    for sub in ("adapters", "kernels", "conformance", "models", "optim", "data"):
+    for sub in ("adapters", "kernels", "conformance", "models", "optim", "dynamics", "apps", "apps.data"):
         assert importlib.import_module(f"hybrid_core.{sub}")
     import hybrid_core.adapters.numpy as np_adapter
 
@@ -71,5 +71,5 @@ def test_cli_rejects_bad_input(capsys):
 
 
 def test_console_script_runs():
-    exe = subprocess.run([sys.executable, "-m", "hybrid_core.cli", "--help"], capture_output=True, text=True)
+    exe = subprocess.run([sys.executable, "-m", "hybrid_core.apps.cli", "--help"], capture_output=True, text=True)
     assert exe.returncode == 0 and "demo" in exe.stdout

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybrid_core import HybridConfig, HybridTrainer, Phase, Prediction
-from hybrid_core._cycle import PredictCycle, cycle_reward
+from hybrid_core._cycle import CycleRun, PredictionCycle, cycle_reward
 from hybrid_core.models import MLP
 
 
@@ -35,9 +35,9 @@ class Always:
         pass
 
 
-def _cycle(direction):
-    return PredictCycle(horizon=10, arm=5, direction=direction, prediction=Always().predict(None, 10),
-                        context=np.zeros(5), entry_slope=-0.01, slope_stderr=0.001)
+def _run(direction):
+    return CycleRun(arm=5, direction=direction, prediction=Always().predict(None, 10), context=np.zeros(5),
+                    entry_slope=-0.01, slope_stderr=0.001, probe=False)
 
 
 @settings(max_examples=40, deadline=None)
@@ -52,15 +52,17 @@ def test_rollback_to_any_point_restores_parameters(sizes, scales, back_to, dtype
     model = MLP(sizes, loss="mse", dtype=dtype, seed=seed)
     rng = np.random.default_rng(seed)
     direction = [rng.normal(size=p.shape).astype(dtype) for p in model.parameters()]
-    cycle = _cycle(direction)
+    cycle = PredictionCycle(HybridConfig())
+    n = len(scales)
+    prediction = Prediction((1.0,) * n, (0.0,) * n, (1e9,) * n, tuple(scales), 1.0)
+    cycle.start(direction, prediction, np.zeros(5), (-0.01, 0.001), probe=False)
     history = [[p.copy() for p in model.parameters()]]
-    for s in scales:
-        model.apply_update(direction, s)
-        cycle.applied.append(s)
+    for k in range(n):
+        cycle.advance(model, k)
         history.append([p.copy() for p in model.parameters()])
     j = min(back_to, len(scales))
-    cycle.roll_back_to(model, j)
-    assert len(cycle.applied) == j
+    cycle.roll_back(model, j)
+    assert cycle.applied == list(scales[:j])
     rtol, atol = (1e-12, 1e-12) if dtype == np.float64 else (1e-6, 1e-6)
     magnitude = 1.0 + sum(abs(s) for s in scales)  # rounding grows with the path length
     for want, got in zip(history[j], model.parameters()):
@@ -82,7 +84,7 @@ def test_predict_applies_real_weight_changes_and_correct_line_searches():
     assert trainer.phase is Phase.CORRECT
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(entry, model.parameters()))
     assert moved > 1e-3  # PREDICT really changed the weights
-    cycle = trainer._cycle
+    cycle = trainer.cycle.run
     trainer.step(next(batches))  # first CORRECT step: line search, then a real step
     assert cycle.best_fraction in (0.0, 0.5, 1.0) and cycle.paired_gain is not None
     events = trainer.metrics.summary()["events"]
@@ -105,13 +107,15 @@ def test_nan_during_predict_rolls_back_and_training_recovers():
     trainer = HybridTrainer(model, PlainSGD(model, 0.05), cfg, dynamics=Always())
     batches = regression_batches(np)
     results = [trainer.step(next(batches)) for _ in range(80)]
+    trainer.flush()
     nan_step = next(r for r in results if r.loss is not None and math.isnan(r.loss))
     assert nan_step.phase is Phase.PREDICT
     assert results[nan_step.step + 1].phase is Phase.CORRECT
     events = trainer.metrics.summary()["events"]
     assert events["nonfinite_in_predict"] == 1 and events["rollbacks"] >= 1
     assert all(np.all(np.isfinite(p)) for p in model.parameters())
-    assert results[-1].loss is not None and results[-1].loss < results[0].loss
+    records = trainer.metrics.records
+    assert records[-1].loss < records[0].loss
 
 
 def _noisy_run(use_bandit, steps=3000):
@@ -150,9 +154,9 @@ def test_bandit_learns_to_stop_predicting_when_it_hurts():
 
 
 def test_cycle_reward_signs():
-    cycle = _cycle([np.zeros(1)])
-    cycle.predicted_steps = 10
-    cycle.forward_passes = 2
+    cycle = _run([np.zeros(1)])
+    cycle.steps = 10
+    cycle.forwards = 2
     cycle.paired_gain = 0.1  # worth 10 plain steps at slope −0.01
     cost = 2 * 0.35 + 10 * 0.05
     assert cycle_reward(cycle, 0.35, 0.05) == pytest.approx((10 - cost) / 10)

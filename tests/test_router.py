@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 
 from hybrid_core import BatchError, CheckpointError, ConfigError, HybridTrainer
-from hybrid_core.data import load_digits, sequential_digits
-from hybrid_core.models import FastGRNN
-from hybrid_core.optim import Adam
-from hybrid_core.router import (
+from hybrid_core.apps.data import load_digits, sequential_digits
+from hybrid_core.apps.router import (
     ROUTING_FEATURES,
     RouterConfig,
     ZScore,
@@ -18,6 +16,8 @@ from hybrid_core.router import (
     save_router,
     train_router,
 )
+from hybrid_core.models import FastGRNN
+from hybrid_core.optim import Adam
 
 
 @pytest.fixture

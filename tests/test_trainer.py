@@ -60,6 +60,7 @@ def test_cycles_through_all_phases_with_fewer_backward_passes():
     phases = [r.phase for r in results]
     assert phases[:5] == [Phase.WARMUP] * 5
     assert set(phases) == set(Phase)
+    trainer.flush()  # real steps are recorded when they are read
     s = trainer.metrics.summary()
     assert s["backward_passes"] == sum(r.backward for r in results) < 60
     assert all(r.backward == (r.phase is not Phase.PREDICT) for r in results)
@@ -142,27 +143,42 @@ def test_loss_decreases_with_default_dynamics():
     assert summary["steps"] == 150 and losses[-1] < 0.1 * losses[0]
 
 
-def test_nan_loss_raises_and_leaves_parameters_untouched():
-    trainer, model = _trainer()
+@pytest.mark.parametrize("read_every", [1, 4])
+def test_nan_loss_raises_and_leaves_the_trainer_as_before_the_bad_step(read_every):
+    """Read at once or found by a later read: the trainer ends as it was before the bad batch."""
+    trainer, model = _trainer(FAST.replace(read_every=read_every))
     batches = regression_batches(np)
     trainer.step(next(batches))
+    trainer.flush()
     before = [np.array(p) for p in model.parameters()]
     x, y = next(batches)
-    with pytest.raises(DivergenceError, match="non-finite"):
+    with pytest.raises(DivergenceError, match="non-finite") as info:
         trainer.step((x, y * np.nan))
+        for _ in range(read_every - 1):  # good batches until the read that finds the NaN
+            trainer.step(next(batches))
+    assert "back at the state before step 1" in str(info.value)
     for a, b in zip(before, model.parameters()):
         np.testing.assert_array_equal(a, b)
-    assert trainer.state.step == 1 and trainer.metrics.summary()["steps"] == 1
+    assert trainer.state.step == 1 and trainer.steps_done == 1 and trainer.metrics.summary()["steps"] == 1
+    assert trainer.phase_state.steps_in_phase == 1
     trainer.step(next(batches))  # and it carries on
+    trainer.flush()
+    assert all(np.isfinite(p).all() for p in model.parameters())
 
 
-def test_nan_batch_skipped_when_configured():
-    trainer, model = _trainer(FAST.replace(on_nonfinite="skip"))
+@pytest.mark.parametrize("read_every", [1, 4])
+def test_nan_batch_skipped_when_configured(read_every):
+    trainer, model = _trainer(FAST.replace(on_nonfinite="skip", read_every=read_every))
     batches = regression_batches(np)
     x, y = next(batches)
     r = trainer.step((x, y * np.nan))
-    assert r.skipped and not any(np.isnan(p).any() for p in model.parameters())
-    assert trainer.metrics.summary()["events"]["skipped_nonfinite"] == 1
+    for _ in range(read_every - 1):
+        trainer.step(next(batches))
+    assert r.skipped == (read_every == 1)
+    assert not any(np.isnan(p).any() for p in model.parameters())
+    summary = trainer.metrics.summary()
+    assert summary["events"]["skipped_nonfinite"] == 1 and summary["steps"] == read_every
+    assert [rec.skipped for rec in trainer.metrics.records] == [True] + [False] * (read_every - 1)
 
 
 def test_bad_inputs_raise_hybrid_errors():
@@ -206,8 +222,8 @@ def test_mixed_libraries_name_both():
     assert "array_api_strict" in str(info.value) and "numpy" in str(info.value)
 
 
-def test_one_host_read_per_real_step_and_per_check():
-    trainer, _ = _trainer(FAST.replace(check_interval=3))
+def test_read_every_1_reads_once_per_real_step_and_per_check():
+    trainer, _ = _trainer(FAST.replace(check_interval=3, read_every=1))
     batches = regression_batches(np)
     results = [trainer.step(next(batches)) for _ in range(80)]
     real = sum(r.backward for r in results)
@@ -235,8 +251,10 @@ def test_progress_is_shown(capsys):
 def test_predicted_loss_reported_in_correct_phase():
     trainer, _ = _trainer()
     batches = regression_batches(np)
-    results = [trainer.step(next(batches)) for _ in range(40)]
-    correct = [r for r in results if r.phase is Phase.CORRECT]
+    for _ in range(40):
+        trainer.step(next(batches))
+    trainer.flush()
+    correct = [r for r in trainer.metrics.records if r.phase == Phase.CORRECT.value]
     assert correct and all(r.predicted_loss > 0 and math.isfinite(r.loss) for r in correct)
     assert correct[0].predicted_loss == 0.1  # before any residual, the corrector leaves predictions alone
     assert trainer.residuals.total == len(correct) and trainer.corrector.updates == len(correct)

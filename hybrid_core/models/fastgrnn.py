@@ -100,6 +100,10 @@ class FastGRNN:
         (H,), (H,), (1,), (1,), (H,), (1,)."""
         return list(self._params)
 
+    def set_parameters(self, values: Sequence[Any]) -> None:
+        """θ ← ``values`` (same shapes, dtypes and library; rebinds to them)."""
+        self._params = list(check_like_parameters(self._xp, self._params, values, "the parameters"))
+
     def apply_update(self, update: Sequence[Any], scale: float) -> None:
         """θ ← θ + scale·update for every parameter (rebinds, never writes in place)."""
         update = check_like_parameters(self._xp, self._params, update, "the update")

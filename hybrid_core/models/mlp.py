@@ -86,6 +86,10 @@ class MLP:
         """[W₀, b₀, W₁, b₁, …]; Wₖ has shape (sizes[k], sizes[k+1]), bₖ shape (sizes[k+1],)."""
         return list(self._params)
 
+    def set_parameters(self, values: Sequence[Any]) -> None:
+        """θ ← ``values`` (same shapes, dtypes and library; rebinds to them)."""
+        self._params = list(check_like_parameters(self._xp, self._params, values, "the parameters"))
+
     def apply_update(self, update: Sequence[Any], scale: float) -> None:
         """θ ← θ + scale·update for every parameter (rebinds, never writes in place)."""
         update = check_like_parameters(self._xp, self._params, update, "the update")

@@ -7,9 +7,9 @@ from typing import Any, NamedTuple, final
 import array_api_compat
 import numpy as np
 
-from .._backend import from_numpy, to_numpy
-from .._errors import BatchError, ConfigError
-from ..models import FastGRNN
+from hybrid_core import BatchError, ConfigError
+from hybrid_core._backend import from_numpy, to_numpy
+from hybrid_core.models import FastGRNN
 
 __all__ = ["Router", "ZScore"]
 

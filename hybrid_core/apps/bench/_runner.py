@@ -10,11 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .._config import HybridConfig
-from .._phase import Phase
-from .._progress import Progress
-from .._protocols import DynamicsModel
-from .._trainer import HybridTrainer
+from hybrid_core import DynamicsModel, HybridConfig, HybridTrainer, Phase
+from hybrid_core._progress import Progress
+
 from ._tasks import BenchTask, TaskSetup
 
 __all__ = ["LR_FACTORS", "DynamicsFactory", "RunResult", "run_benchmark"]

@@ -9,10 +9,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._backend import as_namespace, from_numpy, to_numpy
-from .._config import HybridConfig
-from .._errors import BackendError, ConfigError
-from .._protocols import Model, Optimizer
+from hybrid_core import BackendError, ConfigError, HybridConfig, Model, Optimizer
+from hybrid_core._backend import from_numpy, namespace_for, to_numpy
+
 from ..data import sequential_digits, split_digits
 
 __all__ = ["TASKS", "BenchTask", "TaskSetup", "get_task"]
@@ -60,8 +59,8 @@ def _digits() -> Any:
 
 
 def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
-    from ..models import MLP
-    from ..optim import Adam
+    from hybrid_core.models import MLP
+    from hybrid_core.optim import Adam
 
     if backend == "torch":
         import torch
@@ -69,9 +68,7 @@ def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
         # One intra-op thread: on a small shared machine more threads make timings swing
         # by an order of magnitude whenever another process runs; every run gets the same.
         torch.set_num_threads(1)
-        xp = as_namespace(torch)
-    else:
-        xp = as_namespace(np)
+    xp = namespace_for(backend)
     split = _digits()
     dtype = xp.float32
     x = from_numpy(xp, split.x_train, dtype=dtype)
@@ -104,16 +101,14 @@ def _sequential_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def _fastgrnn_router(backend: str, seed: int, lr: float) -> TaskSetup:
-    from ..models import FastGRNN
-    from ..optim import Adam
+    from hybrid_core.models import FastGRNN
+    from hybrid_core.optim import Adam
 
     if backend == "torch":
         import torch
 
         torch.set_num_threads(1)  # as in digits-mlp: one thread, steadier timings on a shared machine
-        xp = as_namespace(torch)
-    else:
-        xp = as_namespace(np)
+    xp = namespace_for(backend)
     x_train, y_train, x_val, y_val = _sequential_digits()
     dtype = xp.float32
     x = from_numpy(xp, x_train, dtype=dtype)

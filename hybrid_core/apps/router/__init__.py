@@ -2,7 +2,7 @@
 
 `routing_logs` makes seeded request windows with a documented labelling rule;
 `train_router` trains a `hybrid_core.models.FastGRNN` on them (or on any windows, e.g.
-`hybrid_core.data.sequential_digits`) with Adam, mini-batches, a validation split, early
+`hybrid_core.apps.data.sequential_digits`) with Adam, mini-batches, a validation split, early
 stopping, learning-rate decay, gradient clipping, L2, distillation from an MLP teacher and
 z-score normalisation; `save_router` / `load_router` keep the weights and the normaliser.
 """

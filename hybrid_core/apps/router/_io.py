@@ -9,15 +9,16 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .._backend import as_namespace, from_numpy, to_numpy
-from .._codec import DEFAULT_MAX_BYTES, encode, read_file, write_atomic
-from .._errors import CheckpointError, HybridError
-from ..models import FastGRNN
+from hybrid_core import CheckpointError, HybridError
+from hybrid_core._backend import as_namespace, from_numpy, to_numpy
+from hybrid_core._codec import DEFAULT_MAX_BYTES, encode, read_file, write_atomic
+from hybrid_core.models import FastGRNN
+
 from ._router import Router, ZScore
 
 __all__ = ["load_router", "save_router"]
 
-_KIND = "hybrid_core.router"
+_KIND = "hybrid_core.router"  # the saved files' format tag (the package's old path); kept so old files load
 _VERSION = 1
 _KEYS = {"kind", "version", "settings", "dtype", "params", "mean", "std"}
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ConfigError
-from ._protocols import Outcome, Prediction
+from .._errors import ConfigError
+from .._protocols import Outcome, Prediction
 
 __all__ = ["TrendDynamics"]
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .._version import __version__
+from hybrid_core import __version__
+
 from ._runner import RunResult, median_step
 
 __all__ = ["SCHEMA", "format_table", "plot", "summarize", "time_to_target"]

@@ -13,13 +13,12 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .._backend import as_namespace, from_numpy, to_numpy
-from .._config import HybridConfig
-from .._errors import BatchError, ConfigError
-from .._trainer import HybridTrainer
-from ..callbacks import EarlyStopping, ExponentialLR, ValidationLogger
-from ..models import FastGRNN
-from ..optim import Adam, ClipGradNorm
+from hybrid_core import BatchError, ConfigError, HybridConfig, HybridTrainer
+from hybrid_core._backend import as_namespace, from_numpy, to_numpy
+from hybrid_core.callbacks import EarlyStopping, ExponentialLR, ValidationLogger
+from hybrid_core.models import FastGRNN
+from hybrid_core.optim import Adam, ClipGradNorm
+
 from ._io import save_router
 from ._router import Router, ZScore
 from ._teacher import train_teacher

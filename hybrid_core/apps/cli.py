@@ -7,7 +7,10 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ._errors import HybridError
+from hybrid_core import HybridError, TrendDynamics
+
+from .demo import BACKENDS as DEMO_BACKENDS
+from .kernels_bench import BACKENDS as KERNEL_BACKENDS
 
 __all__ = ["main"]
 
@@ -30,8 +33,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"rollbacks {events.get('rollbacks', 0)}, probes {events.get('probes', 0)}")
     print(f"final validation loss: hybrid {hybrid.val_loss:.4f} vs plain {plain.val_loss:.4f} (same steps) "
           f"vs {rows[2].val_loss:.4f} (same backward passes)")
-    print("Wall-clock here is not a speed claim: speed is only claimed through the benchmark protocol "
-          "(DESIGN §8: `hybrid-train bench`, results in docs/benchmarks.md).")
+    print("Wall-clock here is not a speed claim: speed is only claimed through `hybrid-train bench`, "
+          "whose protocol and results are in docs/benchmarks.md.")
     if args.jsonl:
         n = trainer.metrics.to_jsonl(args.jsonl)
         print(f"wrote {n} step records to {args.jsonl}")
@@ -63,8 +66,6 @@ def _bench(args: argparse.Namespace) -> int:
         f"--steps {args.steps or task.steps} --dynamics {args.dynamics}")
     print(f"{task.name}: {task.description}; backend {args.backend}; baseline, tuned baseline "
           f"(lr x0.5/x1/x2/x4) and hybrid, {len(seeds)} seed(s), one process", flush=True)
-    from ._baseline import TrendDynamics
-
     # None: the trainer's default, RSSMDynamics seeded with the run's seed.
     dynamics = TrendDynamics if args.dynamics == "trend" else None
     results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet, dynamics=dynamics)
@@ -80,7 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
-    from .kernels.bench import format_layouts, format_table, run_axpy_layouts, run_bench, write_json
+    from .kernels_bench import format_layouts, format_table, run_axpy_layouts, run_bench, write_json
 
     if args.threads:
         import torch
@@ -111,7 +112,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
 
 def _dynamics_eval(args: argparse.Namespace) -> int:
-    from .dynamics._record import DEFAULT_STEPS, TASK_BACKENDS, format_table, run_dynamics_eval
+    from .dynamics_eval import DEFAULT_STEPS, TASK_BACKENDS, format_table, run_dynamics_eval
 
     tasks = list(TASK_BACKENDS) if args.task == "all" else [args.task]
     command = f"hybrid-train dynamics-eval --task {args.task} --seed {args.seed}" + (
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the reference MLP on the bundled digits, hybrid vs plain")
-    demo.add_argument("--backend", default="numpy", choices=["numpy", "array_api_strict", "torch", "jax"])
+    demo.add_argument("--backend", default="numpy", choices=list(DEMO_BACKENDS))
     demo.add_argument("--steps", type=_positive_int, default=600)
     demo.add_argument("--seed", type=_non_negative_int, default=0)
     demo.add_argument("--batch-size", type=_positive_int, default=64)
@@ -165,8 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--sizes", nargs="+", default=["100k", "1m"], metavar="N",
                       help="parameter counts to time, e.g. 10k 1m (default: 100k 1m)")
     kern.add_argument("--repeat", type=_positive_int, default=5, help="timed calls per row; the median is shown")
-    kern.add_argument("--backends", nargs="+", default=["numpy", "torch", "jax", "cupy"],
-                      choices=["numpy", "torch", "jax", "cupy"],
+    kern.add_argument("--backends", nargs="+", default=list(KERNEL_BACKENDS), choices=list(KERNEL_BACKENDS),
                       help="array libraries to time (missing ones are noted)")
     kern.add_argument("--json", metavar="PATH", help="write the rows and a machine description as JSON")
     kern.add_argument("--axpy-layouts", action="store_true",

@@ -8,7 +8,6 @@ backward passes (the fair peer when backward passes are the cost).
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from collections.abc import Iterator
@@ -17,25 +16,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._backend import as_namespace, from_numpy, to_numpy
-from ._config import HybridConfig
-from ._errors import BackendError, ConfigError
-from ._phase import Phase
-from ._progress import Progress
-from ._trainer import HybridTrainer
+from hybrid_core import ConfigError, HybridConfig, HybridTrainer, Phase
+from hybrid_core._backend import from_numpy, namespace_for, to_numpy
+from hybrid_core._progress import Progress
+from hybrid_core.models import MLP
+from hybrid_core.optim import Adam
+
 from .data import split_digits
-from .models import MLP
-from .optim import Adam
 
 __all__ = ["BACKENDS", "DemoRow", "format_table", "load_backend", "run_demo"]
 
-BACKENDS = {
-    "numpy": "numpy",
-    "array_api_strict": "array_api_strict",
-    "torch": "torch",
-    "jax": "jax.numpy",
-}
-"""Backend names the demo accepts, and the module each one imports."""
+BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+"""Backend names the demo accepts: the CPU backends of `hybrid_core._backend.BACKEND_MODULES`."""
 
 
 class DemoRow(NamedTuple):
@@ -54,15 +46,7 @@ def load_backend(name: str) -> ModuleType:
     """The array namespace for a demo backend name; `BackendError` if it is not installed."""
     if name not in BACKENDS:
         raise ConfigError(f"backend={name!r}: must be one of {', '.join(BACKENDS)}")
-    try:
-        module = importlib.import_module(BACKENDS[name])
-    except ImportError as exc:
-        extra = {"torch": "torch", "jax": "jax", "array_api_strict": "test"}.get(name, "")
-        raise BackendError(
-            f"backend {name!r} is not installed ({exc})",
-            f"pip install 'hybrid-predict-trainer[{extra}]'" if extra else "Install the backend.",
-        ) from exc
-    return as_namespace(module)
+    return namespace_for(name)
 
 
 def _batches(xp: Any, x: Any, y: Any, n: int, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:

@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..models import MLP
-from ..optim import Adam
+from hybrid_core.models import MLP
+from hybrid_core.optim import Adam
 
 __all__ = ["Teacher", "train_teacher"]
 

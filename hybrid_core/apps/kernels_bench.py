@@ -22,10 +22,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from hybrid_core._errors import ConfigError
-
-from . import REGISTRY
-from ._registry import device_kind
+from hybrid_core import ConfigError
+from hybrid_core.kernels import REGISTRY
+from hybrid_core.kernels._registry import device_kind
 
 __all__ = [
     "AXPY_LAYOUTS",
@@ -173,7 +172,7 @@ def run_axpy_layouts(total: str | int = "10m", counts: Sequence[int] = AXPY_LAYO
 def _time_layout(k: int, size: int, repeat: int, gen: Any, device: str, sync: Callable[[], None]) -> list[LayoutRow]:
     import torch
 
-    from . import flatten, fused_axpy, fused_axpy_
+    from hybrid_core.kernels import flatten, fused_axpy, fused_axpy_
 
     def separate() -> list[Any]:
         return [torch.randn(size, generator=gen).to(device) for _ in range(k)]

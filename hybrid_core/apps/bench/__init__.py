@@ -1,4 +1,4 @@
-"""`hybrid-train bench`: the one way a speed figure is made (DESIGN §8).
+"""`hybrid-train bench`: the one way a speed figure is made (the protocol: docs/benchmarks.md, "Protocol").
 
 Runs, in one process with fixed seeds: the same-settings baseline, the learning-rate
 tuned baseline (×0.5, ×1, ×2, ×4, best kept) and the hybrid trainer, and reports

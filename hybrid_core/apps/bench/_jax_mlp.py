@@ -44,7 +44,7 @@ def _transformation(lr: float) -> Any:
 def _initial(seed: int) -> list[Any]:
     import jax.numpy as jnp
 
-    from ..models import MLP
+    from hybrid_core.models import MLP
 
     return [jnp.asarray(p) for p in MLP([64, 64, 10], seed=seed).parameters()]
 
@@ -54,10 +54,8 @@ _compiled: set[float] = set()
 
 def _compile(lr: float, batch: Any, val: Any) -> None:
     """Run every jitted path once at this learning rate (real steps, predicted steps, losses), untimed."""
+    from hybrid_core import HybridConfig, HybridTrainer
     from hybrid_core.adapters.jax import JaxModel, OptaxOptimizer
-
-    from .._config import HybridConfig
-    from .._trainer import HybridTrainer
 
     if lr in _compiled:
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._errors import ConfigError
+from hybrid_core import ConfigError
 
 __all__ = ["ROUTING_FEATURES", "routing_logs"]
 

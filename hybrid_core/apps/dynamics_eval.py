@@ -20,16 +20,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._baseline import TrendDynamics
-from .._config import HybridConfig
-from .._errors import CheckpointError, ConfigError
-from .._features import FEATURE_DIM, LOG_LOSS_SLOT
-from .._progress import Progress
-from .._protocols import DynamicsModel, Outcome, Prediction
-from .._trainer import HybridTrainer
-from .._version import __version__
-from ._evaluate import evaluate_dynamics
-from ._rssm import RSSMDynamics
+from hybrid_core import (
+    FEATURE_DIM,
+    CheckpointError,
+    ConfigError,
+    DynamicsModel,
+    HybridConfig,
+    HybridTrainer,
+    Outcome,
+    Prediction,
+    __version__,
+)
+from hybrid_core._features import LOG_LOSS_SLOT
+from hybrid_core._progress import Progress
+from hybrid_core.dynamics import RSSMDynamics, TrendDynamics, evaluate_dynamics
+
+from .bench._tasks import get_task
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -104,8 +110,6 @@ class _Recorder:
 
 def record_trajectory(task: str, steps: int, seed: int = 0, *, progress: bool = True) -> Trajectory:
     """Train ``task`` for ``steps`` plain real steps through `HybridTrainer` and return what its dynamics saw."""
-    from ..bench._tasks import get_task
-
     if task not in TASK_BACKENDS:
         raise ConfigError(f"task={task!r}: must be one of {', '.join(TASK_BACKENDS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:

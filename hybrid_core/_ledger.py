@@ -1,0 +1,116 @@
+"""`Ledger`: real steps whose values are still on the device, the last verified point, and host reads.
+
+A real step leaves its loss (and, on a measured step, its statistics vector) on the device
+and its batch here. `read` turns every pending value into Python floats with ONE
+device→host transfer. `verify` keeps a copy of the parameters, the optimizer state and the
+model's extra state at a point whose steps were all read finite (every few reads, and
+before anything but a real step moves the weights), so a non-finite value found by a
+later read can be undone exactly (`restore`) and the steps since replayed from their kept
+batches. Every device→host read of the trainer goes through
+`read_floats`, which counts it (`host_syncs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from ._checks import has_method, read_host
+from ._errors import CheckpointError
+from ._phase import PhaseState
+from ._protocols import Array, Model, Optimizer
+
+__all__ = ["Ledger", "Pending"]
+
+
+class Pending(NamedTuple):
+    """One real step whose loss has not been read yet."""
+
+    step: int
+    phase: PhaseState
+    batch: Any
+    loss: Array
+    stats: Array | None
+    """The statistics vector of a measured step (see `hybrid_core.kernels.STATS_FIELDS`, plus lr
+    for a fused step), else None."""
+    lr: float | None
+    """The learning rate, read on the host at a measured step of the unfused path."""
+    seconds: float
+
+
+class Ledger:
+    """Pending real steps, the copy of the last verified point, and the count of host reads."""
+
+    def __init__(self, xp: Any) -> None:
+        self._xp = xp
+        self.pending: list[Pending] = []
+        self.settled: list[Pending] = []
+        """Steps read (all finite) since the last verified point: replayed without reads on a rollback."""
+        self.host_syncs = 0
+        """Every device→host read the trainer made (losses, statistics, checks, line searches)."""
+        self._verified: tuple[list[Array], dict[str, Any], Any] | None = None
+
+    def add(self, item: Pending) -> None:
+        """Keep one real step until the next `read`."""
+        self.pending.append(item)
+
+    def read_floats(self, values: Array) -> list[float]:
+        """Python floats from a 1-D device array: one counted host read."""
+        self.host_syncs += 1
+        return read_host(values)
+
+    def read(self) -> list[list[float]]:
+        """The pending steps' values as floats (one host read): [loss] or the statistics vector each."""
+        xp = self._xp
+        parts = [xp.reshape(p.loss, (1,)) if p.stats is None else p.stats for p in self.pending]
+        flat = self.read_floats(parts[0] if len(parts) == 1 else xp.concat(parts))
+        out, at = [], 0
+        for part in parts:
+            n = int(part.shape[0])
+            out.append(flat[at:at + n])
+            at += n
+        return out
+
+    def verify(self, model: Model, optimizer: Optimizer) -> None:
+        """Copy the point reached (parameters, optimizer state, model state): the new rollback target."""
+        params = [_copy(p) for p in model.parameters()]
+        model_state = model.state_dict() if has_method(model, "state_dict") else None
+        self._verified = (params, optimizer.state_dict(), model_state)
+        self.settled = []
+
+    def restore(self, model: Model, optimizer: Optimizer) -> None:
+        """Put the last verified point back (through `Model.set_parameters`: the weights may be NaN)."""
+        if self._verified is None:
+            raise CheckpointError("there is no verified point to go back to")
+        params, opt_state, model_state = self._verified
+        optimizer.load_state_dict(opt_state)
+        if model_state is not None:
+            model.load_state_dict(model_state)
+        model.set_parameters(params)
+        self.verify(model, optimizer)  # the restored arrays now belong to the live objects
+
+    def state_dict(self) -> dict[str, Any]:
+        """The host-read count (a checkpoint is written with nothing pending)."""
+        return {"host_syncs": self.host_syncs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        count = state["host_syncs"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"host_syncs={count!r}: must be an integer >= 0")
+        self.host_syncs = count
+        self.pending = []
+
+
+def _copy(array: Array) -> Array:
+    """A fresh array with ``array``'s values, detached from any autograd graph."""
+    if array_api_compat.is_torch_array(array):
+        return array.detach().clone()
+    return array_api_compat.array_namespace(array).asarray(array, copy=True)
+
+
+def copies(arrays: Sequence[Array]) -> list[Array]:
+    """Fresh copies of ``arrays`` (see `_copy`)."""
+    return [_copy(a) for a in arrays]
