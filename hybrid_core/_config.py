@@ -26,8 +26,9 @@ class HybridConfig:
     """Settings of `HybridTrainer`; invalid values raise one `ConfigError` listing every problem.
 
     Phase lengths are in steps. The phase defaults come from an earlier parameter sweep of this
-    design (a starting point, kept while measurements do not argue against them); the bookkeeping defaults (``read_every``, ``idle_after``, ``idle_steps``)
-    from the overhead measurements in docs/benchmarks.md.
+    design (a starting point, kept while measurements do not argue against them); the
+    bookkeeping defaults (``read_every``, ``idle_after``, ``idle_steps``) are general choices,
+    not fitted to a task: their costs are measured in docs/benchmarks.md.
     """
 
     warmup_steps: int = 100

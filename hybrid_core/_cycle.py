@@ -241,7 +241,8 @@ class PredictionCycle:
             run = {}
             for f in fields(self._run):
                 value = getattr(self._run, f.name)
-                run[f.name] = [list(v) for v in value] if isinstance(value, Prediction) else value
+                run[f.name] = ([list(v) if isinstance(v, tuple) else v for v in value]
+                               if isinstance(value, Prediction) else value)
         chosen = None if self.chosen is None else [self.chosen[0], self.chosen[1].tolist()]
         return {"run": run, "chosen": chosen, "horizon_scale": self.horizon_scale}
 

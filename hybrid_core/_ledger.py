@@ -51,6 +51,8 @@ class Ledger:
         self.host_syncs = 0
         """Every device→host read the trainer made (losses, statistics, checks, line searches)."""
         self._verified: tuple[list[Array], dict[str, Any], Any] | None = None
+        self.verifies = 0
+        """How many verified points were copied (each: the parameters and the optimizer state)."""
 
     def add(self, item: Pending) -> None:
         """Keep one real step until the next `read`."""
@@ -79,6 +81,7 @@ class Ledger:
         model_state = model.state_dict() if has_method(model, "state_dict") else None
         self._verified = (params, optimizer.state_dict(), model_state)
         self.settled = []
+        self.verifies += 1
 
     def restore(self, model: Model, optimizer: Optimizer) -> None:
         """Put the last verified point back (through `Model.set_parameters`: the weights may be NaN)."""

@@ -26,8 +26,16 @@ from ._features import CONTEXT_NAMES, FEATURE_DIM, compact_context, encode_featu
 from ._ledger import Ledger, Pending
 from ._metrics import MetricsCollector, StepRecord
 from ._monitor import DivergenceMonitor, Level
-from ._persist import (CheckpointPolicy, ModelState, Part, checkpoint_path, newest_checkpoint, read_checkpoint,
-                       restore_parts, write_checkpoint)
+from ._persist import (
+    CheckpointPolicy,
+    ModelState,
+    Part,
+    checkpoint_path,
+    newest_checkpoint,
+    read_checkpoint,
+    restore_parts,
+    write_checkpoint,
+)
 from ._phase import Phase, PhaseMachine, PhaseState, Signals
 from ._progress import Progress
 from ._protocols import Array, DynamicsModel, FusedStep, Model, Optimizer, Outcome
@@ -199,12 +207,14 @@ class HybridTrainer:
                 self.metrics.count("line_search_rollback_pct", round(100 * search.best_fraction))
                 if not search.finite:
                     self.metrics.count("nonfinite_in_predict")
-            self.ledger.verify(self.model, self.optimizer)  # the search moved the weights outside a step
+            # Predicted steps and the search moved the weights outside a step: a rollback must not
+            # replay across them, so the point reached becomes the verified one.
+            self.ledger.verify(self.model, self.optimizer)
         if self._eager:
             self.flush()
             settled = self._eager_step(Pending(index, current, batch, None, None, None, math.nan), 0)
         else:
-            loss, stats, lr = self._compute(batch, measure)
+            loss, stats, lr = self._compute(batch, measure and not self.cadence.idle(index))
             self.ledger.add(Pending(index, current, batch, loss, stats, lr, math.nan))
             if not measure:
                 return (StepResult(index, current.phase, None, None, True, self._confidence),
@@ -280,7 +290,10 @@ class HybridTrainer:
             lr = values[6] if len(values) > 6 else p.lr
             measured = Measured(values[1], values[2], values[3], values[4], self._param_count, float(lr))
         grad_norm = None if measured is None else math.sqrt(max(measured.grad_sq, 0.0))
-        level = self.monitor.assess(self.state, loss, grad_norm, oscillation=measured is not None).level
+        # Idle steps skip the monitor: its signals shape PREDICT phases, and non-finite values are
+        # caught by the read itself.
+        level = (self.monitor.assess(self.state, loss, grad_norm, oscillation=measured is not None).level
+                 if feeding else Level.OK)
         self._diverging = self._diverging or level >= Level.FORCE_FULL
         if level >= Level.SHRINK:
             # Not cumulative: one bad reading halves the next horizon, a worse one quarters it.
@@ -383,7 +396,6 @@ class HybridTrainer:
 
     def _start_cycle(self, current: PhaseState, nxt: PhaseState) -> None:
         self.flush()  # a probe can start after a step that was not read
-        self.ledger.verify(self.model, self.optimizer)  # predicted steps move the weights outside a step
         features = self._features_now(current)
         context = compact_context(features, self._confidence)
         raw = self.dynamics.predict(features, nxt.horizon)

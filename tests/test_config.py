@@ -35,6 +35,9 @@ INVALID = {
     "history_size": (8, "[16,"),
     "metrics_max_records": (-1, "[0,"),
     "seed": (-5, "[0,"),
+    "read_every": (0, "[1,"),
+    "idle_after": (-1, "[0,"),
+    "idle_steps": (0, "[1,"),
 }
 
 

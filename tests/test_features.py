@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from hybrid_core import FEATURE_DIM, FEATURE_NAMES, FEATURE_SLOTS, Phase, PhaseState, TrainingState, encode_features
 from hybrid_core._features import LOG_LOSS_SLOT
-from hybrid_core._state import RingBuffer
+from hybrid_core._state import Measured, RingBuffer
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 positive = st.floats(min_value=0.0, max_value=1e308, allow_nan=False)
@@ -36,8 +36,8 @@ def test_ring_buffer_keeps_newest_values_only():
 
 def _run(state, losses, lr=0.01):
     for i, loss in enumerate(losses):
-        state.record_real(loss, grad_sq=4.0, update_sq=1e-4, grad_dot_update=-0.01, grad_max=0.5,
-                          param_count=100, lr=lr, warmup=i < 5)
+        state.record_real(loss, warmup=i < 5, measured=Measured(grad_sq=4.0, update_sq=1e-4, grad_dot_update=-0.01,
+                                                                grad_max=0.5, param_count=100, lr=lr))
 
 
 def test_history_is_bounded_for_long_runs():
@@ -83,7 +83,8 @@ def test_encoder_on_empty_state_is_finite():
 def test_features_finite_for_any_finite_input(losses, grad, update, dot, gmax, lr, steps_in_phase, phase, errs):
     state = TrainingState(16)
     for i, loss in enumerate(losses):
-        state.record_real(loss, grad, update, dot, gmax, 10, lr, warmup=i < 3)
+        # Statistics are measured on some steps only; the others record the loss alone.
+        state.record_real(loss, warmup=i < 3, measured=Measured(grad, update, dot, gmax, 10, lr) if i % 3 else None)
         if i % 7 == 3:
             state.record_predicted()
             state.record_skip()

@@ -6,6 +6,7 @@ import numpy as np
 
 from hybrid_core import TrainingState
 from hybrid_core._monitor import DivergenceMonitor, Level
+from hybrid_core._state import Measured
 
 
 def _state(noise=0.05, steps=120):
@@ -13,7 +14,7 @@ def _state(noise=0.05, steps=120):
     st = TrainingState(64)
     for i in range(steps):
         loss = 1.0 + noise * rng.normal()
-        st.record_real(loss, 4.0, 1e-4, -0.01, 0.5, 10, 0.01, warmup=i < 20)
+        st.record_real(loss, warmup=i < 20, measured=Measured(4.0, 1e-4, -0.01, 0.5, 10, 0.01))
     return st
 
 
@@ -36,10 +37,10 @@ def test_levels():
 def test_quiet_during_warmup_and_flags_oscillation():
     mon = DivergenceMonitor()
     fresh = TrainingState()
-    fresh.record_real(1.0, 1.0, 0.0, 0.0, 1.0, 1, 0.1, warmup=True)
+    fresh.record_real(1.0, warmup=True, measured=Measured(1.0, 0.0, 0.0, 1.0, 1, 0.1))
     assert mon.assess(fresh, 50.0, 100.0).level is Level.OK
     st = TrainingState(64)
     for i in range(60):
-        st.record_real(1.0 + (0.01 if i % 2 else -0.01), 4.0, 1e-4, 0, 0.5, 10, 0.01, warmup=i < 5)
+        st.record_real(1.0 + (0.01 if i % 2 else -0.01), warmup=i < 5, measured=Measured(4.0, 1e-4, 0, 0.5, 10, 0.01))
     verdict = mon.assess(st, 1.0, 2.0)
     assert verdict.level is Level.SHRINK and "oscillates" in verdict.reasons[-1]

@@ -173,7 +173,8 @@ def train_router(
 
     def evaluate() -> dict[str, float]:
         # Early stopping and the logger both ask after each epoch; one forward pass serves both.
-        step = trainer.state.step
+        trainer.flush()  # the epoch's last losses may still be on the device
+        step = trainer.steps_done
         if cache.get("step") != step:
             logits = np.asarray(to_numpy(model.logits(val_inputs)), dtype=np.float64)
             real = [r.loss for r in trainer.metrics.records[-per_epoch:] if r.loss is not None and r.backward]
