@@ -240,6 +240,12 @@ class OptaxOptimizer:
             self._host_lr = float(node.hyperparams["learning_rate"])
         return self._host_lr
 
+    @property
+    def lr_on_device(self) -> bool:
+        """Whether reading `lr` is a device→host read (a scheduled learning rate lives on the device)."""
+        node = injected_holding(self._state, "learning_rate")
+        return node is not None and "learning_rate" in getattr(node, "hyperparams_states", {})
+
     @lr.setter
     def lr(self, value: float) -> None:
         node = injected_holding(self._state, "learning_rate")

@@ -151,3 +151,63 @@ def test_short_hybrid_run_visits_every_phase_without_nan(hybrid_case: Conformanc
     assert all(counts[p.value] > 0 for p in Phase), f"{contract}: phases {counts}"
     assert summary["backward_passes"] == summary["steps"] - counts["predict"], f"{contract}: {summary}"
     assert all(np.all(np.isfinite(p)) for p in _host(model.parameters())), f"{contract}: NaN in parameters"
+
+
+def test_state_dict_is_a_snapshot_later_steps_leave_alone(hybrid_case: ConformanceCase) -> None:
+    model, opt, batches, _ = _setup(hybrid_case, seed=3)
+    opt.step(model.loss_and_grad(next(batches))[1])
+    saved = opt.state_dict()
+    frozen = [_host([a])[0] for a in _arrays(saved)]
+    for _ in range(2):
+        opt.step(model.loss_and_grad(next(batches))[1])
+    contract = "contract 'Optimizer.state_dict() is a snapshot: later steps do not change its arrays'"
+    for i, (a, b) in enumerate(zip(frozen, (_host([x])[0] for x in _arrays(saved)))):
+        assert np.array_equal(a, b, equal_nan=True), f"{contract}: array {i} of the state changed"
+
+
+def test_set_parameters_sets_them_exactly_even_over_nan(hybrid_case: ConformanceCase) -> None:
+    model = _setup(hybrid_case, seed=4)[0]
+    if not callable(getattr(model, "set_parameters", None)):
+        return  # optional: without it the trainer reads every real step before its update
+    target = [p * 1 for p in _setup(hybrid_case, seed=6)[0].parameters()]
+    model.apply_update([p * math.nan for p in model.parameters()], 1.0)  # NaN weights
+    model.set_parameters(target)
+    contract = "contract 'Model.set_parameters(values) sets the parameters to exactly values'"
+    for i, (a, b) in enumerate(zip(_host(model.parameters()), _host(target))):
+        assert np.array_equal(a, b), f"{contract}: parameter {i} differs"
+
+
+def test_fused_step_equals_loss_and_grad_then_step(hybrid_case: ConformanceCase) -> None:
+    from hybrid_core import FusedStep
+
+    model_a, opt_a, batches, _ = _setup(hybrid_case, seed=7)
+    if not (isinstance(opt_a, FusedStep) and opt_a.model is model_a):
+        return  # optional capability
+    model_b, opt_b, _, _ = _setup(hybrid_case, seed=7)
+    contract = "contract 'fused_step(batch) is loss_and_grad(batch) then step(grads)'"
+    for k in range(3):
+        batch = next(batches)
+        measure = k == 2
+        loss_a, stats = _seeded(hybrid_case, lambda b, m=measure: opt_a.fused_step(b, m), batch)
+        loss_b, grads = _seeded(hybrid_case, model_b.loss_and_grad, batch)
+        opt_b.step(grads)
+        assert np.allclose(_host([loss_a])[0], _host([loss_b])[0], rtol=1e-5), f"{contract}: losses differ"
+        assert (stats is not None) == (k == 2), f"{contract}: statistics only when measured"
+    values = _host([stats])[0]
+    assert values.shape == (7,) and np.all(np.isfinite(values)), f"{contract}: statistics {values}"
+    assert values[0] == _host([loss_a])[0] and values[1] > 0 and values[2] > 0, f"{contract}: statistics {values}"
+    for i, (a, b) in enumerate(zip(_host(model_a.parameters()), _host(model_b.parameters()))):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-7), f"{contract}: parameter {i} differs"
+
+
+def _arrays(value: Any) -> list[Any]:
+    """Every array inside a state dict, in a fixed order."""
+    if isinstance(value, dict):
+        return [a for k in sorted(value, key=str) for a in _arrays(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [a for v in value for a in _arrays(v)]
+    try:
+        array_api_compat.array_namespace(value)
+    except TypeError:
+        return []
+    return [value]

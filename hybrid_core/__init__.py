@@ -18,7 +18,7 @@ from ._features import FEATURE_DIM, FEATURE_NAMES, FEATURE_SLOTS, encode_feature
 from ._metrics import MetricsCollector, StepRecord
 from ._persist import CheckpointPolicy
 from ._phase import Phase, PhaseState, Signals, initial_phase_state, next_phase
-from ._protocols import DynamicsModel, Model, Optimizer, Outcome, Prediction
+from ._protocols import DynamicsModel, FusedStep, Model, Optimizer, Outcome, Prediction
 from ._state import TrainingState
 from ._trainer import HybridTrainer, StepResult
 from ._version import __version__ as __version__
@@ -35,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DivergenceError",
     "DynamicsModel",
+    "FusedStep",
     "HybridConfig",
     "HybridError",
     "HybridTrainer",

@@ -62,7 +62,12 @@ class Model(Protocol):
 
 @runtime_checkable
 class Optimizer(Protocol):
-    """Turns gradients into parameter updates and can guess the next update."""
+    """Turns gradients into parameter updates and can guess the next update.
+
+    An optimizer whose learning rate lives on a device (an optax schedule) may set
+    ``lr_on_device = True`` (or a property): the trainer then counts each `lr` read in
+    ``host_syncs``. A fused step (`FusedStep`) reads it with the statistics instead.
+    """
 
     @property
     def lr(self) -> float:
@@ -91,7 +96,11 @@ class Optimizer(Protocol):
         ...
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: scalars and arrays."""
+        """Everything needed to resume: scalars and arrays.
+
+        A snapshot: later steps must not change the arrays it holds (the trainer keeps it as the
+        point to roll back to when a late read finds a non-finite value).
+        """
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -242,7 +242,7 @@ class HybridTrainer:
             self._nonfinite(p, values, later)
             return []
         self._last_update = list(self.optimizer.step(grads))
-        out = [self._record(p, [*values, float(self.optimizer.lr)])]
+        out = [self._record(p, [*values, self._read_lr()])]
         self.directions.observe(self.state.step, self.model)
         return out
 
@@ -263,7 +263,7 @@ class HybridTrainer:
         update = self.optimizer.step(grads)
         if not measure:
             return loss, None, None
-        return loss, fused_stats(loss, grads, list(update)), float(self.optimizer.lr)
+        return loss, fused_stats(loss, grads, list(update)), self._read_lr()
 
     # -- reading and recording real steps -------------------------------------------------------
 
@@ -442,6 +442,12 @@ class HybridTrainer:
         self.cycle.advance(self.model, k)
         self.state.record_predicted()
         return StepResult(index, Phase.PREDICT, loss, predicted, False, confidence), Signals(confidence)
+
+    def _read_lr(self) -> float:
+        """The optimizer's learning rate; counted as a host read when the optimizer says it is one."""
+        if getattr(self.optimizer, "lr_on_device", False) is True:
+            self.ledger.host_syncs += 1
+        return float(self.optimizer.lr)
 
     def _forward(self, batch: Any) -> Array:
         loss = call_model(self.model.loss, batch, "loss")

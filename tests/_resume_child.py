@@ -16,6 +16,8 @@ CONFIG = HybridConfig(warmup_steps=40, min_full_steps=20, max_predict_steps=30, 
 
 
 def setup(backend, seed):
+    if backend == "torch-module":  # an nn.Module through the adapters: the fused real step
+        return _torch_module(seed)
     if backend == "torch":
         import torch
 
@@ -33,6 +35,26 @@ def setup(backend, seed):
         return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
 
     return model, Adam(model, lr=3e-3), batch
+
+
+def _torch_module(seed):
+    import torch
+
+    from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
+
+    split = split_digits(seed=0)
+    x = torch.from_numpy(split.x_train).double()
+    y = torch.from_numpy(split.y_train)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 24), torch.nn.Tanh(), torch.nn.Linear(24, 10)).double()
+    model = TorchModel(net, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+
+    def batch(i):
+        rng = np.random.default_rng(1000 + i)
+        idx = torch.from_numpy(rng.choice(split.y_train.shape[0], size=32, replace=False))
+        return x[idx], y[idx]
+
+    return model, TorchOptimizer(model, torch.optim.Adam(model.parameters(), lr=3e-3)), batch
 
 
 def report(trainer, model):

@@ -11,11 +11,16 @@ import numpy as np
 import pytest
 from _namespaces import available
 
-from hybrid_core import HybridConfig
-from hybrid_core.apps.bench import SCHEMA, TASKS
+from hybrid_core import HybridConfig, HybridTrainer
+from hybrid_core.apps.bench import SCHEMA, TARGETS, TASKS
 from hybrid_core.apps.bench._report import time_to_target
-from hybrid_core.apps.bench._runner import RunResult
+from hybrid_core.apps.bench._runner import PROBE_KINDS, RunResult, active_config
 from hybrid_core.apps.cli import main
+
+# What each backend's native loop must say it is (the baseline is the framework's own loop).
+NATIVE_WORDS = {"torch": ("zero_grad()", ".backward()", "opt.step()", "torch.optim.Adam"),
+                "jax": ("jax.jit", "jax.value_and_grad", "optax.apply_updates"),
+                "numpy": ("model.loss_and_grad", "optimizer.step", "called directly")}
 
 CASES = [(task, backend) for task in TASKS for backend in TASKS[task].backends]
 
@@ -41,6 +46,15 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
     doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON document"))
     assert doc["schema"] == SCHEMA and doc["task"] == task and doc["backend"] == backend
     assert doc["seeds"] == list(range(seeds)) and "hybrid-train bench" in doc["command"]
+    assert doc["eval_every"] == TASKS[task].eval_every
+    # The baseline is the framework's native loop, named in the document and on every native run.
+    assert all(word in doc["baseline_loop"] for word in NATIVE_WORDS[backend]), doc["baseline_loop"]
+    assert "HybridTrainer" in doc["hybrid_loop"] and "HybridTrainer" not in doc["baseline_loop"]
+    for run in doc["runs"]:
+        assert run["loop"] == (doc["hybrid_loop"] if run["kind"] == "hybrid" else doc["baseline_loop"])
+    assert "baseline loop: " + doc["baseline_loop"] in text
+    warm = doc["process_warmup_s"]
+    assert warm["steps"] > 0 and warm["native"] > 0 and warm["hybrid"] > 0
     kinds = sorted({r["kind"] for r in doc["runs"]})
     assert kinds == ["baseline", "hybrid", "tuned"]
     assert sorted({r["lr"] for r in doc["runs"] if r["kind"] in ("baseline", "tuned")}) == sorted(
@@ -59,6 +73,8 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
                     key=lambda r: r["final_val"])
         target = seed_doc["target_val"]
         assert target == base["final_val"] == base["curve"][-1][3]
+        # The native baseline and the hybrid start from the same weights: same initial validation loss.
+        assert hybrid["curve"][0][3] == pytest.approx(base["curve"][0][3], rel=1e-6)
         assert seed_doc["tuned_lr"] == tuned["lr"] and seed_doc["final_val"] == {
             "baseline": base["final_val"], "tuned": tuned["final_val"], "hybrid": hybrid["final_val"]}
         assert seed_doc["final_val"]["tuned"] <= seed_doc["final_val"]["baseline"]
@@ -93,13 +109,26 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
                 assert seed_doc[key] == pytest.approx(hybrid["median_step_s"][kind] / plain)
         if len(full) == 1:
             assert seed_doc["overhead_full_step_pct_runs"] == pytest.approx(100 * (full[0] / plain - 1))
+        # The overhead probe: per-block ratios against the native step of the same block, their median.
         probe = hybrid["overhead_probe_s"]
-        assert set(probe) == {"plain", "full"} and len(probe["plain"]) == len(probe["full"]) > 1
+        assert set(probe) == set(PROBE_KINDS) and len({len(v) for v in probe.values()}) == 1
+        assert len(probe["native"]) == doc["overhead_probe"]["blocks"] > 1
         assert all(v > 0 for kind in probe.values() for v in kind)
-        assert seed_doc["overhead_full_step_pct"] == pytest.approx(
-            100 * (float(np.median(probe["full"])) / float(np.median(probe["plain"])) - 1))
-        assert math.isfinite(seed_doc["overhead_full_step_pct"])
-        assert base["overhead_probe_s"] is None
+        for kind in ("idle", "active"):
+            ratios = [k / n for k, n in zip(probe[kind], probe["native"])]
+            assert seed_doc[f"overhead_{kind}_pct"] == pytest.approx(100 * (float(np.median(ratios)) - 1))
+            assert math.isfinite(seed_doc[f"overhead_{kind}_pct"])
+        # The idle trainer idled in FULL to the end; the active one stayed in FULL, never idle, never predicting.
+        end = hybrid["overhead_probe_end"]
+        assert end["idle"] == {**end["idle"], "phase": "full", "idle": True, "predicted_steps": 0}
+        assert end["active"] == {**end["active"], "phase": "full", "idle": False, "predicted_steps": 0}
+        assert base["overhead_probe_s"] is None and base["overhead_probe_end"] is None
+        # A whole default run against the native run, and the hybrid run's host reads.
+        assert seed_doc["total_wall_vs_native"] == pytest.approx(hybrid["curve"][-1][0] / base["curve"][-1][0])
+        assert math.isfinite(seed_doc["total_wall_vs_native"]) and seed_doc["total_wall_vs_native"] > 0
+        assert seed_doc["host_syncs_per_real_step"] == pytest.approx(
+            hybrid["hybrid"]["host_syncs"] / hybrid["curve"][-1][1])
+        assert 0 < seed_doc["host_syncs_per_real_step"] <= 1
         for key in ("predict_cost_vs_full_no_check", "predict_cost_vs_full_with_check"):
             assert seed_doc[key] is None or (math.isfinite(seed_doc[key]) and seed_doc[key] > 0)
         assert seed_doc["peak_memory_overhead_pct"] == pytest.approx(
@@ -125,7 +154,52 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
             assert spread["median"] == pytest.approx(statistics.median(values))
             assert (spread["min"], spread["max"]) == (min(values), max(values))
             assert all(math.isfinite(spread[k]) for k in ("median", "min", "max"))
+    for key in ("overhead_idle_pct", "overhead_active_pct", "total_wall_vs_native", "host_syncs_per_real_step"):
+        assert doc["summary"][key]["n"] == seeds
+    # Targets: exactly this pair's rows of the one table, judged on the median over seeds, printed.
+    mine = [t for t in TARGETS if (t.task, t.backend) == (task, backend)]
+    assert [(t["metric"], t["bound"]) for t in doc["targets"]] == [(t.metric, t.bound) for t in mine]
+    for t in doc["targets"]:
+        spread = doc["summary"][t["metric"]]
+        assert (t["median"], t["min"], t["max"], t["n"]) == (spread["median"], spread["min"], spread["max"],
+                                                             spread["n"])
+        assert isinstance(t["met"], bool) and t["met"] == (t["median"] <= t["bound"])
+        assert f"target {t['metric']} <= {t['bound']:g} ({task}/{backend}): {'met' if t['met'] else 'NOT met'}" in text
     assert png.stat().st_size > 10_000
+
+
+def test_every_target_names_a_task_backend_and_summary_figure():
+    for t in TARGETS:
+        assert t.backend in TASKS[t.task].backends
+        assert t.metric in ("overhead_idle_pct", "overhead_active_pct", "total_wall_vs_native") and t.bound > 0
+    assert {(t.task, t.backend, t.metric) for t in TARGETS} >= {
+        ("lm-stdlib", "torch", "overhead_idle_pct"), ("lm-stdlib", "torch", "total_wall_vs_native"),
+        ("digits-mlp", "numpy", "overhead_idle_pct"), ("jax-mlp", "jax", "overhead_idle_pct")}
+
+
+@pytest.mark.skipif(not available("torch"), reason="torch is not installed")
+def test_torch_digits_native_and_hybrid_train_the_same_network():
+    """The nn.Sequential of the native loop carries the reference MLP's weights (transposed into nn.Linear),
+    and the hybrid run wraps the same network: same initial validation loss as the NumPy MLP, and the same
+    trajectory as the native loop while the trainer takes only real steps."""
+    task = TASKS["digits-mlp"]
+    for seed in (0, 1):
+        native = task.native_setup("torch", seed, task.lr)
+        hybrid = task.setup("torch", seed, task.lr)
+        reference = task.native_setup("numpy", seed, task.lr)
+        assert hybrid.validate() == native.validate()
+        assert native.validate() == pytest.approx(reference.validate(), rel=1e-5)
+    trainer = HybridTrainer(hybrid.model, hybrid.optimizer, active_config(HybridConfig(warmup_steps=5,
+                                                                                         min_full_steps=5)))
+    for i in range(40):
+        native.step(native.batch(i))
+        reference.step(reference.batch(i))
+        trainer.step(hybrid.batch(i))
+    trainer.flush()
+    assert trainer.metrics.summary()["steps_per_phase"]["predict"] == 0
+    assert hybrid.validate() == pytest.approx(native.validate(), rel=1e-6)
+    assert native.validate() == pytest.approx(reference.validate(), rel=1e-4)
+    assert native.validate() < 0.8 * task.native_setup("torch", 1, task.lr).validate()  # it trained
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_below_target():

@@ -29,8 +29,8 @@ def _child(*args):
     return json.loads(run.stdout)
 
 
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("torch", marks=pytest.mark.skipif(
-    not available("torch"), reason="torch is not installed"))])
+@pytest.mark.parametrize("backend", ["numpy", *(pytest.param(b, marks=pytest.mark.skipif(
+    not available("torch"), reason="torch is not installed")) for b in ("torch", "torch-module"))])
 def test_resume_in_a_new_process_is_bit_exact(backend, tmp_path):
     path = str(tmp_path / "run.ckpt")
     straight = _child("straight", backend, path, "100", "100")
@@ -193,3 +193,16 @@ def test_a_refused_component_state_puts_the_earlier_ones_back(tmp_path):
     assert trainer.optimizer.state_dict()["step"] == live_opt["step"]
     for a, b in zip(trainer.optimizer.state_dict()["exp_avg"], live_opt["exp_avg"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_from_before_the_parts_redesign_is_refused_naming_its_format(tmp_path):
+    trainer, model = _trainer()
+    old = {"library_version": "0.1.0", "config": trainer.config.to_dict(), "params": list(model.parameters()),
+           "model_state": None, "optimizer": trainer.optimizer.state_dict(), "state": trainer.state.state_dict()}
+    path = tmp_path / "old.ckpt"
+    write_atomic(path, encode(old, lambda v: None))
+    before = _snapshot(trainer, model)
+    with pytest.raises(CheckpointError, match=r"trainer-state format 1 .*reads format 2") as info:
+        HybridTrainer.load(path, model, trainer.optimizer)
+    assert "0.1.0" in info.value.message and info.value.recovery
+    assert _same(before, _snapshot(trainer, model))

@@ -151,3 +151,32 @@ class _Unsure(TrendDynamics):
 
     def confidence(self):
         return 0.0
+
+
+@pytest.mark.skipif(not available("jax"), reason="jax is not installed")
+def test_a_scheduled_lr_read_outside_the_fused_step_is_counted():
+    import jax.numpy as jnp
+    import optax
+
+    from hybrid_core.adapters.jax import JaxModel, OptaxOptimizer
+
+    x, y, n = _digits()
+    rng = np.random.default_rng(0)
+    params = [jnp.asarray(rng.normal(0, 0.1, (64, 10)), jnp.float32), jnp.zeros(10)]
+    model = JaxModel(_linear_loss, params)
+    opt = OptaxOptimizer(model, optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(
+        1e-3, 1e-4, 100)))
+    assert opt.lr_on_device
+    trainer = HybridTrainer(model, opt, CONFIG.replace(read_every=1), TrendDynamics())  # every step read at once
+    for i in range(10):
+        idx = np.random.default_rng(i).choice(len(y), n, replace=False)
+        trainer.step((jnp.asarray(x[idx]), jnp.asarray(y[idx])))
+    assert trainer.host_syncs == 2 * 10  # the statistics and the learning rate, each step
+
+
+def _linear_loss(params, batch):
+    import jax
+    import jax.numpy as jnp
+
+    logits = batch[0] @ params[0] + params[1]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch[1][:, None], axis=1))

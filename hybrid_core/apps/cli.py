@@ -64,12 +64,13 @@ def _bench(args: argparse.Namespace) -> int:
     command = "hybrid-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else (
         f"hybrid-train bench --task {args.task} --backend {args.backend} --seeds {len(seeds)} "
         f"--steps {args.steps or task.steps} --dynamics {args.dynamics}")
-    print(f"{task.name}: {task.description}; backend {args.backend}; baseline, tuned baseline "
+    print(f"{task.name}: {task.description}; backend {args.backend}; native baseline, tuned native baseline "
           f"(lr x0.5/x1/x2/x4) and hybrid, {len(seeds)} seed(s), one process", flush=True)
     # None: the trainer's default, RSSMDynamics seeded with the run's seed.
     dynamics = TrendDynamics if args.dynamics == "trend" else None
     results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet, dynamics=dynamics)
-    doc = summarize(results, task.name, args.backend, args.steps or task.steps, command, args.dynamics)
+    doc = summarize(results, task.name, args.backend, args.steps or task.steps, command, args.dynamics,
+                    task.eval_every)
     print(format_table(doc))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="PATH", help="write the comparison table as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="the honest benchmark: baseline, tuned baseline and hybrid, one process")
+    bench = sub.add_parser("bench", help="the honest benchmark: native baseline, tuned baseline and hybrid, "
+                                        "one process; overhead probe and targets")
     bench.add_argument("--task", default="digits-mlp")
     bench.add_argument("--backend", default="numpy")
     bench.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (task default)")

@@ -1,12 +1,15 @@
 """`hybrid-train bench`: the one way a speed figure is made (the protocol: docs/benchmarks.md, "Protocol").
 
-Runs, in one process with fixed seeds: the same-settings baseline, the learning-rate
-tuned baseline (×0.5, ×1, ×2, ×4, best kept) and the hybrid trainer, and reports
-time-to-target ratios against both.
+Runs, in one process with fixed seeds: the same-settings baseline and the learning-rate tuned
+baseline (×0.5, ×1, ×2, ×4, best kept), both the framework's own training loop (`NativeRun`), and
+the hybrid trainer; reports time-to-target ratios against both, the interleaved overhead probe
+against the native step, and the overhead targets (`TARGETS`).
 """
 
 from ._report import SCHEMA, format_table, summarize
 from ._runner import RunResult, run_benchmark
-from ._tasks import TASKS, BenchTask, TaskSetup
+from ._targets import TARGETS, Target
+from ._tasks import TASKS, BenchTask, NativeRun, TaskSetup
 
-__all__ = ["SCHEMA", "TASKS", "BenchTask", "RunResult", "TaskSetup", "format_table", "run_benchmark", "summarize"]
+__all__ = ["SCHEMA", "TARGETS", "TASKS", "BenchTask", "NativeRun", "RunResult", "TaskSetup", "Target",
+           "format_table", "run_benchmark", "summarize"]

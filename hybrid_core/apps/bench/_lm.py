@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STDLIB_FILES", "build_lm", "stdlib_corpus"]
+__all__ = ["STDLIB_FILES", "build_lm", "build_lm_native", "loss_fn", "stdlib_corpus"]
 
 STDLIB_FILES = (
     "abc.py", "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py",
@@ -66,24 +66,22 @@ def _module(seed: int) -> Any:
     return TinyTransformer()
 
 
-def build_lm(seed: int, lr: float) -> tuple[Any, Any, Any, Any]:
-    """(model, optimizer, batch(step), validate()) for one run; torch with one thread."""
+def loss_fn(mod: Any, batch: Any) -> Any:
+    """Mean next-byte cross-entropy of ``mod`` on ``batch = (x, y)``."""
     import torch
 
-    from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
+    x, y = batch
+    logits = mod(x)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+
+
+def _data(seed: int) -> tuple[Any, Any]:
+    """(batch(step), validation batch): 16 random training windows per step, 64 fixed validation windows."""
+    import torch
 
     torch.set_num_threads(1)
     train, val = stdlib_corpus()
     train_t = torch.from_numpy(train.astype(np.int64))
-    module = _module(seed)
-
-    def loss_fn(mod: Any, batch: Any) -> Any:
-        x, y = batch
-        logits = mod(x)
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
-
-    model = TorchModel(module, loss_fn)
-    optimizer = TorchOptimizer(model, torch.optim.Adam(model.parameters(), lr=lr))
 
     def windows(source: Any, starts: np.ndarray) -> tuple[Any, Any]:
         idx = torch.from_numpy(starts[:, None] + np.arange(CONTEXT + 1)[None, :])
@@ -96,9 +94,43 @@ def build_lm(seed: int, lr: float) -> tuple[Any, Any, Any, Any]:
 
     val_t = torch.from_numpy(val.astype(np.int64))
     val_starts = np.linspace(0, len(val) - CONTEXT - 2, 64).astype(np.int64)
-    val_batch = windows(val_t, val_starts)
+    return batch, windows(val_t, val_starts)
+
+
+def build_lm(seed: int, lr: float) -> tuple[Any, Any, Any, Any]:
+    """(model, optimizer, batch(step), validate()) of the hybrid run: the module in `TorchModel`,
+    ``torch.optim.Adam`` in `TorchOptimizer`; torch with one thread."""
+    import torch
+
+    from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
+
+    batch, val_batch = _data(seed)
+    model = TorchModel(_module(seed), loss_fn)
+    optimizer = TorchOptimizer(model, torch.optim.Adam(model.parameters(), lr=lr))
 
     def validate() -> float:
         return float(model.loss(val_batch))
 
     return model, optimizer, batch, validate
+
+
+def build_lm_native(seed: int, lr: float) -> tuple[Any, Any, Any, Any, str]:
+    """(step(batch), batch(step), validate(), sync, loop) of the native run: the same module (same seed)
+    trained by ``opt.zero_grad(); loss_fn(module, batch).backward(); opt.step()`` with ``torch.optim.Adam``."""
+    import torch
+
+    batch, val_batch = _data(seed)
+    module = _module(seed)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+
+    def step(b: Any) -> None:
+        opt.zero_grad()
+        loss_fn(module, b).backward()
+        opt.step()
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(loss_fn(module, val_batch))
+
+    return (step, batch, validate, None, "torch: opt.zero_grad(); loss_fn(module, batch).backward(); opt.step() on "
+            "the TinyTransformer nn.Module with torch.optim.Adam")

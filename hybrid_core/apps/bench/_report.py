@@ -11,11 +11,12 @@ import numpy as np
 
 from hybrid_core import __version__
 
-from ._runner import RunResult, median_step
+from ._runner import OVERHEAD_BLOCK_STEPS, OVERHEAD_BLOCKS, PROBE_KINDS, RunResult, median_step, probe_overhead_pct
+from ._targets import evaluate_targets
 
 __all__ = ["SCHEMA", "format_table", "plot", "summarize", "time_to_target"]
 
-SCHEMA = "hybrid-bench/1"
+SCHEMA = "hybrid-bench/2"
 """Version tag of the JSON document (docs/benchmarks.md describes every field)."""
 
 
@@ -53,7 +54,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def summarize(results: list[RunResult], task: str, backend: str, steps: int, command: str,
-              dynamics: str = "rssm") -> dict[str, Any]:
+              dynamics: str = "rssm", eval_every: int | None = None) -> dict[str, Any]:
     """The benchmark document: every run, per-seed comparisons and their median and min–max."""
     seeds = sorted({r.seed for r in results})
     per_seed = []
@@ -67,6 +68,7 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
         plain_step = median_step(base, "plain")
         full_step = median_step(hybrid, "full", "warmup")  # real steps with the hybrid machinery
         total_wall = base.curve[-1][0]
+        real_steps = hybrid.curve[-1][1]
         per_seed.append({
             "seed": seed,
             "target_val": target,
@@ -80,8 +82,10 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
             "speedup_backward_vs_tuned": _ratio(*_pair(ttt, "tuned", 1)),
             "val_at_baseline_wall": {"baseline": base.final_val, "tuned": val_at_wall(tuned, total_wall),
                                      "hybrid": val_at_wall(hybrid, total_wall)},
-            "overhead_full_step_pct": _finite(100.0 * (_median(hybrid.probe_seconds.get("full"))
-                                                       / _median(hybrid.probe_seconds.get("plain")) - 1.0)),
+            "overhead_idle_pct": _finite(probe_overhead_pct(hybrid.probe_seconds, "idle")),
+            "overhead_active_pct": _finite(probe_overhead_pct(hybrid.probe_seconds, "active")),
+            "total_wall_vs_native": _ratio(hybrid.curve[-1][0], total_wall),
+            "host_syncs_per_real_step": _ratio(hybrid.events.get("host_syncs"), real_steps),
             "overhead_full_step_pct_runs": _finite(100.0 * (full_step / plain_step - 1.0)),
             "predict_cost_vs_full_no_check": _finite(median_step(hybrid, "predict") / plain_step),
             "predict_cost_vs_full_with_check": _finite(median_step(hybrid, "predict_checked") / plain_step),
@@ -90,21 +94,30 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
             / steps,
         })
     keys = ["speedup_wall_vs_baseline", "speedup_wall_vs_tuned", "speedup_backward_vs_baseline",
-            "speedup_backward_vs_tuned", "overhead_full_step_pct", "overhead_full_step_pct_runs",
+            "speedup_backward_vs_tuned", "overhead_idle_pct", "overhead_active_pct", "total_wall_vs_native",
+            "host_syncs_per_real_step", "overhead_full_step_pct_runs",
             "predict_cost_vs_full_no_check",
             "predict_cost_vs_full_with_check", "peak_memory_overhead_pct", "predicted_fraction"]
     summary = {k: _spread([s[k] for s in per_seed]) for k in keys}
     for kind in ("baseline", "tuned", "hybrid"):
         summary[f"final_val_{kind}"] = _spread([s["final_val"][kind] for s in per_seed])
         summary[f"val_at_baseline_wall_{kind}"] = _spread([s["val_at_baseline_wall"][kind] for s in per_seed])
+    baseline_loop = next(r.loop for r in results if r.kind == "baseline")
+    hybrid_loop = next(r.loop for r in results if r.kind == "hybrid")
     return {
         "schema": SCHEMA,
         "task": task,
         "backend": backend,
         "steps": steps,
+        "eval_every": eval_every,
         "seeds": seeds,
         "command": command,
         "dynamics": dynamics,
+        "baseline_loop": baseline_loop,
+        "hybrid_loop": hybrid_loop,
+        "overhead_probe": {"kinds": list(PROBE_KINDS), "blocks": OVERHEAD_BLOCKS, "block_steps": OVERHEAD_BLOCK_STEPS},
+        "targets": evaluate_targets(task, backend, summary),
+        "process_warmup_s": results[0].process_warmup or None,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "library": __version__},
         "summary": summary,
@@ -113,21 +126,18 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
     }
 
 
-def _median(values: Sequence[float] | None) -> float:
-    return float(np.median(values)) if values else float("nan")
-
-
 def _pair(ttt: dict[str, tuple[float, float] | None], peer: str, index: int) -> tuple[float | None, float | None]:
     a, b = ttt[peer], ttt["hybrid"]
     return (None if a is None else a[index]), (None if b is None else b[index])
 
 
 def _run_dict(r: RunResult) -> dict[str, Any]:
-    return {"seed": r.seed, "kind": r.kind, "lr": r.lr, "final_val": r.final_val, "curve": r.curve,
+    return {"seed": r.seed, "kind": r.kind, "lr": r.lr, "loop": r.loop, "final_val": r.final_val, "curve": r.curve,
             "median_step_s": {k: median_step(r, k) for k in r.step_seconds},
             "steps_by_kind": {k: len(v) for k, v in r.step_seconds.items()},
             "peak_traced_bytes": r.peak_bytes, "predict_spans": r.predict_spans,
-            "overhead_probe_s": r.probe_seconds or None, "hybrid": r.events or None}
+            "overhead_probe_s": r.probe_seconds or None, "overhead_probe_end": r.probe_checks or None,
+            "hybrid": r.events or None}
 
 
 def _fmt(spread: dict[str, float | None], pattern: str = "{:.2f}") -> str:
@@ -151,8 +161,13 @@ def format_table(doc: dict[str, Any]) -> str:
         ("final val loss: hybrid", _fmt(s["final_val_hybrid"], "{:.4f}")),
         ("val loss at the baseline's wall-clock: hybrid", _fmt(s["val_at_baseline_wall_hybrid"], "{:.4f}")),
         ("val loss at the baseline's wall-clock: tuned", _fmt(s["val_at_baseline_wall_tuned"], "{:.4f}")),
-        ("hybrid overhead per FULL step (%), interleaved", _fmt(s["overhead_full_step_pct"], "{:.1f}")),
-        ("  same, from the separate runs (%)", _fmt(s["overhead_full_step_pct_runs"], "{:.1f}")),
+        ("overhead of an idle FULL step vs the native step (%), interleaved", _fmt(s["overhead_idle_pct"], "{:.1f}")),
+        ("overhead of an active FULL step vs the native step (%), interleaved",
+         _fmt(s["overhead_active_pct"], "{:.1f}")),
+        ("  real steps of the runs vs native steps of the baseline (%)", _fmt(s["overhead_full_step_pct_runs"],
+                                                                              "{:.1f}")),
+        ("whole default run: hybrid wall-clock / native wall-clock", _fmt(s["total_wall_vs_native"], "{:.3f}")),
+        ("host reads per real step (hybrid run)", _fmt(s["host_syncs_per_real_step"], "{:.3f}")),
         ("PREDICT step cost / FULL step, no check", _fmt(s["predict_cost_vs_full_no_check"])),
         ("PREDICT step cost / FULL step, with check", _fmt(s["predict_cost_vs_full_with_check"])),
         ("peak traced memory overhead (%)", _fmt(s["peak_memory_overhead_pct"], "{:.1f}")),
@@ -160,8 +175,14 @@ def format_table(doc: dict[str, Any]) -> str:
     ]
     width = max(len(a) for a, _ in rows)
     head = (f"{doc['task']} on {doc['backend']}, {doc['steps']} steps, seeds {doc['seeds']} "
-            "(speed-up > 1 = hybrid faster)")
-    return "\n".join([head, *(f"  {a.ljust(width)}  {b}" for a, b in rows)])
+            "(speed-up > 1 = hybrid faster)\n"
+            f"  baseline loop: {doc['baseline_loop']}\n  hybrid: {doc['hybrid_loop']}")
+    lines = [head, *(f"  {a.ljust(width)}  {b}" for a, b in rows)]
+    for t in doc["targets"]:
+        pattern = "{:.1f}" if t["metric"].endswith("_pct") else "{:.3f}"
+        lines.append(f"  target {t['metric']} <= {t['bound']:g} ({t['task']}/{t['backend']}): "
+                     f"{'met' if t['met'] else 'NOT met'}, measured {_fmt(t, pattern)} over {t['n']} seed(s)")
+    return "\n".join(lines)
 
 
 def plot(doc: dict[str, Any], path: str) -> bool:

@@ -1,4 +1,14 @@
-"""Benchmark tasks: real data that needs no download, one builder per (task, backend)."""
+"""Benchmark tasks: real data that needs no download, one builder per (task, backend).
+
+Every task builds two kinds of run from the same seed:
+
+- `TaskSetup` (``BenchTask.setup``): a `Model` and `Optimizer` for `HybridTrainer`;
+- `NativeRun` (``BenchTask.native_setup``): the training loop a user of that framework writes,
+  with no code of this library in it where the framework has a loop of its own (torch, JAX);
+  the baseline and the tuned baseline run it.
+
+Both start from the same initial weights and see the same batches.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +24,11 @@ from hybrid_core._backend import from_numpy, namespace_for, to_numpy
 
 from ..data import sequential_digits, split_digits
 
-__all__ = ["TASKS", "BenchTask", "TaskSetup", "get_task"]
+__all__ = ["TASKS", "BenchTask", "NativeRun", "TaskSetup", "get_task"]
 
 
 class TaskSetup(NamedTuple):
-    """A fresh model and optimizer, its batches (a function of the step) and a validation-loss function."""
+    """A fresh model and optimizer for the hybrid run, its batches (a function of the step) and a validation loss."""
 
     model: Model
     optimizer: Optimizer
@@ -26,6 +36,23 @@ class TaskSetup(NamedTuple):
     validate: Callable[[], float]
     sync: Callable[[], None] | None = None
     """Called at the end of every timed step to wait for asynchronous work (JAX); None: nothing to wait for."""
+    loop: str = ""
+    """What the hybrid run's trainer drives, in words (stored in the JSON)."""
+
+
+class NativeRun(NamedTuple):
+    """The framework's own training loop for one run: a step on a batch, its batches and a validation loss."""
+
+    step: Callable[[Any], None]
+    """One training step on a batch, as the framework's users write it (nothing read to the host)."""
+    batch: Callable[[int], Any]
+    validate: Callable[[], float]
+    sync: Callable[[], None] | None
+    loop: str
+    """The loop in words, e.g. ``"torch: zero_grad(); loss.backward(); opt.step() …"`` (stored in the JSON)."""
+
+
+Builder = Callable[[str, int, float], Any]
 
 
 @dataclass(frozen=True)
@@ -41,16 +68,69 @@ class BenchTask:
     seeds: int
     config: HybridConfig
     build: Callable[[str, int, float], TaskSetup]
+    """(backend, seed, lr) → the hybrid run's model and optimizer."""
+    native: Callable[[str, int, float], NativeRun]
+    """(backend, seed, lr) → the native loop of the baseline and tuned runs, same initial weights."""
 
     def setup(self, backend: str, seed: int, lr: float) -> TaskSetup:
-        """Build one run; `BackendError` if the backend is not one of this task's or not installed."""
+        """Build one hybrid run; `BackendError` if the backend is not one of this task's or not installed."""
+        return self._call(self.build, backend, seed, lr)
+
+    def native_setup(self, backend: str, seed: int, lr: float) -> NativeRun:
+        """Build one native (baseline) run; errors as `setup`."""
+        return self._call(self.native, backend, seed, lr)
+
+    def _call(self, builder: Builder, backend: str, seed: int, lr: float) -> Any:
         if backend not in self.backends:
             raise ConfigError(f"task {self.name!r} runs on {', '.join(self.backends)}, not {backend!r}")
         try:
-            return self.build(backend, seed, lr)
+            return builder(backend, seed, lr)
         except ImportError as exc:
             raise BackendError(f"task {self.name!r} needs {backend}: {exc}",
                                f"pip install 'hybrid-predict-trainer[{backend}]'") from exc
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    # One intra-op thread: on a small shared machine more threads make timings swing by an
+    # order of magnitude whenever another process runs; every run gets the same.
+    torch.set_num_threads(1)
+
+
+def _reference_native(model: Any, optimizer: Any, batch: Callable[[int], Any], validate: Callable[[], float],
+                      loop: str) -> NativeRun:
+    """The native loop of an array-API model: the reference model and optimizer called directly."""
+
+    def step(b: Any) -> None:
+        _, grads = model.loss_and_grad(b)
+        optimizer.step(grads)
+
+    return NativeRun(step, batch, validate, None, loop)
+
+
+def _torch_native(module: Any, loss_fn: Callable[[Any, Any], Any], lr: float, batch: Callable[[int], Any],
+                  val: Any, what: str) -> NativeRun:
+    """``opt.zero_grad(); loss_fn(module, batch).backward(); opt.step()`` with ``torch.optim.Adam``."""
+    import torch
+
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+
+    def step(b: Any) -> None:
+        opt.zero_grad()
+        loss_fn(module, b).backward()
+        opt.step()
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(loss_fn(module, val))
+
+    return NativeRun(step, batch, validate, None,
+                     f"torch: opt.zero_grad(); loss_fn(module, batch).backward(); opt.step() on the {what} "
+                     "with torch.optim.Adam")
+
+
+# -- digits-mlp ------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,23 +138,12 @@ def _digits() -> Any:
     return split_digits(seed=0)
 
 
-def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
-    from hybrid_core.models import MLP
-    from hybrid_core.optim import Adam
-
-    if backend == "torch":
-        import torch
-
-        # One intra-op thread: on a small shared machine more threads make timings swing
-        # by an order of magnitude whenever another process runs; every run gets the same.
-        torch.set_num_threads(1)
-    xp = namespace_for(backend)
+def _digits_batches(xp: Any, seed: int, x_dtype: Any, y_dtype: Any = None) -> tuple[Callable[[int], Any], Any]:
+    """(batch(step), validation batch) of the digits split in namespace ``xp``."""
     split = _digits()
-    dtype = xp.float32
-    x = from_numpy(xp, split.x_train, dtype=dtype)
-    y = from_numpy(xp, split.y_train)
-    val = (from_numpy(xp, split.x_val, dtype=dtype), from_numpy(xp, split.y_val))
-    model = MLP([64, 64, 10], xp=xp, dtype=dtype, seed=seed)
+    x = from_numpy(xp, split.x_train, dtype=x_dtype)
+    y = from_numpy(xp, split.y_train, dtype=y_dtype)
+    val = (from_numpy(xp, split.x_val, dtype=x_dtype), from_numpy(xp, split.y_val, dtype=y_dtype))
     n = split.y_train.shape[0]
 
     def batch(step: int) -> Any:
@@ -82,13 +151,97 @@ def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
         idx = from_numpy(xp, rng.choice(n, size=64, replace=False))
         return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
 
-    return TaskSetup(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))))
+    return batch, val
+
+
+def torch_digits_module(seed: int) -> Any:
+    """``nn.Sequential(Linear(64, 64), Tanh(), Linear(64, 10))`` with the initial weights of
+    ``MLP([64, 64, 10], seed=seed)``: the MLP computes x @ W + b with W of shape (in, out), and
+    ``nn.Linear`` stores W transposed, (out, in)."""
+    import torch
+    from torch import nn
+
+    from hybrid_core.models import MLP
+
+    w0, b0, w1, b1 = (np.asarray(p) for p in MLP([64, 64, 10], seed=seed).parameters())
+    module = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for layer, w, b in ((module[0], w0, b0), (module[2], w1, b1)):
+            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
+            layer.bias.copy_(torch.from_numpy(b))
+    return module
+
+
+def _cross_entropy(module: Any, batch: Any) -> Any:
+    import torch
+
+    x, y = batch
+    return torch.nn.functional.cross_entropy(module(x), y)
+
+
+def _digits_torch_data(seed: int) -> tuple[Callable[[int], Any], Any]:
+    import torch
+
+    _one_torch_thread()
+    return _digits_batches(namespace_for("torch"), seed, torch.float32, torch.int64)
+
+
+def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
+    if backend == "torch":
+        import torch
+
+        from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
+
+        batch, val = _digits_torch_data(seed)
+        model = TorchModel(torch_digits_module(seed), _cross_entropy)
+        optimizer = TorchOptimizer(model, torch.optim.Adam(model.parameters(), lr=lr))
+        return TaskSetup(model, optimizer, batch, lambda: float(model.loss(val)), None,
+                         "HybridTrainer over TorchModel(the same nn.Sequential) + TorchOptimizer(torch.optim.Adam); "
+                         "real steps through its FusedStep")
+    from hybrid_core.models import MLP
+    from hybrid_core.optim import Adam
+
+    xp = namespace_for(backend)
+    batch, val = _digits_batches(xp, seed, xp.float32)
+    model = MLP([64, 64, 10], xp=xp, dtype=xp.float32, seed=seed)
+    return TaskSetup(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))), None,
+                     f"HybridTrainer over hybrid_core.models.MLP + hybrid_core.optim.Adam on {backend} arrays")
+
+
+def _digits_mlp_native(backend: str, seed: int, lr: float) -> NativeRun:
+    if backend == "torch":
+        batch, val = _digits_torch_data(seed)
+        return _torch_native(torch_digits_module(seed), _cross_entropy, lr, batch, val,
+                             "nn.Sequential(Linear(64, 64), Tanh(), Linear(64, 10))")
+    from hybrid_core.models import MLP
+    from hybrid_core.optim import Adam
+
+    xp = namespace_for(backend)
+    batch, val = _digits_batches(xp, seed, xp.float32)
+    model = MLP([64, 64, 10], xp=xp, dtype=xp.float32, seed=seed)
+    return _reference_native(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))),
+                             f"{backend}: model.loss_and_grad(batch); optimizer.step(grads) with "
+                             "hybrid_core.models.MLP and hybrid_core.optim.Adam called directly")
+
+
+# -- jax-mlp ---------------------------------------------------------------------------------------
 
 
 def _jax_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
     from ._jax_mlp import build_jax_mlp
 
-    return TaskSetup(*build_jax_mlp(seed, lr, _digits()))
+    return TaskSetup(*build_jax_mlp(seed, lr, _digits()),
+                     loop="HybridTrainer over JaxModel + OptaxOptimizer(optax.inject_hyperparams(optax.adam)); "
+                          "real steps through its FusedStep (one jitted computation)")
+
+
+def _jax_mlp_native(backend: str, seed: int, lr: float) -> NativeRun:
+    from ._jax_mlp import build_jax_native
+
+    return NativeRun(*build_jax_native(seed, lr, _digits()))
+
+
+# -- fastgrnn-router -------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,14 +253,12 @@ def _sequential_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
 
 
-def _fastgrnn_router(backend: str, seed: int, lr: float) -> TaskSetup:
+def _fastgrnn_parts(backend: str, seed: int, lr: float) -> tuple[Any, Any, Callable[[int], Any], Callable[[], float]]:
     from hybrid_core.models import FastGRNN
     from hybrid_core.optim import Adam
 
     if backend == "torch":
-        import torch
-
-        torch.set_num_threads(1)  # as in digits-mlp: one thread, steadier timings on a shared machine
+        _one_torch_thread()
     xp = namespace_for(backend)
     x_train, y_train, x_val, y_val = _sequential_digits()
     dtype = xp.float32
@@ -123,49 +274,79 @@ def _fastgrnn_router(backend: str, seed: int, lr: float) -> TaskSetup:
         idx = from_numpy(xp, rng.choice(n, size=64, replace=False))
         return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
 
-    return TaskSetup(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))))
+    return model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val)))
+
+
+def _fastgrnn_router(backend: str, seed: int, lr: float) -> TaskSetup:
+    model, optimizer, batch, validate = _fastgrnn_parts(backend, seed, lr)
+    return TaskSetup(model, optimizer, batch, validate, None,
+                     f"HybridTrainer over hybrid_core.models.FastGRNN + hybrid_core.optim.Adam on {backend} arrays")
+
+
+def _fastgrnn_router_native(backend: str, seed: int, lr: float) -> NativeRun:
+    model, optimizer, batch, validate = _fastgrnn_parts(backend, seed, lr)
+    return _reference_native(model, optimizer, batch, validate,
+                             f"{backend}: model.loss_and_grad(batch); optimizer.step(grads) with "
+                             "hybrid_core.models.FastGRNN and hybrid_core.optim.Adam called directly (the FastGRNN "
+                             "is a reference array-API model with no nn.Module twin)")
+
+
+# -- lm-stdlib -------------------------------------------------------------------------------------
 
 
 def _lm_stdlib(backend: str, seed: int, lr: float) -> TaskSetup:
     from ._lm import build_lm
 
-    return TaskSetup(*build_lm(seed, lr))
+    return TaskSetup(*build_lm(seed, lr), None,
+                     "HybridTrainer over TorchModel(the same TinyTransformer) + TorchOptimizer(torch.optim.Adam); "
+                     "real steps through its FusedStep")
+
+
+def _lm_stdlib_native(backend: str, seed: int, lr: float) -> NativeRun:
+    from ._lm import build_lm_native
+
+    return NativeRun(*build_lm_native(seed, lr))
 
 
 TASKS: dict[str, BenchTask] = {
     "digits-mlp": BenchTask(
         name="digits-mlp",
-        description="64-64-10 tanh MLP, Adam, batch 64, on the bundled 1,797 digits (20% validation)",
+        description="64-64-10 tanh MLP, Adam, batch 64, on the bundled 1,797 digits (20% validation); on torch an "
+                    "nn.Sequential with the MLP's initial weights and torch.optim.Adam",
         backends=("numpy", "torch"),
         steps=1500,
         lr=1e-3,
-        eval_every=50,
+        eval_every=10,
         seeds=3,
         config=HybridConfig(),
         build=_digits_mlp,
+        native=_digits_mlp_native,
     ),
     "lm-stdlib": BenchTask(
         name="lm-stdlib",
-        description="byte-level 2-layer transformer (d=64, context 64), Adam, batch 16, on standard-library source",
+        description="byte-level 2-layer transformer (d=64, context 64), torch.optim.Adam, batch 16, on "
+                    "standard-library source",
         backends=("torch",),
         steps=600,
         lr=2e-3,
-        eval_every=50,
+        eval_every=10,
         seeds=2,
         config=HybridConfig(),
         build=_lm_stdlib,
+        native=_lm_stdlib_native,
     ),
     "jax-mlp": BenchTask(
         name="jax-mlp",
-        description="the digits-mlp network (64-64-10 tanh, batch 64) as a JaxModel, optax Adam through "
-                    "OptaxOptimizer, on the bundled digits (20% validation)",
+        description="the digits-mlp network (64-64-10 tanh, batch 64) as a JAX loss over a parameter list, optax "
+                    "Adam, on the bundled digits (20% validation)",
         backends=("jax",),
         steps=1500,
         lr=1e-3,
-        eval_every=50,
+        eval_every=10,
         seeds=3,
         config=HybridConfig(),
         build=_jax_mlp,
+        native=_jax_mlp_native,
     ),
     "fastgrnn-router": BenchTask(
         name="fastgrnn-router",
@@ -174,12 +355,13 @@ TASKS: dict[str, BenchTask] = {
         backends=("numpy", "torch"),
         steps=600,  # about where the validation loss bottoms out at this lr; later it overfits
         lr=1e-2,
-        eval_every=50,
+        eval_every=10,
         seeds=3,
         # The router pipeline's own trainer settings (RouterConfig.hybrid): phases scaled to a short run.
         config=HybridConfig(warmup_steps=50, min_full_steps=30, max_predict_steps=30, check_interval=10,
                             horizon_arms=(0, 5, 15, 30)),
         build=_fastgrnn_router,
+        native=_fastgrnn_router_native,
     ),
 }
 """Every benchmark task by name."""
