@@ -87,7 +87,6 @@ class TrainingState:
         """Gradient L2 norm of each real step."""
         self.step = 0
         self.real_steps = 0
-        self.predicted_steps = 0
         self.skipped_steps = 0
         self.first_loss = math.nan
         self.min_loss = math.inf
@@ -172,6 +171,11 @@ class TrainingState:
         self.lr = m.lr
         self.param_count = m.param_count
 
+    @property
+    def predicted_steps(self) -> int:
+        """Predicted steps so far (every step is real, skipped or predicted)."""
+        return self.step - self.real_steps - self.skipped_steps
+
     def record_skip(self) -> None:
         """Record a real step whose batch was skipped for a NaN/Inf loss or gradient."""
         self.skipped_steps += 1
@@ -180,7 +184,6 @@ class TrainingState:
 
     def record_predicted(self) -> None:
         """Record one predicted (backward-free) step."""
-        self.predicted_steps += 1
         self.step += 1
         self.steps_since_correction += 1
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -20,8 +20,9 @@ from ._accuracy import AccuracyTracker
 from ._adam import Adam
 from ._normalizer import RunningNormalizer, RunningScale
 
-if TYPE_CHECKING:
-    from ._rssm import RSSMDynamics
+# The model is passed in (an `RSSMDynamics`); this module does not import it back, so the two
+# modules form no import loop even for type checkers.
+RSSMModel = Any
 
 __all__ = ["FORMAT", "dump", "load"]
 
@@ -32,7 +33,7 @@ _SHAPE_KEYS = ("feature_dim", "hidden", "latent", "ensemble", "window", "log_los
 _ROW_KEYS = ("features", "log_loss", "level", "trend", "scale_target", "scale_mask", "weight")
 
 
-def dump(model: RSSMDynamics) -> dict[str, Any]:
+def dump(model: RSSMModel) -> dict[str, Any]:
     """The state of ``model`` as a dict of copies."""
     xp, adam = model._xp, model._adam
 
@@ -62,7 +63,7 @@ def dump(model: RSSMDynamics) -> dict[str, Any]:
     }
 
 
-def load(model: RSSMDynamics, state: dict[str, Any]) -> None:
+def load(model: RSSMModel, state: dict[str, Any]) -> None:
     """Replace ``model``'s state with ``state`` (as `dump` made it), or raise `CheckpointError` first."""
     try:
         parts = _read(model, state)
@@ -73,7 +74,7 @@ def load(model: RSSMDynamics, state: dict[str, Any]) -> None:
         setattr(model, name, value)
 
 
-def _read(model: RSSMDynamics, state: dict[str, Any]) -> dict[str, Any]:
+def _read(model: RSSMModel, state: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"state format {found!r} is not {FORMAT!r}",
@@ -148,7 +149,7 @@ def _read_rows(saved: dict[str, Any], count: int, config: dict[str, Any]) -> lis
     return rows
 
 
-def _converter(model: RSSMDynamics) -> Any:
+def _converter(model: RSSMModel) -> Any:
     def as_xp(value: Any) -> Any:
         host = np.asarray(value) if isinstance(value, (list, float, int)) else to_numpy(value)
         return model._to_xp(np.array(host, dtype=np.float64))
