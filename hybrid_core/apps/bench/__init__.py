@@ -11,5 +11,5 @@ from ._runner import RunResult, run_benchmark
 from ._targets import TARGETS, Target
 from ._tasks import TASKS, BenchTask, NativeRun, TaskSetup
 
-__all__ = ["SCHEMA", "TARGETS", "TASKS", "BenchTask", "NativeRun", "RunResult", "TaskSetup", "Target",
+__all__ = ["SCHEMA", "TARGETS", "TASKS", "BenchTask", "NativeRun", "RunResult", "Target", "TaskSetup",
            "format_table", "run_benchmark", "summarize"]

@@ -11,7 +11,8 @@ import numpy as np
 
 from hybrid_core import __version__
 
-from ._runner import OVERHEAD_BLOCK_STEPS, OVERHEAD_BLOCKS, PROBE_KINDS, RunResult, median_step, probe_overhead_pct
+from . import _runner
+from ._runner import PROBE_KINDS, RunResult, median_step, probe_overhead_pct
 from ._targets import evaluate_targets
 
 __all__ = ["SCHEMA", "format_table", "plot", "summarize", "time_to_target"]
@@ -115,7 +116,9 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
         "dynamics": dynamics,
         "baseline_loop": baseline_loop,
         "hybrid_loop": hybrid_loop,
-        "overhead_probe": {"kinds": list(PROBE_KINDS), "blocks": OVERHEAD_BLOCKS, "block_steps": OVERHEAD_BLOCK_STEPS},
+        "overhead_probe": {"kinds": list(PROBE_KINDS), "blocks": len(next(
+            r for r in results if r.kind == "hybrid").probe_seconds.get("native", [])),
+                           "block_steps": _runner.OVERHEAD_BLOCK_STEPS},
         "targets": evaluate_targets(task, backend, summary),
         "process_warmup_s": results[0].process_warmup or None,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
