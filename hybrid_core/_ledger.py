@@ -63,6 +63,10 @@ class Ledger:
         self.host_syncs += 1
         return read_host(values)
 
+    def read_arrays(self, arrays: list[Array]) -> list[float]:
+        """The entries of 1-D device arrays, concatenated, as floats: one counted host read."""
+        return self.read_floats(arrays[0] if len(arrays) == 1 else self._xp.concat(arrays))
+
     def read(self) -> list[list[float]]:
         """The pending steps' values as floats (one host read): [loss] or the statistics vector each."""
         xp = self._xp

@@ -110,12 +110,14 @@ def test_statistics_are_measured_on_the_read_steps_only():
 
 @pytest.mark.parametrize("read_every", [1, 8])
 def test_checkpoint_resume_is_bit_exact_whatever_the_read_cadence(tmp_path, read_every):
+    """The RSSM reads every feature (update statistics included), so what each part saves must be
+    complete for the resumed run to match."""
     batches = _batches(90)
     config = CYCLES.replace(read_every=read_every)
 
     def fresh(seed=0):
         model = LeastSquares(np, seed=seed)
-        return HybridTrainer(model, PlainSGD(model, 0.05), config, TrendDynamics(min_observations=5)), model
+        return HybridTrainer(model, PlainSGD(model, 0.05), config, RSSMDynamics(seed=0)), model
 
     straight, m1 = fresh()
     for b in batches:
@@ -127,7 +129,7 @@ def test_checkpoint_resume_is_bit_exact_whatever_the_read_cadence(tmp_path, read
     first.save(tmp_path / "t.ckpt")
     model2 = LeastSquares(np, seed=9)
     second = HybridTrainer.load(tmp_path / "t.ckpt", model2, PlainSGD(model2, 0.05),
-                                TrendDynamics(min_observations=5))
+                                RSSMDynamics(seed=0))
     for b in batches[45:]:
         second.step(b)
     second.flush()

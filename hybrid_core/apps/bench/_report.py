@@ -67,7 +67,6 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
         target = base.final_val
         ttt = {k: time_to_target(r, target) for k, r in (("baseline", base), ("tuned", tuned), ("hybrid", hybrid))}
         plain_step = median_step(base, "plain")
-        full_step = median_step(hybrid, "full", "warmup")  # real steps with the hybrid machinery
         total_wall = base.curve[-1][0]
         real_steps = hybrid.curve[-1][1]
         per_seed.append({
@@ -87,7 +86,6 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
             "overhead_active_pct": _finite(probe_overhead_pct(hybrid.probe_seconds, "active")),
             "total_wall_vs_native": _ratio(hybrid.curve[-1][0], total_wall),
             "host_syncs_per_real_step": _ratio(hybrid.events.get("host_syncs"), real_steps),
-            "overhead_full_step_pct_runs": _finite(100.0 * (full_step / plain_step - 1.0)),
             "predict_cost_vs_full_no_check": _finite(median_step(hybrid, "predict") / plain_step),
             "predict_cost_vs_full_with_check": _finite(median_step(hybrid, "predict_checked") / plain_step),
             "peak_memory_overhead_pct": 100.0 * (hybrid.peak_bytes / max(base.peak_bytes, 1) - 1.0),
@@ -96,7 +94,7 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
         })
     keys = ["speedup_wall_vs_baseline", "speedup_wall_vs_tuned", "speedup_backward_vs_baseline",
             "speedup_backward_vs_tuned", "overhead_idle_pct", "overhead_active_pct", "total_wall_vs_native",
-            "host_syncs_per_real_step", "overhead_full_step_pct_runs",
+            "host_syncs_per_real_step",
             "predict_cost_vs_full_no_check",
             "predict_cost_vs_full_with_check", "peak_memory_overhead_pct", "predicted_fraction"]
     summary = {k: _spread([s[k] for s in per_seed]) for k in keys}
@@ -137,6 +135,7 @@ def _pair(ttt: dict[str, tuple[float, float] | None], peer: str, index: int) -> 
 def _run_dict(r: RunResult) -> dict[str, Any]:
     return {"seed": r.seed, "kind": r.kind, "lr": r.lr, "loop": r.loop, "final_val": r.final_val, "curve": r.curve,
             "median_step_s": {k: median_step(r, k) for k in r.step_seconds},
+            "mean_step_s": {k: float(np.mean(v)) for k, v in r.step_seconds.items()},
             "steps_by_kind": {k: len(v) for k, v in r.step_seconds.items()},
             "peak_traced_bytes": r.peak_bytes, "predict_spans": r.predict_spans,
             "overhead_probe_s": r.probe_seconds or None, "overhead_probe_end": r.probe_checks or None,
@@ -167,8 +166,6 @@ def format_table(doc: dict[str, Any]) -> str:
         ("overhead of an idle FULL step vs the native step (%), interleaved", _fmt(s["overhead_idle_pct"], "{:.1f}")),
         ("overhead of an active FULL step vs the native step (%), interleaved",
          _fmt(s["overhead_active_pct"], "{:.1f}")),
-        ("  real steps of the runs vs native steps of the baseline (%)", _fmt(s["overhead_full_step_pct_runs"],
-                                                                              "{:.1f}")),
         ("whole default run: hybrid wall-clock / native wall-clock", _fmt(s["total_wall_vs_native"], "{:.3f}")),
         ("host reads per real step (hybrid run)", _fmt(s["host_syncs_per_real_step"], "{:.3f}")),
         ("PREDICT step cost / FULL step, no check", _fmt(s["predict_cost_vs_full_no_check"])),

@@ -82,58 +82,66 @@ class RunResult:
         return self.curve[-1][3]
 
 
+RUN_BLOCK_STEPS = 10
+"""The timed runs of one seed advance together, this many steps of each in turn (see `run_benchmark`)."""
+
 StepFn = Callable[[int, Any], tuple[str, bool]]
 """Runs step ``i`` on a batch; returns (step kind, whether it ran a backward pass)."""
 
 
-def _loop(result: RunResult, batch: Callable[[int], Any], step: StepFn, validate: Callable[[], float],
-          sync: Callable[[], None] | None, finish: Callable[[], None] | None, steps: int, eval_every: int,
-          show: Progress | None, done: list[int]) -> None:
-    """The timed loop shared by every kind of run; ``finish`` runs, timed, after the last step."""
-    times: dict[str, list[float]] = {}
-    wall = 0.0
-    backward = 0
-    result.curve.append([0.0, 0, 0, validate()])
-    for i in range(steps):
-        b = batch(i)
-        start = time.perf_counter()
-        key, did_backward = step(i, b)
-        if finish is not None and i + 1 == steps:
-            finish()
-        if sync is not None:
-            sync()
-        seconds = time.perf_counter() - start
-        wall += seconds
-        backward += int(did_backward)
-        times.setdefault(key, []).append(seconds)
-        if (i + 1) % eval_every == 0 or i + 1 == steps:
-            result.curve.append([wall, backward, i + 1, validate()])
-        done[0] += 1
-        if show is not None:
-            show.update(done[0], f"seed {result.seed} {result.kind} lr {result.lr:g}")
-    result.step_seconds = times
+class _Run:
+    """One timed run, advanced a block of steps at a time; validation (untimed) at step 0, every
+    ``eval_every`` steps and at the end. ``finish`` runs, timed, right after the last step; ``on_end``
+    (untimed) once the run is complete."""
+
+    def __init__(self, result: RunResult, batch: Callable[[int], Any], step: StepFn, validate: Callable[[], float],
+                 sync: Callable[[], None] | None, steps: int, eval_every: int,
+                 finish: Callable[[], None] | None = None, on_end: Callable[[], None] | None = None) -> None:
+        self.result, self._batch, self._step, self._validate, self._sync = result, batch, step, validate, sync
+        self._steps, self._eval_every, self._finish, self._on_end = steps, eval_every, finish, on_end
+        self._i = 0
+        self._wall = 0.0
+        self._backward = 0
+        result.curve.append([0.0, 0, 0, validate()])
+
+    def advance(self, n: int, show: Progress | None = None, done: list[int] | None = None) -> None:
+        """Take the next ``n`` steps (fewer if the run ends first)."""
+        result, times = self.result, self.result.step_seconds
+        for _ in range(min(n, self._steps - self._i)):
+            i = self._i
+            b = self._batch(i)
+            start = time.perf_counter()
+            key, did_backward = self._step(i, b)
+            if self._finish is not None and i + 1 == self._steps:
+                self._finish()
+            if self._sync is not None:
+                self._sync()
+            seconds = time.perf_counter() - start
+            self._wall += seconds
+            self._backward += int(did_backward)
+            times.setdefault(key, []).append(seconds)
+            self._i = i + 1
+            if self._i % self._eval_every == 0 or self._i == self._steps:
+                result.curve.append([self._wall, self._backward, self._i, self._validate()])
+            if done is not None:
+                done[0] += 1
+                if show is not None:
+                    show.update(done[0], f"seed {result.seed} {result.kind} lr {result.lr:g}")
+        if self._i == self._steps and self._on_end is not None:
+            self._on_end()
+            self._on_end = None
 
 
-def _run_native(run: NativeRun, kind: str, seed: int, lr: float, steps: int, eval_every: int,
-                show: Progress | None, done: list[int], trace: bool = False) -> RunResult:
-    result = RunResult(seed, kind, lr, loop=run.loop)
-
+def _native(run: NativeRun, kind: str, seed: int, lr: float, steps: int, eval_every: int) -> _Run:
     def step(i: int, b: Any) -> tuple[str, bool]:
         run.step(b)
         return "plain", True
 
-    if trace:
-        tracemalloc.start()
-    _loop(result, run.batch, step, run.validate, run.sync, None, steps, eval_every, show, done)
-    if trace:
-        result.peak_bytes = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return result
+    return _Run(RunResult(seed, kind, lr, loop=run.loop), run.batch, step, run.validate, run.sync, steps, eval_every)
 
 
-def _run_hybrid(setup: TaskSetup, seed: int, lr: float, steps: int, eval_every: int, config: HybridConfig,
-                show: Progress | None, done: list[int], trace: bool = False,
-                dynamics: DynamicsFactory | None = None) -> RunResult:
+def _hybrid(setup: TaskSetup, seed: int, lr: float, steps: int, eval_every: int, config: HybridConfig,
+            dynamics: DynamicsFactory | None = None) -> _Run:
     result = RunResult(seed, "hybrid", lr, loop=setup.loop)
     trainer = HybridTrainer(setup.model, setup.optimizer, config, None if dynamics is None else dynamics())
     span_start: list[int | None] = [None]
@@ -148,19 +156,25 @@ def _run_hybrid(setup: TaskSetup, seed: int, lr: float, steps: int, eval_every: 
             span_start[0] = None
         return key, r.backward
 
-    if trace:
-        tracemalloc.start()
+    def on_end() -> None:
+        if span_start[0] is not None:
+            result.predict_spans.append([span_start[0], steps - 1])
+        summary = trainer.metrics.summary()
+        result.events = {"events": summary["events"], "bandit": summary["bandit"],
+                         "steps_per_phase": summary["steps_per_phase"], "host_syncs": trainer.host_syncs}
+
     # The last step also reads what is still pending (`fit` does the same), inside the timer.
-    _loop(result, setup.batch, step, setup.validate, setup.sync, trainer.flush, steps, eval_every, show, done)
-    if trace:
-        result.peak_bytes = tracemalloc.get_traced_memory()[1]
+    return _Run(result, setup.batch, step, setup.validate, setup.sync, steps, eval_every, trainer.flush, on_end)
+
+
+def _traced(run: _Run, steps: int) -> int:
+    """Peak traced bytes of ``run`` taken alone from start to end (untimed use only: tracing slows allocations)."""
+    tracemalloc.start()
+    try:
+        run.advance(steps)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
         tracemalloc.stop()
-    if span_start[0] is not None:
-        result.predict_spans.append([span_start[0], steps - 1])
-    summary = trainer.metrics.summary()
-    result.events = {"events": summary["events"], "bandit": summary["bandit"],
-                     "steps_per_phase": summary["steps_per_phase"], "host_syncs": trainer.host_syncs}
-    return result
 
 
 def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfig,
@@ -278,8 +292,9 @@ def run_benchmark(
 
     ``dynamics`` makes the hybrid trainer's dynamics model (default: the trainer's own).
 
-    Runs alternate their order from seed to seed so slow drifts of a shared machine
-    do not always hit the same kind of run.
+    The runs of one seed are timed together: each takes `RUN_BLOCK_STEPS` steps in turn, in an
+    order reversed every block, so slow drifts of a shared machine hit every kind of run alike
+    and ratios between runs of a seed compare work done under the same load.
     """
     steps = task.steps if steps is None else steps
     config = task.config if config is None else config
@@ -295,24 +310,30 @@ def run_benchmark(
         plan.append(("hybrid", task.lr))
         if n % 2:
             plan.reverse()
-        for kind, lr in plan:
+        runs = []
+        for kind, lr in plan:  # every run is built (and JIT-compiled) before any of them is timed
             if log is not None:
                 log(f"seed {seed}: {kind} lr {lr:g}")
             if kind == "hybrid":
-                results.append(_run_hybrid(task.setup(backend, seed, lr), seed, lr, steps, task.eval_every, config,
-                                           show, done, dynamics=dynamics))
+                runs.append(_hybrid(task.setup(backend, seed, lr), seed, lr, steps, task.eval_every, config,
+                                    dynamics))
             else:
-                results.append(_run_native(task.native_setup(backend, seed, lr), kind, seed, lr, steps,
-                                           task.eval_every, show, done))
+                runs.append(_native(task.native_setup(backend, seed, lr), kind, seed, lr, steps, task.eval_every))
+        # The runs advance together, RUN_BLOCK_STEPS steps each in turn, the order reversed every block,
+        # so a change in machine load hits every run of the seed alike.
+        for block in range(-(-steps // RUN_BLOCK_STEPS)):
+            for run in runs if block % 2 == 0 else runs[::-1]:
+                run.advance(RUN_BLOCK_STEPS, show, done)
+        results += [run.result for run in runs]
         hybrid_run = next(r for r in results if r.seed == seed and r.kind == "hybrid")
         hybrid_run.probe_seconds, hybrid_run.probe_checks = overhead_probe(task, backend, seed, config, dynamics)
         traced_steps = min(steps, MEMORY_STEPS)
-        traced = {"baseline": _run_native(task.native_setup(backend, seed, task.lr), "baseline", seed, task.lr,
-                                          traced_steps, task.eval_every, None, [0], trace=True),
-                  "hybrid": _run_hybrid(task.setup(backend, seed, task.lr), seed, task.lr, traced_steps,
-                                        task.eval_every, config, None, [0], trace=True, dynamics=dynamics)}
+        traced = {"baseline": _native(task.native_setup(backend, seed, task.lr), "baseline", seed, task.lr,
+                                      traced_steps, task.eval_every),
+                  "hybrid": _hybrid(task.setup(backend, seed, task.lr), seed, task.lr, traced_steps, task.eval_every,
+                                    config, dynamics)}
         for kind, run in traced.items():
-            next(r for r in results if r.seed == seed and r.kind == kind).peak_bytes = run.peak_bytes
+            next(r for r in results if r.seed == seed and r.kind == kind).peak_bytes = _traced(run, traced_steps)
     if show is not None:
         show.close()
     for r in results:

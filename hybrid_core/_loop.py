@@ -1,0 +1,108 @@
+"""The `fit` loop and its automatic checkpoints, on the trainer's public methods alone."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+from ._errors import CheckpointError, ConfigError
+from ._metrics import MetricsCollector
+from ._persist import CheckpointPolicy, checkpoint_path, newest_checkpoint
+from ._progress import Progress
+from ._result import StepResult
+
+__all__ = ["Callback", "Trainer", "fit", "resume"]
+
+
+class Trainer(Protocol):
+    """What the loop uses of `Trainer` (its public methods; the trainer imports this module)."""
+
+    metrics: MetricsCollector
+
+    @property
+    def steps_done(self) -> int: ...
+
+    def step(self, batch: Any) -> StepResult: ...
+
+    def flush(self) -> None: ...
+
+    def save(self, path: str | os.PathLike[str]) -> None: ...
+
+    def restore(self, path: str | os.PathLike[str]) -> list[str]: ...
+
+
+Callback = Callable[[Any, StepResult], "bool | None"]
+"""Called after every `fit` step as ``callback(trainer, result)``; returning True stops the loop."""
+
+
+def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: int | None,
+        progress: bool | None, callbacks: Sequence[Callback], checkpoint: CheckpointPolicy | None) -> dict[str, Any]:
+    """`HybridTrainer.fit` (see there)."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ConfigError(f"steps={steps!r}: must be an integer >= 0 or None")
+    if checkpoint is not None and checkpoint.resume:
+        resume(trainer, checkpoint.directory)
+    if callable(batches) and not isinstance(batches, Iterable):
+        if steps is None:
+            raise ConfigError("steps is required when batches is a function of the step index")
+        first = trainer.steps_done
+        source: Iterator[Any] = (batches(first + i) for i in range(steps))
+    else:
+        source = iter(batches)
+    show = Progress(steps, "train") if progress or (progress is None and _stderr_is_tty()) else None
+    done = 0
+    try:
+        while steps is None or done < steps:
+            try:
+                batch = next(source)
+            except StopIteration:
+                break
+            result = trainer.step(batch)
+            done += 1
+            if show is not None:
+                show.update(done, _progress_text(trainer, result))
+            if checkpoint is not None and trainer.steps_done % checkpoint.every == 0:
+                _auto_save(trainer, checkpoint)
+            if any(cb(trainer, result) for cb in callbacks):
+                break
+        trainer.flush()
+    finally:
+        if show is not None:
+            show.close()
+    return trainer.metrics.summary()
+
+
+def resume(trainer: Trainer, directory: str | os.PathLike[str]) -> None:
+    """Restore ``trainer`` from the newest checkpoint in ``directory`` that loads (others are skipped, said so)."""
+    for path in newest_checkpoint(directory):
+        try:
+            changed = trainer.restore(path)
+        except CheckpointError as err:
+            print(f"hybrid_core: skipping unreadable checkpoint {path}: {err.message}", file=sys.stderr)
+            continue
+        if changed:
+            print(f"hybrid_core: resumed from {path} with this run's config, which differs from the saved "
+                  f"one in {', '.join(changed)}", file=sys.stderr)
+        trainer.metrics.count("resumed")
+        return
+
+
+def _auto_save(trainer: Trainer, policy: CheckpointPolicy) -> None:
+    os.makedirs(policy.directory, exist_ok=True)
+    trainer.save(checkpoint_path(policy.directory, trainer.steps_done))
+    for old in newest_checkpoint(policy.directory)[policy.keep:]:
+        old.unlink(missing_ok=True)
+    trainer.metrics.count("checkpoints_saved")
+
+
+def _progress_text(trainer: Trainer, result: StepResult) -> str:
+    s = trainer.metrics.summary()
+    loss = "-" if result.loss is None else f"{result.loss:.4f}"
+    return (f"{result.phase.value:<7} loss {loss} conf {result.confidence:.2f} "
+            f"backward skipped {s['backward_passes_skipped']}")
+
+
+def _stderr_is_tty() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())

@@ -1,0 +1,173 @@
+"""`RealSteps`: runs real steps, reads them in batches, and replays them after a late non-finite read.
+
+Three ways to run a real step, chosen once per trainer:
+
+- *fused*: the optimizer's `FusedStep` runs the whole step in one call (torch, JAX adapters);
+- *unfused*: ``model.loss_and_grad`` then ``optimizer.step``;
+- *eager*: the unfused step, but its loss and gradient statistics are read before the update,
+  so a non-finite value never reaches the weights. Used with ``read_every=1``, for a model
+  without ``set_parameters`` (no way back from NaN weights), and to replay after a rollback.
+
+In the first two the values stay on the device until the `Ledger` reads them; a non-finite
+one then puts the last verified point back and replays the steps since (see `replay`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._checks import call_model, check_loss_and_grads, has_method
+from ._config import HybridConfig
+from ._directions import ExtrapolateDirection, LinefitDirection
+from ._errors import DivergenceError
+from ._ledger import Ledger, Pending
+from ._metrics import MetricsCollector
+from ._phase import PhaseMachine
+from ._protocols import Array, FusedStep, Model, Optimizer
+from ._recorder import Recorded, Recorder
+from .kernels import fused_stats
+
+__all__ = ["RealSteps"]
+
+_VERIFY_READS = 4
+"""Reads between verified points (copies of the weights and optimizer state to roll back to)."""
+
+
+class RealSteps:
+    """The real-step path of one trainer (see the module docstring); its state is the last update."""
+
+    def __init__(self, config: HybridConfig, model: Model, optimizer: Optimizer, ledger: Ledger,
+                 recorder: Recorder, directions: ExtrapolateDirection | LinefitDirection, phases: PhaseMachine,
+                 metrics: MetricsCollector, xp: Any) -> None:
+        self._config, self._model, self._optimizer = config, model, optimizer
+        self._ledger, self._recorder, self._directions = ledger, recorder, directions
+        self._phases, self._metrics, self._xp = phases, metrics, xp
+        self.eager = config.read_every == 1 or not has_method(model, "set_parameters")
+        self.fused = isinstance(optimizer, FusedStep) and optimizer.model is model and not self.eager
+        self._last_update: list[Array] | None = None
+        """The eager path's previous update (its statistics pair this step's gradient with it)."""
+        self._checked = False
+
+    def run(self, p: Pending, measure: bool, statistics: bool) -> list[Recorded] | None:
+        """Run real step ``p`` (its loss and stats fields unset); with ``measure`` read everything pending.
+
+        Returns the steps recorded by the read, or None when nothing was read.
+        """
+        if self.eager:
+            self.flush()
+            return self._eager_step(p, 0)
+        loss, stats, lr = self.compute(p.batch, statistics)
+        self._ledger.add(p._replace(loss=loss, stats=stats, lr=lr))
+        return self.settle() if measure else None
+
+    def flush(self) -> list[Recorded]:
+        """Read and record every pending step now."""
+        return self.settle() if self._ledger.pending else []
+
+    def compute(self, batch: Any, statistics: bool) -> tuple[Array, Array | None, float | None]:
+        """Forward, backward and update; the loss (and statistics when asked) stay on the device."""
+        model, optimizer = self._model, self._optimizer
+        if self.fused:
+            loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics), batch, "fused_step")
+            if not self._checked:
+                check_loss_and_grads(self._xp, model, loss, None)
+                self._checked = True
+            return loss, stats, None
+        loss, grads = call_model(model.loss_and_grad, batch, "loss_and_grad")
+        grads = list(grads)
+        # The loss is checked every step (it reveals a batch from another library); the
+        # gradients' library and shapes once, since a model cannot change them silently.
+        check_loss_and_grads(self._xp, model, loss, None if self._checked else grads)
+        self._checked = True
+        update = optimizer.step(grads)
+        if not statistics:
+            return loss, None, None
+        return loss, fused_stats(loss, grads, list(update)), self.read_lr()
+
+    def settle(self) -> list[Recorded]:
+        """Read the pending steps and record them; roll back and replay if a value is not finite."""
+        ledger = self._ledger
+        values = ledger.read()
+        if not all(_finite(v) for v in values):
+            return self.replay()
+        pending, ledger.pending = ledger.pending, []
+        out = [self._recorder.record(p, v) for p, v in zip(pending, values)]
+        self._directions.observe(self._recorder.steps_recorded, self._model)
+        ledger.settled += pending
+        if len(ledger.settled) >= _VERIFY_READS * self._config.read_every:
+            ledger.verify(self._model, self._optimizer)
+        return out
+
+    def replay(self) -> list[Recorded]:
+        """Back to the last verified point; rerun the steps read since (no reads: they were finite), then
+        the pending ones one by one, each read before its update."""
+        ledger = self._ledger
+        pending, ledger.pending = ledger.pending, []
+        settled = ledger.settled
+        ledger.restore(self._model, self._optimizer)
+        self._metrics.count("late_nonfinite_rollbacks")
+        for p in settled:
+            self.compute(p.batch, False)
+        self._last_update = None
+        out: list[Recorded] = []
+        for i, p in enumerate(pending):
+            out += self._eager_step(p, len(pending) - 1 - i)
+        ledger.verify(self._model, self._optimizer)
+        return out
+
+    def read_lr(self) -> float:
+        """The optimizer's learning rate; counted as a host read when the optimizer says it is one."""
+        if getattr(self._optimizer, "lr_on_device", False) is True:
+            self._ledger.host_syncs += 1
+        return float(self._optimizer.lr)
+
+    def _eager_step(self, p: Pending, later: int) -> list[Recorded]:
+        """One real step read before its update: a non-finite loss or gradient never reaches the weights."""
+        model = self._model
+        loss, grads = call_model(model.loss_and_grad, p.batch, "loss_and_grad")
+        grads = list(grads)
+        check_loss_and_grads(self._xp, model, loss, None if self._checked else grads)
+        self._checked = True
+        values = self._ledger.read_arrays([fused_stats(loss, grads, self._last_update)])
+        if not _finite(values):
+            self._nonfinite(p, values, later)
+            return []
+        self._last_update = list(self._optimizer.step(grads))
+        out = [self._recorder.record(p, [*values, self.read_lr()])]
+        self._directions.observe(self._recorder.steps_recorded, model)
+        return out
+
+    def _nonfinite(self, p: Pending, values: list[float], later: int) -> None:
+        what = f"loss {values[0]}" + (f" and {int(values[5])} non-finite gradient entries" if values[5] else "")
+        if self._config.on_nonfinite == "raise":
+            self._phases.state = p.phase
+            undone = f"; the {later} later step(s) were undone" if later else ""
+            raise DivergenceError(
+                f"step {p.step} ({p.phase.phase.value}): {what}; the trainer is back at the state before "
+                f"step {p.step}{undone}",
+                "Lower the learning rate or clip gradients; HybridConfig(on_nonfinite='skip') skips such "
+                "batches instead. The trainer can continue with another batch.",
+            )
+        self._recorder.record_skipped(p, values[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The eager path's last update (None on the lagged paths)."""
+        return {"last_update": None if self._last_update is None else list(self._last_update)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (`ValueError` if the arrays do not match the parameters)."""
+        update = state["last_update"]
+        if update is not None:
+            params = self._model.parameters()
+            if not isinstance(update, list) or len(update) != len(params) or any(
+                    tuple(u.shape) != tuple(q.shape) for u, q in zip(update, params)):
+                raise ValueError("last_update does not match the model's parameters")
+            update = list(update)
+        self._last_update = update
+
+
+def _finite(values: list[float]) -> bool:
+    if not all(math.isfinite(v) for v in values):
+        return False
+    return len(values) < 6 or values[5] == 0
