@@ -55,11 +55,13 @@ def _transform(tx: Any, treedef: Any, grads: Any, state: Any, params: Any) -> tu
     return [u.astype(p.dtype) for u, p in pairs], new_state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any, measure: bool, keep_grads: bool,
-                fixed_lr: float | None, leaves: list[jax.Array], state: Any, batch: Any) -> tuple[Any, ...]:
+                keep_update: bool, fixed_lr: float | None, leaves: list[jax.Array], state: Any,
+                batch: Any) -> tuple[Any, ...]:
     """One real step in one computation: loss and gradients, the optax update applied, and (``measure``)
-    the statistics ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]``."""
+    the statistics ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]``. The update and the
+    gradients are returned only when asked (each output costs a buffer per step)."""
     params = treedef.unflatten(leaves)
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, new_state = tx.update(grads, state, params)
@@ -77,7 +79,7 @@ def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any,
                            sum(jnp.sum(g * u) for g, u in zip(g32, u32, strict=True)),
                            jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in g32])),
                            sum(jnp.sum(~jnp.isfinite(g)) for g in g32).astype(f32), lr])
-    return new_leaves, new_state, loss, flat_u, (flat_g if keep_grads else None), stats
+    return new_leaves, new_state, loss, (flat_u if keep_update else None), (flat_g if keep_grads else None), stats
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -285,11 +287,14 @@ class OptaxOptimizer:
         model = self.model
         if measure:
             model._check_batch(batch)
+        # Extrapolating with m̂ needs neither the update nor the gradients; "replay" needs the
+        # gradients, "last" the update.
         leaves, state, loss, update, grads, stats = _fused_step(
             model.loss_fn, self.transformation, model.treedef, bool(measure), self._rule == "replay",
-            self._fixed_lr, model.parameters(), self._state, batch)
+            self._rule == "last", self._fixed_lr, model.parameters(), self._state, batch)
         model._rebind(leaves)
-        self._state, self._last_update = state, list(update)
+        self._state = state
+        self._last_update = None if update is None else list(update)
         if grads is not None:
             self._last_grads = list(grads)
         self._steps += 1

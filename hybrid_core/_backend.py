@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "namespace_for",
     "namespace_of",
     "same_namespace",
+    "to_host_floats",
     "to_numpy",
 ]
 
@@ -151,6 +152,30 @@ def to_numpy(x: Any) -> np.ndarray:
         return np.asarray(x)
     except Exception:
         return np.asarray(x.tolist()) if hasattr(x, "tolist") else np.from_dlpack(x)
+
+
+def to_host_floats(arrays: Sequence[Any]) -> list[float]:
+    """Every entry of ``arrays`` (0-d or 1-D, one library) as Python floats, in one transfer.
+
+    One synchronisation for the lot: JAX starts every copy before waiting (``jax.device_get``);
+    device tensors of torch and CuPy are concatenated on the device and copied once; host
+    arrays (NumPy, CPU torch, array-api-strict) are read directly.
+    """
+    if not arrays:
+        return []
+    first = arrays[0]
+    if isinstance(first, np.ndarray):  # NumPy: already on the host
+        return np.concatenate([np.ravel(a) for a in arrays]).tolist()
+    xp = array_api_compat.array_namespace(first)
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        return [float(v) for a in jax.device_get(list(arrays)) for v in np.ravel(a).tolist()]
+    on_device = (array_api_compat.is_cupy_namespace(xp)
+                 or (array_api_compat.is_torch_namespace(xp) and first.device.type != "cpu"))
+    if on_device and len(arrays) > 1:
+        arrays = [xp.concat([xp.reshape(a, (-1,)) for a in arrays])]
+    return [float(v) for a in arrays for v in np.ravel(to_numpy(a)).tolist()]
 
 
 def _array_library(a: Any) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._backend import same_namespace, to_numpy
+from ._backend import same_namespace
 from ._errors import BatchError, HybridError, ModelError
 from ._protocols import Model
 
-__all__ = ["call_model", "check_loss_and_grads", "has_method", "read_host", "require_protocol"]
+__all__ = ["call_model", "check_loss_and_grads", "has_method", "require_protocol"]
 
 
 def call_model(method: Callable[[Any], Any], batch: Any, name: str) -> Any:
@@ -42,11 +42,6 @@ def check_loss_and_grads(xp: Any, model: Model, loss: Any, grads: list[Any] | No
     for i, (g, p) in enumerate(zip(grads, params)):
         if tuple(g.shape) != tuple(p.shape):
             raise ModelError(f"gradient {i} has shape {tuple(g.shape)} but parameter {i} has {tuple(p.shape)}")
-
-
-def read_host(values: Any) -> list[float]:
-    """Python floats from a 1-D device array: the one host transfer of a step."""
-    return [float(v) for v in to_numpy(values).tolist()]
 
 
 def require_protocol(obj: Any, protocol: type, what: str) -> None:

@@ -7,7 +7,7 @@ model's extra state at a point whose steps were all read finite (every few reads
 before anything but a real step moves the weights), so a non-finite value found by a
 later read can be undone exactly (`restore`) and the steps since replayed from their kept
 batches. Every device→host read of the trainer goes through
-`read_floats`, which counts it (`host_syncs`).
+`read_arrays`, which counts it (`host_syncs`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from ._checks import has_method, read_host
+from ._backend import to_host_floats
+from ._checks import has_method
 from ._errors import CheckpointError
 from ._phase import PhaseState
 from ._protocols import Array, Model, Optimizer
@@ -58,25 +59,19 @@ class Ledger:
         """Keep one real step until the next `read`."""
         self.pending.append(item)
 
-    def read_floats(self, values: Array) -> list[float]:
-        """Python floats from a 1-D device array: one counted host read."""
-        self.host_syncs += 1
-        return read_host(values)
-
     def read_arrays(self, arrays: list[Array]) -> list[float]:
-        """The entries of 1-D device arrays, concatenated, as floats: one counted host read."""
-        return self.read_floats(arrays[0] if len(arrays) == 1 else self._xp.concat(arrays))
+        """The entries of 0-d or 1-D device arrays, in order, as floats: one counted host read."""
+        self.host_syncs += 1
+        return to_host_floats(arrays)
 
     def read(self) -> list[list[float]]:
         """The pending steps' values as floats (one host read): [loss] or the statistics vector each."""
-        xp = self._xp
-        parts = [xp.reshape(p.loss, (1,)) if p.stats is None else p.stats for p in self.pending]
-        flat = self.read_floats(parts[0] if len(parts) == 1 else xp.concat(parts))
+        flat = self.read_arrays([p.loss if p.stats is None else p.stats for p in self.pending])
         out, at = [], 0
-        for part in parts:
-            n = int(part.shape[0])
-            out.append(flat[at:at + n])
-            at += n
+        for p in self.pending:
+            size = 1 if p.stats is None else int(p.stats.shape[0])
+            out.append(flat[at:at + size])
+            at += size
         return out
 
     def verify(self, model: Model, optimizer: Optimizer) -> None:
@@ -112,7 +107,10 @@ class Ledger:
 
 
 def _copy(array: Array) -> Array:
-    """A fresh array with ``array``'s values, detached from any autograd graph."""
+    """A fresh array with ``array``'s values, detached from any autograd graph (JAX arrays are
+    immutable: the array itself)."""
+    if array_api_compat.is_jax_array(array):
+        return array
     if array_api_compat.is_torch_array(array):
         return array.detach().clone()
     return array_api_compat.array_namespace(array).asarray(array, copy=True)

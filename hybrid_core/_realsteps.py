@@ -23,7 +23,7 @@ from ._directions import ExtrapolateDirection, LinefitDirection
 from ._errors import DivergenceError
 from ._ledger import Ledger, Pending
 from ._metrics import MetricsCollector
-from ._phase import PhaseMachine
+from ._phase import PhaseMachine, PhaseState
 from ._protocols import Array, FusedStep, Model, Optimizer
 from ._recorder import Recorded, Recorder
 from .kernels import fused_stats
@@ -49,16 +49,17 @@ class RealSteps:
         """The eager path's previous update (its statistics pair this step's gradient with it)."""
         self._checked = False
 
-    def run(self, p: Pending, measure: bool, statistics: bool) -> list[Recorded] | None:
-        """Run real step ``p`` (its loss and stats fields unset); with ``measure`` read everything pending.
+    def run(self, step: int, phase: PhaseState, batch: Any, measure: bool,
+            statistics: bool) -> list[Recorded] | None:
+        """Run real step ``step`` of ``phase`` on ``batch``; with ``measure`` read everything pending.
 
         Returns the steps recorded by the read, or None when nothing was read.
         """
         if self.eager:
             self.flush()
-            return self._eager_step(p, 0)
-        loss, stats, lr = self.compute(p.batch, statistics)
-        self._ledger.add(p._replace(loss=loss, stats=stats, lr=lr))
+            return self._eager_step(Pending(step, phase, batch, None, None, None, math.nan), 0)
+        loss, stats, lr = self.compute(batch, statistics)
+        self._ledger.add(Pending(step, phase, batch, loss, stats, lr, math.nan))
         return self.settle() if measure else None
 
     def flush(self) -> list[Recorded]:

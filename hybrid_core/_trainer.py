@@ -21,7 +21,7 @@ from ._cycle import PredictionCycle, corrected
 from ._directions import make_direction
 from ._errors import CheckpointError, ConfigError, ModelError
 from ._features import CONTEXT_NAMES, compact_context
-from ._ledger import Ledger, Pending
+from ._ledger import Ledger
 from ._loop import Callback
 from ._loop import fit as run_fit
 from ._metrics import MetricsCollector, StepRecord
@@ -195,8 +195,7 @@ class HybridTrainer:
             # Predicted steps and the search moved the weights outside a step: a rollback must not
             # replay across them, so the point reached becomes the verified one.
             self.ledger.verify(self.model, self.optimizer)
-        pending = Pending(index, current, batch, None, None, None, math.nan)
-        settled = self.real_steps.run(pending, measure, measure and not self.cadence.idle(index))
+        settled = self.real_steps.run(index, current, batch, measure, measure and not self.cadence.idle(index))
         if settled is None:
             return (StepResult(index, current.phase, None, None, True, self.recorder.confidence),
                     Signals(self.recorder.confidence, 0, False, False))
