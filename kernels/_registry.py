@@ -213,6 +213,7 @@ def _requirement(module: str, minimum: str) -> str | None:
     return None
 
 
+@functools.cache
 def _installed_version(module: str) -> str | None:
     # A module's distribution may be named differently (cupy comes as cupy-cuda12x, ...).
     for dist in [module, *importlib.metadata.packages_distributions().get(module, [])]:

@@ -64,8 +64,9 @@ def foreach_stats(loss: Tensor, grads: Sequence[Tensor], updates: Sequence[Tenso
     """`reference.fused_stats` with Σg², Σu² and max|g| from ``torch._foreach_norm``.
 
     There is no foreach dot product, so Σg·u is one ``torch.dot`` per tensor. The
-    non-finite count costs a per-tensor pass only when Σg² is not finite (any
-    inf/NaN entry makes it so), i.e. on the steps the trainer is about to reject.
+    non-finite count costs a per-tensor pass on the CPU only when Σg² is not finite (any
+    inf/NaN entry makes it so), i.e. on the steps the trainer is about to reject; on a GPU
+    it always runs, so that no value is read back here.
     """
     dtype = loss.dtype
     keep = [i for i, g in enumerate(grads) if g.numel()]
@@ -88,7 +89,9 @@ def foreach_stats(loss: Tensor, grads: Sequence[Tensor], updates: Sequence[Tenso
         update_sq = torch.stack(torch._foreach_norm(us)).square().sum()
         dot = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)) for g, u in zip(gs, us)]).sum()
     nonfinite = zero
-    if not bool(torch.isfinite(grad_sq)):
+    # On the CPU reading Σg² costs no device sync, so the per-tensor count runs only when an
+    # entry is non-finite; on a GPU it always runs, queued, so the caller's read stays the only sync.
+    if gs[0].device.type != "cpu" or not bool(torch.isfinite(grad_sq)):
         nonfinite = sum((torch.count_nonzero(~torch.isfinite(g)) for g in gs), start=zero).to(dtype)
     return torch.stack([loss.reshape(()), grad_sq, update_sq, dot, grad_max, nonfinite])
 

@@ -56,6 +56,8 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
     for run in doc["runs"]:
         assert run["loop"] == (doc["hybrid_loop"] if run["kind"] == "hybrid" else doc["baseline_loop"])
     assert "baseline loop: " + doc["baseline_loop"] in text
+    source = doc["machine"]["source"]  # provenance: the commit measured (None outside a git checkout)
+    assert source is None or (len(source["git_commit"]) == 40 and isinstance(source["uncommitted_changes"], bool))
     warm = doc["process_warmup_s"]
     assert warm["steps"] > 0 and warm["native"] > 0 and warm["hybrid"] > 0
     kinds = sorted({r["kind"] for r in doc["runs"]})

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,23 @@ __all__ = ["SCHEMA", "format_table", "plot", "summarize", "time_to_target"]
 
 SCHEMA = "hybrid-bench/2"
 """Version tag of the JSON document (docs/benchmarks.md describes every field)."""
+
+
+def _source() -> dict[str, Any] | None:
+    """The git commit of the library's source tree and whether it had uncommitted changes (None outside git)."""
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: git status must not refresh the index
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True, env=env).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"git_commit": head, "uncommitted_changes": bool(dirty)}
 
 
 def time_to_target(result: RunResult, target: float) -> tuple[float, float] | None:
@@ -120,7 +140,8 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
         "targets": evaluate_targets(task, backend, summary),
         "process_warmup_s": results[0].process_warmup or None,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(), "library": __version__},
+                    "processor": platform.processor() or platform.machine(), "library": __version__,
+                    "source": _source()},
         "summary": summary,
         "per_seed": per_seed,
         "runs": [_run_dict(r) for r in results],
