@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STDLIB_FILES", "build_lm", "build_lm_native", "loss_fn", "stdlib_corpus"]
+__all__ = ["STDLIB_FILES", "build_lm", "loss_fn", "module_and_data", "stdlib_corpus"]
 
 STDLIB_FILES = (
     "abc.py", "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py",
@@ -37,6 +37,12 @@ def stdlib_corpus() -> tuple[np.ndarray, np.ndarray]:
     data = np.frombuffer(b"\n".join(parts), dtype=np.uint8)
     cut = int(len(data) * 0.9)
     return data[:cut], data[cut:]
+
+
+def module_and_data(seed: int) -> tuple[Any, Any, Any]:
+    """(module, batch(step), validation batch) of one run: the native loop trains these directly."""
+    batch, val = _data(seed)
+    return _module(seed), batch, val
 
 
 def _module(seed: int) -> Any:
@@ -112,25 +118,3 @@ def build_lm(seed: int, lr: float) -> tuple[Any, Any, Any, Any]:
         return float(model.loss(val_batch))
 
     return model, optimizer, batch, validate
-
-
-def build_lm_native(seed: int, lr: float) -> tuple[Any, Any, Any, Any, str]:
-    """(step(batch), batch(step), validate(), sync, loop) of the native run: the same module (same seed)
-    trained by ``opt.zero_grad(); loss_fn(module, batch).backward(); opt.step()`` with ``torch.optim.Adam``."""
-    import torch
-
-    batch, val_batch = _data(seed)
-    module = _module(seed)
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
-
-    def step(b: Any) -> None:
-        opt.zero_grad()
-        loss_fn(module, b).backward()
-        opt.step()
-
-    def validate() -> float:
-        with torch.no_grad():
-            return float(loss_fn(module, val_batch))
-
-    return (step, batch, validate, None, "torch: opt.zero_grad(); loss_fn(module, batch).backward(); opt.step() on "
-            "the TinyTransformer nn.Module with torch.optim.Adam")

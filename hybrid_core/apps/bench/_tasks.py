@@ -303,9 +303,10 @@ def _lm_stdlib(backend: str, seed: int, lr: float) -> TaskSetup:
 
 
 def _lm_stdlib_native(backend: str, seed: int, lr: float) -> NativeRun:
-    from ._lm import build_lm_native
+    from ._lm import loss_fn, module_and_data
 
-    return NativeRun(*build_lm_native(seed, lr))
+    module, batch, val = module_and_data(seed)
+    return _torch_native(module, loss_fn, lr, batch, val, "TinyTransformer nn.Module")
 
 
 TASKS: dict[str, BenchTask] = {
