@@ -165,7 +165,7 @@ class HybridTrainer:
         if current.phase is Phase.PREDICT:
             result, signals = self._predicted_step(batch, current, index)
         else:
-            result, signals = self._real_step(batch, current, index, start)
+            result, signals = self._real_step(batch, current, index)
         self._advance(current, signals)
         seconds = time.perf_counter() - start
         if current.phase is Phase.PREDICT:
@@ -181,8 +181,7 @@ class HybridTrainer:
         """Read and record every pending real step now (one host read); `fit` and `save` call it."""
         self.real_steps.flush()
 
-    def _real_step(self, batch: Any, current: PhaseState, index: int,
-                   start: float) -> tuple[StepResult, Signals]:
+    def _real_step(self, batch: Any, current: PhaseState, index: int) -> tuple[StepResult, Signals]:
         measure = self.real_steps.eager or self.cadence.measured(current, index)
         if current.phase is Phase.CORRECT and current.steps_in_phase == 0 and self.cycle.active:
             search = self.cycle.line_search(self.model, batch, self._forward, self.ledger.read_arrays)
