@@ -243,6 +243,13 @@ class OptaxOptimizer:
         return self._host_lr
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the transformation holds one Adam state and an injected, settable learning rate."""
+        node = injected_holding(self._state, "learning_rate")
+        settable = node is not None and "learning_rate" not in getattr(node, "hyperparams_states", {})
+        return settable and len(find_all(self._state, optax.ScaleByAdamState)) == 1
+
+    @property
     def lr_on_device(self) -> bool:
         """Whether reading `lr` is a device→host read (a scheduled learning rate lives on the device)."""
         node = injected_holding(self._state, "learning_rate")

@@ -197,6 +197,12 @@ class TorchOptimizer:
         self._last_grads: list[torch.Tensor] | None = None
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the torch optimizer is of the Adam family (Adam, AdamW, NAdam, RAdam, Adamax)."""
+        return type(self.optimizer) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+                                        torch.optim.Adamax)
+
+    @property
     def lr(self) -> float:
         """The first parameter group's learning rate.
 

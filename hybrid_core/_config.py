@@ -18,7 +18,8 @@ NONFINITE_POLICIES = ("raise", "skip")
 """What a real step does with a NaN/Inf loss or gradient: raise `DivergenceError` or skip the batch."""
 
 _INT_MAX = 10**9
-_TUPLE_FIELDS = ("horizon_arms", "correction_fractions")
+_TUPLE_FIELDS = ("horizon_arms", "correction_fractions", "readout")
+_READOUTS = ("lawa", "ema")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,24 @@ class HybridConfig:
     """Real steps an idle spell lasts; then the dynamics model is fed again and, after
     ``min_full_steps`` fed steps, the question whether to predict is asked again."""
 
+    readout: tuple[str, ...] = ("lawa", "ema")
+    """Averaged-weight read-outs kept for evaluation (``lawa``, ``ema``; empty = none). Training always
+    continues from the raw weights; `HybridTrainer.evaluation_parameters` swaps the best one in."""
+    lawa_snapshots: int = 5
+    """LAWA averages the last this many snapshots (memory: that many copies of the parameters)."""
+    readout_spacing: int = 10
+    """Real steps between two read-out snapshots."""
+    ema_decay: float = 0.98
+    """Per-step decay of the EMA read-out (bias-corrected; one copy of the parameters)."""
+    readout_check_every: int = 100
+    """Steps between paired comparisons of the read-outs with the raw weights on a real step's batch
+    (one forward pass per read-out); 0 = never compare (then ``raw`` stays the chosen one)."""
+    lr_recommend: bool = True
+    """Let the trainer raise the learning rate to a Prodigy-style estimate seeded with the user's rate,
+    guarded by the divergence monitor and rollback (Adam-family optimizers without a scheduler)."""
+    lr_search_steps: int = 200
+    """Real steps at the start of the run during which the learning-rate estimate is fed."""
+
     def __post_init__(self) -> None:
         problems = _problems(self)
         if problems:
@@ -161,6 +180,11 @@ def _fractions_problem(fractions: Any) -> str | None:
     return None if ok else f"correction_fractions={fractions!r}: must be a non-empty tuple of numbers in [0, 1]"
 
 
+def _readout_problem(kinds: Any) -> str | None:
+    ok = isinstance(kinds, tuple) and all(k in _READOUTS for k in kinds) and len(set(kinds)) == len(kinds)
+    return None if ok else f"readout={kinds!r}: must be a tuple of distinct names from {', '.join(_READOUTS)}"
+
+
 def _problems(c: HybridConfig) -> list[str]:
     checks = [
         _int_problem("warmup_steps", c.warmup_steps, 1),
@@ -190,6 +214,14 @@ def _problems(c: HybridConfig) -> list[str]:
         _int_problem("read_every", c.read_every, 1, 100_000),
         _int_problem("idle_after", c.idle_after, 0),
         _int_problem("idle_steps", c.idle_steps, 1),
+        _readout_problem(c.readout),
+        _int_problem("lawa_snapshots", c.lawa_snapshots, 1, 1000),
+        _int_problem("readout_spacing", c.readout_spacing, 1),
+        _float_problem("ema_decay", c.ema_decay, 0.0, 1.0, open_low=True),
+        None if c.ema_decay != 1.0 else "ema_decay=1.0: must be < 1 (1 never moves the average)",
+        _int_problem("readout_check_every", c.readout_check_every, 0),
+        None if isinstance(c.lr_recommend, bool) else f"lr_recommend={c.lr_recommend!r}: must be True or False",
+        _int_problem("lr_search_steps", c.lr_search_steps, 0),
     ]
     problems = [p for p in checks if p is not None]
     # Cross-field bounds only make sense once both fields are valid integers.

@@ -64,15 +64,16 @@ class Ledger:
         self.host_syncs += 1
         return to_host_floats(arrays)
 
-    def read(self) -> list[list[float]]:
-        """The pending steps' values as floats (one host read): [loss] or the statistics vector each."""
-        flat = self.read_arrays([p.loss if p.stats is None else p.stats for p in self.pending])
+    def read(self, extra: Sequence[Array] = ()) -> tuple[list[list[float]], list[float]]:
+        """The pending steps' values as floats, [loss] or the statistics vector each, and the entries of
+        ``extra`` 1-element arrays read in the same transfer (one host read)."""
+        flat = self.read_arrays([p.loss if p.stats is None else p.stats for p in self.pending] + list(extra))
         out, at = [], 0
         for p in self.pending:
             size = 1 if p.stats is None else int(p.stats.shape[0])
             out.append(flat[at:at + size])
             at += size
-        return out
+        return out, flat[at:]
 
     def verify(self, model: Model, optimizer: Optimizer) -> None:
         """Copy the point reached (parameters, optimizer state, model state): the new rollback target."""

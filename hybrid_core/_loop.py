@@ -21,6 +21,8 @@ class Trainer(Protocol):
 
     metrics: MetricsCollector
 
+    def summary(self) -> dict[str, Any]: ...
+
     @property
     def steps_done(self) -> int: ...
 
@@ -71,7 +73,7 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
     finally:
         if show is not None:
             show.close()
-    return trainer.metrics.summary()
+    return trainer.summary()
 
 
 def resume(trainer: Trainer, directory: str | os.PathLike[str]) -> None:

@@ -25,6 +25,8 @@ class StepRecord(NamedTuple):
     wall_seconds: float
     confidence: float
     skipped: bool = False
+    lr: float | None = None
+    """The learning rate of a real step, where known on the host (measured steps; the tuner's rate)."""
 
 
 class Decision(NamedTuple):

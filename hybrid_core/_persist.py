@@ -114,11 +114,13 @@ def read_checkpoint(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_B
 
 
 def restore_parts(parts: Mapping[str, Part], saved: Mapping[str, Any], xp: Any, device: Any,
-                  where: str = "") -> None:
+                  where: str = "", optional: tuple[str, ...] = ()) -> None:
     """Load each part's saved state in the order of ``parts``; on any failure put the loaded ones back.
 
     Arrays are turned back into ``xp`` arrays on ``device`` (or into the library they were saved from).
+    Parts named in ``optional`` (added to the format later) keep their fresh state when absent.
     """
+    parts = {name: part for name, part in parts.items() if name in saved or name not in optional}
     missing = sorted(set(parts) - set(saved))
     if missing:
         raise CheckpointError(f"{where}the checkpoint lacks the parts {', '.join(missing)}")

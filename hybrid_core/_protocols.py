@@ -67,6 +67,10 @@ class Optimizer(Protocol):
     An optimizer whose learning rate lives on a device (an optax schedule) may set
     ``lr_on_device = True`` (or a property): the trainer then counts each `lr` read in
     ``host_syncs``. A fused step (`FusedStep`) reads it with the statistics instead.
+
+    An optimizer of the Adam family (an update normalised per coordinate, so its learning rate is
+    a step length in parameter units) may set ``adaptive = True``: the trainer's learning-rate
+    recommendation then applies to it (see `HybridConfig.lr_recommend`).
     """
 
     @property

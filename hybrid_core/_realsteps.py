@@ -10,6 +10,12 @@ Three ways to run a real step, chosen once per trainer:
 
 In the first two the values stay on the device until the `Ledger` reads them; a non-finite
 one then puts the last verified point back and replays the steps since (see `replay`).
+
+While the learning-rate estimate is fed (`LRTuner.searching`) a step takes the unfused path, which
+hands its gradients over, and each read also reads the estimate. After every real step the read-out
+stages its snapshot; a read that finds every value finite commits it, a rollback drops it. A late
+non-finite value with the learning rate raised by the tuner backs the rate off and replays every
+step since the verified point at the lower rate, each read before its update.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from ._config import HybridConfig
 from ._directions import ExtrapolateDirection, LinefitDirection
 from ._errors import DivergenceError
 from ._ledger import Ledger, Pending
+from ._lrtune import LRTuner
 from ._metrics import MetricsCollector
 from ._phase import PhaseMachine, PhaseState
 from ._protocols import Array, FusedStep, Model, Optimizer
+from ._readout import ReadOut
 from ._recorder import Recorded, Recorder
 from .kernels import fused_stats
 
@@ -39,10 +47,14 @@ class RealSteps:
 
     def __init__(self, config: HybridConfig, model: Model, optimizer: Optimizer, ledger: Ledger,
                  recorder: Recorder, directions: ExtrapolateDirection | LinefitDirection, phases: PhaseMachine,
-                 metrics: MetricsCollector, xp: Any) -> None:
+                 metrics: MetricsCollector, xp: Any, readout: ReadOut, tuner: LRTuner) -> None:
         self._config, self._model, self._optimizer = config, model, optimizer
         self._ledger, self._recorder, self._directions = ledger, recorder, directions
         self._phases, self._metrics, self._xp = phases, metrics, xp
+        self._readout, self._tuner = readout, tuner
+        self.extra: list[Array] = []
+        """Device values to read with the next read (1-element arrays); their floats land in `extra_values`."""
+        self.extra_values: list[float] = []
         self.eager = config.read_every == 1 or not has_method(model, "set_parameters")
         self.fused = isinstance(optimizer, FusedStep) and optimizer.model is model and not self.eager
         self._last_update: list[Array] | None = None
@@ -58,7 +70,8 @@ class RealSteps:
         if self.eager:
             self.flush()
             return self._eager_step(Pending(step, phase, batch, None, None, None, math.nan), 0)
-        loss, stats, lr = self.compute(batch, statistics)
+        loss, stats, lr = self.compute(batch, statistics, self._tuner.searching(step))
+        self._readout.stage(step, self._model)
         self._ledger.add(Pending(step, phase, batch, loss, stats, lr, math.nan))
         return self.settle() if measure else None
 
@@ -66,10 +79,13 @@ class RealSteps:
         """Read and record every pending step now."""
         return self.settle() if self._ledger.pending else []
 
-    def compute(self, batch: Any, statistics: bool) -> tuple[Array, Array | None, float | None]:
-        """Forward, backward and update; the loss (and statistics when asked) stay on the device."""
+    def compute(self, batch: Any, statistics: bool, feed: bool = False) -> tuple[Array, Array | None, float | None]:
+        """Forward, backward and update; the loss (and statistics when asked) stay on the device.
+
+        With ``feed`` the gradients also feed the learning-rate estimate (unfused path).
+        """
         model, optimizer = self._model, self._optimizer
-        if self.fused:
+        if self.fused and not feed:
             loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics), batch, "fused_step")
             if not self._checked:
                 check_loss_and_grads(self._xp, model, loss, None)
@@ -81,6 +97,8 @@ class RealSteps:
         # gradients' library and shapes once, since a model cannot change them silently.
         check_loss_and_grads(self._xp, model, loss, None if self._checked else grads)
         self._checked = True
+        if feed:
+            self._tuner.accumulate(model.parameters(), grads, self._xp)
         update = optimizer.step(grads)
         if not statistics:
             return loss, None, None
@@ -89,11 +107,17 @@ class RealSteps:
     def settle(self) -> list[Recorded]:
         """Read the pending steps and record them; roll back and replay if a value is not finite."""
         ledger = self._ledger
-        values = ledger.read()
+        extra, self.extra = self.extra, []
+        values, more = ledger.read(self._tuner.pending(self._xp) + extra)
+        self.extra_values = more[len(more) - len(extra):]
+        estimate = more[:len(more) - len(extra)]
         if not all(_finite(v) for v in values):
             return self.replay()
         pending, ledger.pending = ledger.pending, []
         out = [self._recorder.record(p, v) for p, v in zip(pending, values)]
+        self._readout.commit()
+        if estimate or self._tuner.searching(pending[-1].step):
+            self._tuner.update(pending[-1].step, estimate)
         self._directions.observe(self._recorder.steps_recorded, self._model)
         ledger.settled += pending
         if len(ledger.settled) >= _VERIFY_READS * self._config.read_every:
@@ -102,19 +126,42 @@ class RealSteps:
 
     def replay(self) -> list[Recorded]:
         """Back to the last verified point; rerun the steps read since (no reads: they were finite), then
-        the pending ones one by one, each read before its update."""
+        the pending ones one by one, each read before its update.
+
+        When the learning-rate tuner had raised the rate, it backs off first and every step since the
+        verified point is replayed read (the lower rate makes them new steps); a further non-finite
+        value at a raised rate backs off again and starts the replay over.
+        """
         ledger = self._ledger
         pending, ledger.pending = ledger.pending, []
         settled = ledger.settled
-        ledger.restore(self._model, self._optimizer)
+        self._readout.discard()
+        self._tuner.reset_estimate()
         self._metrics.count("late_nonfinite_rollbacks")
-        for p in settled:
-            self.compute(p.batch, False)
-        self._last_update = None
+        lowered = self._tuner.back_off(pending[0].step if pending else 0, "non-finite value")
+        while True:
+            ledger.restore(self._model, self._optimizer)
+            self._last_update = None
+            try:
+                if lowered:
+                    self._metrics.count("lr_backoff_replays")
+                    self._readout.drop_after((settled + pending)[0].step)
+                    self._replay_read(settled, record=False)  # recorded when first read
+                    out = self._replay_read(pending)
+                else:
+                    for p in settled:
+                        self.compute(p.batch, False)
+                    out = self._replay_read(pending)
+            except _LowerRate:
+                lowered = True
+                continue
+            ledger.verify(self._model, self._optimizer)
+            return out
+
+    def _replay_read(self, steps: list[Pending], record: bool = True) -> list[Recorded]:
         out: list[Recorded] = []
-        for i, p in enumerate(pending):
-            out += self._eager_step(p, len(pending) - 1 - i)
-        ledger.verify(self._model, self._optimizer)
+        for i, p in enumerate(steps):
+            out += self._eager_step(p, len(steps) - 1 - i, replaying=True, record=record)
         return out
 
     def read_lr(self) -> float:
@@ -123,19 +170,41 @@ class RealSteps:
             self._ledger.host_syncs += 1
         return float(self._optimizer.lr)
 
-    def _eager_step(self, p: Pending, later: int) -> list[Recorded]:
+    def _eager_step(self, p: Pending, later: int, replaying: bool = False, record: bool = True) -> list[Recorded]:
         """One real step read before its update: a non-finite loss or gradient never reaches the weights."""
         model = self._model
         loss, grads = call_model(model.loss_and_grad, p.batch, "loss_and_grad")
         grads = list(grads)
         check_loss_and_grads(self._xp, model, loss, None if self._checked else grads)
         self._checked = True
-        values = self._ledger.read_arrays([fused_stats(loss, grads, self._last_update)])
-        if not _finite(values):
-            self._nonfinite(p, values, later)
+        feed = self._tuner.searching(p.step) and not replaying
+        if feed:
+            self._tuner.accumulate(model.parameters(), grads, self._xp)
+        estimate_arrays = self._tuner.pending(self._xp) if feed else []
+        extra, self.extra = (self.extra, []) if record else ([], self.extra)
+        values = self._ledger.read_arrays([fused_stats(loss, grads, self._last_update), *estimate_arrays, *extra])
+        if extra:
+            self.extra_values = values[len(values) - len(extra):]
+            values = values[:len(values) - len(extra)]
+        cut = len(values) - len(estimate_arrays)
+        stats, estimate = values[:cut], values[cut:]
+        if not _finite(stats):
+            self._tuner.reset_estimate()
+            if self._tuner.back_off(p.step, "non-finite value"):
+                self._metrics.count("lr_backoffs_nonfinite")
+                if replaying:
+                    raise _LowerRate
+            if record or self._config.on_nonfinite == "raise":
+                self._nonfinite(p, stats, later)
             return []
         self._last_update = list(self._optimizer.step(grads))
-        out = [self._recorder.record(p, [*values, self.read_lr()])]
+        self._readout.stage(p.step, model)
+        self._readout.commit()
+        if not record:
+            return []
+        out = [self._recorder.record(p, [*stats, self.read_lr()])]
+        if feed:
+            self._tuner.update(p.step, estimate)
         self._directions.observe(self._recorder.steps_recorded, model)
         return out
 
@@ -166,6 +235,10 @@ class RealSteps:
                 raise ValueError("last_update does not match the model's parameters")
             update = list(update)
         self._last_update = update
+
+
+class _LowerRate(Exception):
+    """A replayed step was non-finite and the learning rate was lowered: start the replay again."""
 
 
 def _finite(values: list[float]) -> bool:

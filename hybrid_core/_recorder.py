@@ -10,6 +10,7 @@ step asked for real steps (``diverging``, consumed by the next measured step).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,8 @@ class Recorder:
 
     def __init__(self, config: HybridConfig, state: TrainingState, cadence: Cadence, cycle: PredictionCycle,
                  monitor: DivergenceMonitor, residuals: ResidualStore, corrector: ResidualCorrector,
-                 dynamics: DynamicsModel, metrics: MetricsCollector, param_count: int) -> None:
+                 dynamics: DynamicsModel, metrics: MetricsCollector, param_count: int,
+                 lr_now: Callable[[], float | None] = lambda: None) -> None:
         self._config = config
         self._state = state
         self._cadence = cadence
@@ -51,6 +53,7 @@ class Recorder:
         self._dynamics = dynamics
         self._metrics = metrics
         self._param_count = param_count
+        self._lr_now = lr_now
         # A model may declare that `observe` ignores the features: they are then not encoded.
         self._observes_features = getattr(dynamics, "observes_features", True) is not False
         self.confidence = 0.0
@@ -78,6 +81,7 @@ class Recorder:
         feeding = not self._cadence.idle(p.step)
         features = self.features(p.phase) if feeding and self._observes_features else _NO_FEATURES
         measured = None
+        lr = p.lr if p.lr is not None else self._lr_now()
         if len(values) > 1:
             lr = values[6] if len(values) > 6 else p.lr
             measured = Measured(values[1], values[2], values[3], values[4], self._param_count, float(lr))
@@ -105,7 +109,7 @@ class Recorder:
             self._dynamics.observe(features, Outcome(loss, step_scale))
             self.confidence = float(self._dynamics.confidence())
         self._metrics.record(StepRecord(p.step, p.phase.phase.value, loss, predicted, True, p.seconds,
-                                        self.confidence))
+                                        self.confidence, False, None if lr is None else float(lr)))
         return p.step, loss, predicted
 
     def record_skipped(self, p: Pending, loss: float) -> None:

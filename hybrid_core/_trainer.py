@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import array_api_compat
@@ -13,7 +14,7 @@ import array_api_compat
 from ._backend import library_name, namespace_of
 from ._bandit import LinUCBBandit
 from ._cadence import Cadence
-from ._checks import call_model, check_loss_and_grads, require_protocol
+from ._checks import call_model, check_loss_and_grads, has_method, require_protocol
 from ._codec import DEFAULT_MAX_BYTES
 from ._config import HybridConfig
 from ._corrector import ResidualCorrector, ResidualStore
@@ -21,9 +22,10 @@ from ._cycle import PredictionCycle, corrected
 from ._directions import make_direction
 from ._errors import CheckpointError, ConfigError, ModelError
 from ._features import CONTEXT_NAMES, compact_context
-from ._ledger import Ledger
+from ._ledger import Ledger, copies
 from ._loop import Callback
 from ._loop import fit as run_fit
+from ._lrtune import LRTuner
 from ._metrics import MetricsCollector, StepRecord
 from ._monitor import DivergenceMonitor, Level
 from ._persist import (
@@ -36,6 +38,7 @@ from ._persist import (
 )
 from ._phase import Phase, PhaseMachine, PhaseState, Signals
 from ._protocols import Array, DynamicsModel, Model, Optimizer
+from ._readout import ReadOut
 from ._realsteps import RealSteps
 from ._recorder import Recorder
 from ._result import StepResult
@@ -105,11 +108,16 @@ class HybridTrainer:
         self.cycle = PredictionCycle(config)
         self.cadence = Cadence(config)
         self.ledger = Ledger(self._xp)
+        self.readout = ReadOut(config, model)
+        self._probe: tuple[int, list[str]] | None = None
+        self.lr_tuner = LRTuner(config, optimizer)
+        tuner = self.lr_tuner
         self.recorder = Recorder(config, self.state, self.cadence, self.cycle, self.monitor, self.residuals,
                                  self.corrector, dynamics, self.metrics,
-                                 sum(int(array_api_compat.size(p)) for p in params))
+                                 sum(int(array_api_compat.size(p)) for p in params),
+                                 lambda: tuner.lr if tuner.enabled else None)
         self.real_steps = RealSteps(config, model, optimizer, self.ledger, self.recorder, self.directions,
-                                    self.phases, self.metrics, self._xp)
+                                    self.phases, self.metrics, self._xp, self.readout, self.lr_tuner)
         self.ledger.verify(model, optimizer)
 
     # -- public views --------------------------------------------------------------------------
@@ -150,7 +158,41 @@ class HybridTrainer:
                 "state": self.state, "phase": self.phases, "cycle": self.cycle, "cadence": self.cadence,
                 "recorder": self.recorder, "real_steps": self.real_steps, "bandit": self.bandit,
                 "residuals": self.residuals, "corrector": self.corrector, "directions": self.directions,
-                "metrics": self.metrics, "ledger": self.ledger}
+                "metrics": self.metrics, "ledger": self.ledger, "readout": self.readout, "lr": self.lr_tuner}
+
+    def summary(self) -> dict[str, Any]:
+        """The metrics summary plus what the read-out chose and the learning-rate recommendation."""
+        return {**self.metrics.summary(), "readout": self.readout.summary(), "lr": self.lr_tuner.summary()}
+
+    # -- the read-out --------------------------------------------------------------------------
+
+    @contextmanager
+    def evaluation_parameters(self, kind: str | None = None) -> Iterator[str]:
+        """Swap a read-out of averaged weights into the model for the ``with`` body; yields its name.
+
+        ``kind`` is ``"lawa"``, ``"ema"``, ``"raw"`` or None: the one that did best in the trainer's
+        paired comparisons (``raw`` until a read-out has done better). On exit, also when the body
+        raises, the raw weights are put back bit for bit; training always continues from them.
+        Needs `Model.set_parameters`.
+        """
+        chosen = self.readout.resolve(kind)
+        if chosen == "raw":
+            yield chosen
+            return
+        if not has_method(self.model, "set_parameters"):
+            raise ModelError(f"{type(self.model).__name__} has no set_parameters, so a read-out cannot be swapped in",
+                             "Implement Model.set_parameters(values), or evaluate the raw weights (kind='raw').")
+        raw = copies(self.model.parameters())
+        self.model.set_parameters(self.readout.values(chosen))
+        try:
+            yield chosen
+        finally:
+            self.model.set_parameters(raw)
+
+    def export_parameters(self, kind: str | None = None) -> list[Array]:
+        """Fresh copies of the parameters to deploy: the read-out ``kind`` (see `evaluation_parameters`)."""
+        chosen = self.readout.resolve(kind)
+        return copies(self.model.parameters()) if chosen == "raw" else self.readout.values(chosen)
 
     # -- stepping ------------------------------------------------------------------------------
 
@@ -183,6 +225,12 @@ class HybridTrainer:
 
     def _real_step(self, batch: Any, current: PhaseState, index: int) -> tuple[StepResult, Signals]:
         measure = self.real_steps.eager or self.cadence.measured(current, index)
+        if self.readout.compare_due(index) and has_method(self.model, "set_parameters"):
+            # The read-outs' losses on this batch are read with the next read, paired with this step's loss.
+            probe = self.readout.probe(self.model, batch, self._forward)
+            self.metrics.count("readout_forwards", len(probe))
+            self._probe = (index, list(probe))
+            self.real_steps.extra = [self._xp.reshape(v, (1,)) for v in probe.values()]
         if current.phase is Phase.CORRECT and current.steps_in_phase == 0 and self.cycle.active:
             search = self.cycle.line_search(self.model, batch, self._forward, self.ledger.read_arrays)
             if search is not None:
@@ -199,7 +247,15 @@ class HybridTrainer:
             return (StepResult(index, current.phase, None, None, True, self.recorder.confidence),
                     Signals(self.recorder.confidence, 0, False, False))
         last = settled[-1] if settled and settled[-1][0] == index else None
+        if self._probe is not None and self.real_steps.extra_values:
+            at, kinds = self._probe
+            raw = next((loss for step, loss, _ in settled if step == at), math.nan)
+            self.readout.record(raw, dict(zip(kinds, self.real_steps.extra_values)))
+            self.metrics.count("readout_comparisons")
+            self._probe, self.real_steps.extra_values = None, []
         diverging = self.recorder.take_diverging()
+        if diverging and self.lr_tuner.back_off(index, "the divergence monitor asked for real steps"):
+            self.metrics.count("lr_backoffs_monitor")
         horizon = 0
         if last is not None and current.phase is Phase.FULL and not diverging:
             horizon = self._decide(current, index)
@@ -360,7 +416,8 @@ class HybridTrainer:
                                   f"not {type(self.dynamics).__name__}", f"Pass dynamics={saved_dyn}(...) to load it.")
         self.flush()
         device = array_api_compat.device(self.model.parameters()[0])
-        restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ")
+        restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
+                      optional=("readout", "lr"))
         self.ledger.verify(self.model, self.optimizer)
 
     def __repr__(self) -> str:

@@ -531,8 +531,14 @@ def test_hybrid_adam_allocates_no_parameter_sized_buffer_per_step_beyond_torch_a
     # point (every 4·read_every real steps and once per cycle), one copy of the parameter, of
     # Adam's two moments and of the last Δθ (the profiler counts each clone twice: clone and its
     # empty_strided).
+    # The read-out keeps a bounded pool of snapshot buffers (lawa_snapshots + the EMA + one staged),
+    # filled once, and each paired comparison (every readout_check_every steps) copies the raw weights
+    # and forms each read-out: at most 12 such allocations per comparison.
     phases = summary["events"].get("predict_phases", 0) + summary["events"].get("probes", 0)
+    comparisons = summary["events"].get("readout_forwards", 0)
+    pool = 2 * (trainer.config.lawa_snapshots + 2)
     assert verifies <= real // (4 * trainer.config.read_every) + phases + 1, verifies
-    assert extra <= 8 * verifies + 4 * phases, (f"{extra} extra parameter-sized allocations over {real} real steps: "
+    assert extra <= 8 * verifies + 4 * phases + pool + 6 * comparisons, (
+        f"{extra} extra parameter-sized allocations over {real} real steps: "
                                                 f"hybrid {dict(hybrid_counts)} vs plain {dict(plain_counts)}")
-    assert extra < real // 2
+    assert extra - pool - 6 * comparisons < real // 2

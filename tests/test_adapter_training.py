@@ -6,7 +6,8 @@ import pytest
 from hybrid_core import HybridConfig, HybridTrainer, Phase
 from hybrid_core.apps.data import split_digits
 
-CONFIG = HybridConfig(warmup_steps=50, min_full_steps=25, max_predict_steps=30, horizon_arms=(0, 10, 30),
+CONFIG = HybridConfig(lr_recommend=False,  # at the given rate these runs go through every phase
+                      warmup_steps=50, min_full_steps=25, max_predict_steps=30, horizon_arms=(0, 10, 30),
                       check_interval=5, correct_steps=5, confidence_threshold=0.1)
 
 

@@ -27,7 +27,7 @@ def _data(xp=np, dtype=None, n=32, seed=0):
 def _trainer(lr=0.05, dtype=np.float32):
     model = MLP(SIZES, dtype=dtype, seed=0)
     # Real steps only: these tests are about the callbacks, not about prediction.
-    return HybridTrainer(model, Adam(model, lr=lr), HybridConfig(warmup_steps=10**6))
+    return HybridTrainer(model, Adam(model, lr=lr), HybridConfig(warmup_steps=10**6, lr_recommend=False))
 
 
 def _scripted(values):

@@ -38,6 +38,13 @@ INVALID = {
     "read_every": (0, "[1,"),
     "idle_after": (-1, "[0,"),
     "idle_steps": (0, "[1,"),
+    "readout": (("lawa", "swa"), "distinct names from lawa, ema"),
+    "lawa_snapshots": (0, "[1,"),
+    "readout_spacing": (0, "[1,"),
+    "ema_decay": (1.0, "must be < 1"),
+    "readout_check_every": (-1, "[0,"),
+    "lr_recommend": ("on", "True or False"),
+    "lr_search_steps": (-1, "[0,"),
 }
 
 

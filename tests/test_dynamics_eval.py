@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hybrid_core import FEATURE_DIM, FEATURE_NAMES, ConfigError, HybridTrainer, TrendDynamics
+from hybrid_core import FEATURE_DIM, FEATURE_NAMES, ConfigError, HybridConfig, HybridTrainer, TrendDynamics
 from hybrid_core.apps.bench._tasks import get_task
 from hybrid_core.apps.cli import main
 from hybrid_core.apps.dynamics_eval import record_trajectory, run_dynamics_eval
@@ -37,13 +37,13 @@ class _Spy:
         pass
 
 
-def test_recorded_features_are_what_a_default_trainer_feeds_its_dynamics():
+def test_recorded_features_are_what_a_trainer_at_the_given_rate_feeds_its_dynamics():
     steps = 120
     trajectory = record_trajectory("digits-mlp", steps, seed=2, progress=False)
     assert trajectory.features.shape == (steps, FEATURE_DIM) and trajectory.losses.shape == (steps,)
     setup = get_task("digits-mlp").setup("numpy", 2, get_task("digits-mlp").lr)
     spy = _Spy()
-    trainer = HybridTrainer(setup.model, setup.optimizer, dynamics=spy)
+    trainer = HybridTrainer(setup.model, setup.optimizer, HybridConfig(lr_recommend=False), dynamics=spy)
     for i in range(steps):
         trainer.step(setup.batch(i))
     np.testing.assert_array_equal(trajectory.features, np.stack(spy.features))

@@ -25,7 +25,9 @@ def _count(trainer, batch):
     assert len(records) == CONFIG.warmup_steps + 4 + STEADY  # every step's loss was read in the end
     assert all(np.isfinite(r.loss) for r in records)
     decisions = STEADY // CONFIG.min_full_steps + 1
-    assert reads <= STEADY / CONFIG.read_every + decisions, reads
+    comparisons = trainer.metrics.summary()["events"].get("readout_comparisons", 0)
+    assert comparisons <= STEADY // CONFIG.readout_check_every + 1
+    assert reads <= STEADY / CONFIG.read_every + decisions + comparisons, reads
     assert reads >= STEADY / CONFIG.read_every - 1, reads  # and it does read: nothing is skipped
     return reads
 

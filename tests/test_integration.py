@@ -13,7 +13,7 @@ from hybrid_core.apps.demo import _batches
 from hybrid_core.models import MLP
 from hybrid_core.optim import Adam
 
-SHORT = HybridConfig(warmup_steps=50, min_full_steps=30, max_predict_steps=30, check_interval=10,
+SHORT = HybridConfig(lr_recommend=False, warmup_steps=50, min_full_steps=30, max_predict_steps=30, check_interval=10,
                      correct_steps=10)
 
 

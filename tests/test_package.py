@@ -46,19 +46,23 @@ def test_subpackages_map_into_hybrid_core_only():
     assert subprocess.run([sys.executable, "-c", code], cwd="/", check=False).returncode == 0
 
 
-def test_demo_command_prints_all_phases_and_the_comparison(tmp_path, capsys):
+def test_demo_command_prints_the_runs_the_rate_and_the_comparison(tmp_path, capsys):
     out_json = tmp_path / "demo.json"
     args = ["demo", "--steps", "400", "--quiet", "--json", str(out_json), "--jsonl", str(tmp_path / "s.jsonl")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for word in ("hybrid", "plain, same steps", "plain, same backward passes", "warmup", "predict", "correct",
-                 "val loss", "backward passes skipped"):
+    for word in ("hybrid", "hybrid, raw weights", "plain, same steps", "plain, same backward passes", "warmup",
+                 "predict", "correct", "val loss", "backward passes skipped", "learning rate: x", "evaluated weights"):
         assert word in out
     data = json.loads(out_json.read_text())
-    hybrid = data["rows"][0]
-    assert all(hybrid["steps_per_phase"][p] > 0 for p in ("warmup", "full", "predict", "correct"))
-    assert hybrid["backward_passes"] < hybrid["steps"] == 400
-    assert data["rows"][2]["steps"] == hybrid["backward_passes"]
+    hybrid, raw, plain, same_backward = data["rows"]
+    assert hybrid["steps"] == 400 and hybrid["steps_per_phase"]["warmup"] > 0
+    assert same_backward["steps"] == hybrid["backward_passes"]
+    # The rate the hybrid ended with is the recommendation's, shown in the table and the summary line.
+    assert hybrid["lr"] > plain["lr"] == 3e-3
+    assert hybrid["weights"] in ("raw", "lawa", "ema") and raw["weights"] == "raw"
+    # One run at the given rate beats plain training at that rate on these digits.
+    assert hybrid["val_loss"] < plain["val_loss"]
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 400
 
 

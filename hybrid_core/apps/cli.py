@@ -24,15 +24,27 @@ def _demo(args: argparse.Namespace) -> int:
                              progress=not args.quiet)
     print()
     print(format_table(rows))
-    hybrid, plain = rows[0], rows[1]
+    hybrid, plain = rows[0], rows[2]
     skipped = hybrid.steps - hybrid.backward_passes
-    events = trainer.metrics.summary()["events"]
+    summary = trainer.summary()
+    events = summary["events"]
+    lr = summary["lr"]
     print()
+    if lr["recommend"]:
+        changes = ", ".join(f"step {s}: x{m:.3g} ({why})" for s, m, why in lr["history"])
+        print(f"learning rate: x{lr['multiplier']:.3g} the given {lr['base']:g} = {lr['lr']:.3g} "
+              f"({changes or 'no change'})")
+    else:
+        print(f"learning rate: the given one; recommendation off ({lr['off_because']})")
+    readout = summary["readout"]
+    print(f"evaluated weights: {hybrid.weights} (read-outs kept: {', '.join(readout['kinds']) or 'none'}; "
+          f"mean loss difference to the raw weights on the trainer's checks: "
+          + ", ".join(f"{k} {v:+.4f}" for k, v in readout["mean_diff_vs_raw"].items() if v is not None) + ")")
     print(f"backward passes skipped: {skipped} of {hybrid.steps} ({100 * skipped / hybrid.steps:.1f}%); "
           f"forward checks {events.get('checks', 0)}, failed {events.get('checks_failed', 0)}, "
           f"rollbacks {events.get('rollbacks', 0)}, probes {events.get('probes', 0)}")
     print(f"final validation loss: hybrid {hybrid.val_loss:.4f} vs plain {plain.val_loss:.4f} (same steps) "
-          f"vs {rows[2].val_loss:.4f} (same backward passes)")
+          f"vs {rows[3].val_loss:.4f} (same backward passes)")
     print("Wall-clock here is not a speed claim: speed is only claimed through `hybrid-train bench`, "
           "whose protocol and results are in docs/benchmarks.md.")
     if args.jsonl:
@@ -40,7 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"wrote {n} step records to {args.jsonl}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"rows": [r._asdict() for r in rows], "summary": trainer.metrics.summary()}, f, indent=2)
+            json.dump({"rows": [r._asdict() for r in rows], "summary": trainer.summary()}, f, indent=2)
         print(f"wrote the table to {args.json}")
     return 0
 
@@ -56,6 +68,7 @@ def _bench(args: argparse.Namespace) -> int:
     import shlex
 
     from .bench import format_table, run_benchmark, summarize
+    from .bench._peers import schedulefree_available
     from .bench._report import plot
     from .bench._tasks import get_task
 
@@ -63,12 +76,16 @@ def _bench(args: argparse.Namespace) -> int:
     seeds = list(range(args.seeds or task.seeds))
     command = "hybrid-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else (
         f"hybrid-train bench --task {args.task} --backend {args.backend} --seeds {len(seeds)} "
-        f"--steps {args.steps or task.steps} --dynamics {args.dynamics}")
+        f"--steps {args.steps or task.steps} --dynamics {args.dynamics}" + (" --no-peers" if args.no_peers else ""))
+    peers = "no peers" if args.no_peers else "each also read out through LAWA" + (
+        ", Schedule-Free AdamW (lr x0.5/x1/x2/x4 of 0.0025)"
+        if task.has_schedulefree(args.backend) and schedulefree_available() else "")
     print(f"{task.name}: {task.description}; backend {args.backend}; native baseline, tuned native baseline "
-          f"(lr x0.5/x1/x2/x4) and hybrid, {len(seeds)} seed(s), one process", flush=True)
+          f"(lr x0.5/x1/x2/x4; {peers}) and hybrid, {len(seeds)} seed(s), one process", flush=True)
     # None: the trainer's default, RSSMDynamics seeded with the run's seed.
     dynamics = TrendDynamics if args.dynamics == "trend" else None
-    results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet, dynamics=dynamics)
+    results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet, dynamics=dynamics,
+                            peers=not args.no_peers)
     doc = summarize(results, task.name, args.backend, args.steps or task.steps, command, args.dynamics,
                     task.eval_every)
     print(format_table(doc))
@@ -148,14 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="PATH", help="write the comparison table as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="the honest benchmark: native baseline, tuned baseline and hybrid, "
-                                        "one process; overhead probe and targets")
+    bench = sub.add_parser("bench", help="the honest benchmark: native baseline, tuned baseline (+ LAWA), "
+                                        "Schedule-Free (torch) and hybrid, one process; overhead probe and targets")
     bench.add_argument("--task", default="digits-mlp")
     bench.add_argument("--backend", default="numpy")
     bench.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (task default)")
     bench.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (task default)")
     bench.add_argument("--dynamics", choices=["rssm", "trend"], default="rssm",
                        help="the hybrid run's dynamics model (default: rssm, the trainer's default)")
+    bench.add_argument("--no-peers", action="store_true",
+                       help="quick run: no Schedule-Free sweep and no LAWA curves (default: both)")
     bench.add_argument("--out", metavar="JSON")
     bench.add_argument("--plot", metavar="PNG")
     bench.add_argument("--quiet", action="store_true")

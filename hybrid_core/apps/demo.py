@@ -40,6 +40,10 @@ class DemoRow(NamedTuple):
     wall_seconds: float
     val_loss: float
     val_accuracy: float
+    lr: float = math.nan
+    """The learning rate the run ended with (the hybrid's recommendation may have raised it)."""
+    weights: str = "raw"
+    """Which weights were evaluated: ``raw``, or the hybrid's read-out (``lawa``, ``ema``)."""
 
 
 def load_backend(name: str) -> ModuleType:
@@ -91,8 +95,12 @@ def run_demo(
     trainer = HybridTrainer(model, opt, config)
     start = time.perf_counter()
     summary = trainer.fit(_batches(xp, x_tr, y_tr, n, batch_size, seed), steps, progress=progress)
-    rows = [_row("hybrid", model, val, summary["steps"], summary["backward_passes"],
-                 summary["steps_per_phase"], time.perf_counter() - start)]
+    seconds = time.perf_counter() - start
+    with trainer.evaluation_parameters() as weights:
+        rows = [_row("hybrid", model, val, summary["steps"], summary["backward_passes"],
+                     summary["steps_per_phase"], seconds, float(opt.lr), weights)]
+    rows.append(_row("hybrid, raw weights", model, val, summary["steps"], summary["backward_passes"],
+                     summary["steps_per_phase"], seconds, float(opt.lr)))
     for label, count in (("plain, same steps", steps), ("plain, same backward passes", summary["backward_passes"])):
         rows.append(_plain(label, fresh(), _batches(xp, x_tr, y_tr, n, batch_size, seed), count, val, progress))
     return rows, trainer
@@ -111,22 +119,23 @@ def _plain(label: str, pair: tuple[MLP, Adam], batches: Iterator[Any], count: in
     if show is not None:
         show.close()
     phases = {p.value: 0 for p in Phase} | {Phase.FULL.value: count}
-    return _row(label, model, val, count, count, phases, time.perf_counter() - start)
+    return _row(label, model, val, count, count, phases, time.perf_counter() - start, float(opt.lr))
 
 
 def _row(label: str, model: MLP, val: Any, steps: int, backward: int, phases: dict[str, int],
-         seconds: float) -> DemoRow:
+         seconds: float, lr: float, weights: str = "raw") -> DemoRow:
     loss = float(to_numpy(model.loss(val)))
     acc = float(to_numpy(model.accuracy(val)))
-    return DemoRow(label, steps, backward, dict(phases), seconds, loss, acc)
+    return DemoRow(label, steps, backward, dict(phases), seconds, loss, acc, lr, weights)
 
 
 def format_table(rows: list[DemoRow]) -> str:
     """A plain-text table of the demo runs."""
-    head = ("run", "steps", "backward", "warmup", "full", "predict", "correct", "wall s", "val loss", "val acc")
+    head = ("run", "steps", "backward", "warmup", "full", "predict", "correct", "lr", "weights", "wall s",
+            "val loss", "val acc")
     body = [
         (r.run, str(r.steps), str(r.backward_passes),
-         *(str(r.steps_per_phase.get(p.value, 0)) for p in Phase),
+         *(str(r.steps_per_phase.get(p.value, 0)) for p in Phase), f"{r.lr:.3g}", r.weights,
          f"{r.wall_seconds:.2f}", f"{r.val_loss:.4f}" if math.isfinite(r.val_loss) else "nan",
          f"{100 * r.val_accuracy:.1f}%")
         for r in rows

@@ -119,7 +119,7 @@ def record_trajectory(task: str, steps: int, seed: int = 0, *, progress: bool = 
     setup = spec.setup(backend, seed, spec.lr)
     recorder = _Recorder()
     # Confidence 0 never earns a PREDICT; an unreachable FULL bound rules out probes.
-    config = HybridConfig(max_full_steps=10**9, seed=seed)
+    config = HybridConfig(max_full_steps=10**9, seed=seed, lr_recommend=False)  # the forecasters see the given rate
     trainer = HybridTrainer(setup.model, setup.optimizer, config, recorder)
     show = Progress(steps, f"record {task}/{backend}") if progress else None
     start = time.perf_counter()

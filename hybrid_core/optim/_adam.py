@@ -36,6 +36,8 @@ class _AdamFamily:
     """
 
     _decoupled: ClassVar[bool]
+    adaptive: ClassVar[bool] = True
+    """Adam-like: the update is normalised per coordinate (the learning-rate recommendation applies)."""
 
     lr = common.LR
     step_count = common.STEP_COUNT

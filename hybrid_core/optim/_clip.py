@@ -50,6 +50,11 @@ class ClipGradNorm:
         return self._last_norm
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the wrapped optimizer is Adam-like."""
+        return getattr(self._inner, "adaptive", False) is True
+
+    @property
     def lr(self) -> float:
         """The wrapped optimizer's learning rate."""
         return self._inner.lr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 from .._errors import CheckpointError, ConfigError
 from .._protocols import Model
@@ -34,6 +34,9 @@ class SGD:
     `extrapolate` predicts the next update as if the next gradient equalled the last one.
     Gradients are kept by reference for that, so do not write into them after `step`.
     """
+
+    adaptive: ClassVar[bool] = False
+    """Not Adam-like: the learning-rate recommendation does not apply."""
 
     lr = common.LR
     step_count = common.STEP_COUNT

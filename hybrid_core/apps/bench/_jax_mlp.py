@@ -112,8 +112,10 @@ def _native_step(lr: float) -> tuple[Any, Any, Any]:
     return tx, train_step, jax.jit(_loss)
 
 
-def build_jax_native(seed: int, lr: float, split: Any) -> tuple[Any, Any, Any, Any, str]:
-    """(step(batch), batch(step), validate(), sync(), loop) of the native JAX loop, compiled before any timed step."""
+def build_jax_native(seed: int, lr: float, split: Any) -> tuple[Any, Any, Any, Any, str, Any, Any]:
+    """(step(batch), batch(step), validate(), sync(), loop, parameters(), validate_at(params)) of the native JAX
+    loop, compiled before any timed step. ``parameters`` returns the current (immutable) parameter list;
+    ``validate_at`` is the jitted validation loss at any parameter list of the same shapes."""
     import jax
 
     batch, val = _data(seed, split)
@@ -132,9 +134,13 @@ def build_jax_native(seed: int, lr: float, split: Any) -> tuple[Any, Any, Any, A
     def sync() -> None:
         jax.block_until_ready(state["params"])
 
+    def validate_at(params: Any) -> float:
+        return float(jax.device_get(loss(list(params), val)))
+
     return (step, batch, validate, sync,
             "jax: one jax.jit-ed train_step(params, opt_state, batch) fusing jax.value_and_grad, "
-            "optax.adam(lr).update and optax.apply_updates, over the parameter list [W0, b0, W1, b1]")
+            "optax.adam(lr).update and optax.apply_updates, over the parameter list [W0, b0, W1, b1]",
+            lambda: state["params"], validate_at)
 
 
 def build_jax_mlp(seed: int, lr: float, split: Any) -> tuple[Any, Any, Any, Any, Any]:

@@ -1,8 +1,8 @@
-"""Runs the native baseline, the tuned baseline and the hybrid trainer in one process, and the overhead probe."""
+"""Runs, in one process, the native baseline and its learning-rate sweep (each also read out through LAWA),
+the Schedule-Free sweep on torch tasks, and the hybrid trainer; then the overhead probe and the traced runs."""
 
 from __future__ import annotations
 
-import itertools
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -11,57 +11,39 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_core import DynamicsModel, HybridConfig, HybridTrainer, Phase
+from hybrid_core import HybridConfig, HybridTrainer, Phase
 from hybrid_core._progress import Progress
 
+from ._peers import LAWA_EVERY, LR_FACTORS, SCHEDULEFREE_LR, Lawa, schedulefree_available
+from ._probe import PROBE_KINDS, DynamicsFactory, active_config, overhead_probe, probe_overhead_pct, warm_process
 from ._tasks import BenchTask, NativeRun, TaskSetup
 
-__all__ = ["LR_FACTORS", "DynamicsFactory", "RunResult", "active_config", "overhead_probe", "run_benchmark",
-           "warm_process"]
-
-DynamicsFactory = Callable[[], DynamicsModel]
-"""Makes a fresh dynamics model for one hybrid run."""
+# The overhead probe lives in `_probe` (its constants too, e.g. `_probe.OVERHEAD_BLOCKS`); re-exported here.
+__all__ = ["LR_FACTORS", "PROBE_KINDS", "DynamicsFactory", "RunResult", "active_config",
+           "median_step", "overhead_probe", "probe_overhead_pct", "run_benchmark", "run_plan", "warm_process"]
 
 MEMORY_STEPS = 150
 """Length of the separate, untimed, traced runs that measure peak memory."""
 
-OVERHEAD_BLOCKS = 24
-"""Timed blocks per kind in the interleaved overhead probe (each block runs every kind once)."""
-
-OVERHEAD_BLOCK_STEPS = 8
-"""Steps per block of the overhead probe: the default ``read_every``, so every block holds one read."""
-
-PROBE_KINDS = ("native", "idle", "active")
-"""The overhead probe's kinds: the native loop, an idle trainer, and a trainer that never predicts nor idles."""
-
-LR_FACTORS = (0.5, 1.0, 2.0, 4.0)
-"""Learning-rate multipliers the tuned baseline sweeps."""
-
-
-def active_config(config: HybridConfig) -> HybridConfig:
-    """``config`` for a trainer that never predicts and never idles: every step after warm-up is a FULL step
-    with all the bookkeeping (statistics every ``read_every`` steps, features, the dynamics model fed).
-
-    Only arm 0 (keep training) is offered; ``confidence_threshold=1`` would not do, since a dynamics
-    model's confidence can be exactly 1.
-    """
-    return config.replace(horizon_arms=(0,), max_full_steps=10**9, idle_after=0)
-
 
 @dataclass
 class RunResult:
-    """One training run: its validation curve and per-step costs."""
+    """One training run: its validation curve(s) and per-step costs."""
 
     seed: int
     kind: str
-    """``baseline``, ``tuned`` (one lr of the sweep) or ``hybrid``."""
+    """``baseline``, ``tuned`` (one other lr of the sweep), ``schedulefree`` (one lr of its sweep) or ``hybrid``."""
     lr: float
     curve: list[list[float]] = field(default_factory=list)
-    """Rows ``[wall seconds, backward passes, step, validation loss]``; wall excludes evaluation."""
+    """Rows ``[wall seconds, backward passes, step, validation loss]``; wall excludes evaluation. The hybrid's
+    is on its read-out weights (inside ``trainer.evaluation_parameters()``), Schedule-Free's in eval mode."""
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Second curves, same rows and evaluations: ``lawa`` (baseline and tuned: on the mean of the LAWA
+    snapshots), ``raw`` (hybrid: on its raw weights)."""
     step_seconds: dict[str, list[float]] = field(default_factory=dict)
     """Wall seconds of each step by kind: ``plain`` (native loop), or the hybrid phase, ``predict_checked`` apart."""
     loop: str = ""
-    """What ran, in words: the native loop (baseline, tuned) or what the hybrid trainer drives."""
+    """What ran, in words: the native loop (baseline, tuned, schedulefree) or what the hybrid trainer drives."""
     peak_bytes: int = 0
     """Peak traced allocation (Python and NumPy memory; not PyTorch/JAX memory), from a separate
     untimed run of the same seed: tracing slows Python allocations, so timed runs never trace."""
@@ -73,6 +55,9 @@ class RunResult:
     probe_checks: dict[str, Any] = field(default_factory=dict)
     """Hybrid only: what the probe's trainers were doing at its end (phase, idle, steps predicted)."""
     events: dict[str, Any] = field(default_factory=dict)
+    side_seconds: float = 0.0
+    """Native runs with LAWA: wall seconds of the snapshots, timed apart from the steps; they count toward the
+    ``lawa`` curve's wall-clock, not the main curve's (the raw-weights user takes none)."""
     process_warmup: dict[str, float] = field(default_factory=dict)
     """The process's untimed warm-up (`warm_process`), the same for every run of one invocation."""
 
@@ -80,6 +65,10 @@ class RunResult:
     def final_val(self) -> float:
         """Validation loss at the end of the run."""
         return self.curve[-1][3]
+
+    def final(self, curve: str | None = None) -> float:
+        """Final validation loss of the main curve (None) or of the second curve called ``curve``."""
+        return (self.curve if curve is None else self.curves[curve])[-1][3]
 
 
 RUN_BLOCK_STEPS = 10
@@ -91,18 +80,30 @@ StepFn = Callable[[int, Any], tuple[str, bool]]
 
 class _Run:
     """One timed run, advanced a block of steps at a time; validation (untimed) at step 0, every
-    ``eval_every`` steps and at the end. ``finish`` runs, timed, right after the last step; ``on_end``
-    (untimed) once the run is complete."""
+    ``eval_every`` steps and at the end, of the main curve and of each ``extra`` curve. ``finish``
+    runs, timed, right after the last step; ``on_end`` (untimed) once the run is complete. ``side(i)``
+    runs after step ``i``, timed apart: work only the ``extra`` curves need (LAWA snapshots), whose
+    seconds count toward their wall-clock and not the main curve's."""
 
     def __init__(self, result: RunResult, batch: Callable[[int], Any], step: StepFn, validate: Callable[[], float],
                  sync: Callable[[], None] | None, steps: int, eval_every: int,
-                 finish: Callable[[], None] | None = None, on_end: Callable[[], None] | None = None) -> None:
+                 finish: Callable[[], None] | None = None, on_end: Callable[[], None] | None = None,
+                 extra: dict[str, Callable[[], float]] | None = None,
+                 side: Callable[[int], None] | None = None) -> None:
         self.result, self._batch, self._step, self._validate, self._sync = result, batch, step, validate, sync
         self._steps, self._eval_every, self._finish, self._on_end = steps, eval_every, finish, on_end
+        self._extra, self._side = extra or {}, side
         self._i = 0
         self._wall = 0.0
         self._backward = 0
-        result.curve.append([0.0, 0, 0, validate()])
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        result = self.result
+        result.curve.append([self._wall, self._backward, self._i, self._validate()])
+        for name, validate in self._extra.items():
+            row = [self._wall + result.side_seconds, self._backward, self._i, validate()]
+            result.curves.setdefault(name, []).append(row)
 
     def advance(self, n: int, show: Progress | None = None, done: list[int] | None = None) -> None:
         """Take the next ``n`` steps (fewer if the run ends first)."""
@@ -120,9 +121,13 @@ class _Run:
             self._wall += seconds
             self._backward += int(did_backward)
             times.setdefault(key, []).append(seconds)
+            if self._side is not None:
+                start = time.perf_counter()
+                self._side(i)
+                result.side_seconds += time.perf_counter() - start
             self._i = i + 1
             if self._i % self._eval_every == 0 or self._i == self._steps:
-                result.curve.append([self._wall, self._backward, self._i, self._validate()])
+                self._evaluate()
             if done is not None:
                 done[0] += 1
                 if show is not None:
@@ -132,16 +137,37 @@ class _Run:
             self._on_end = None
 
 
-def _native(run: NativeRun, kind: str, seed: int, lr: float, steps: int, eval_every: int) -> _Run:
+def _native(run: NativeRun, kind: str, seed: int, lr: float, steps: int, eval_every: int,
+            lawa: bool = False) -> _Run:
+    """A native run; with ``lawa`` (and a run that exposes its parameters) it takes a LAWA snapshot after the
+    optimizer step of every `LAWA_EVERY`-th step (timed, charged to the ``lawa`` curve only) and validates on
+    the snapshots' mean too."""
     def step(i: int, b: Any) -> tuple[str, bool]:
         run.step(b)
         return "plain", True
 
-    return _Run(RunResult(seed, kind, lr, loop=run.loop), run.batch, step, run.validate, run.sync, steps, eval_every)
+    result = RunResult(seed, kind, lr, loop=run.loop)
+    get, validate_at = run.parameters, run.validate_at
+    if not lawa or get is None or validate_at is None:
+        return _Run(result, run.batch, step, run.validate, run.sync, steps, eval_every)
+    keeper = Lawa()
+
+    def snapshot(i: int) -> None:
+        if (i + 1) % LAWA_EVERY == 0:
+            keeper.snapshot(get())
+
+    def validate_lawa() -> float:
+        mean = keeper.average()
+        return run.validate() if mean is None else validate_at(mean)
+
+    return _Run(result, run.batch, step, run.validate, run.sync, steps, eval_every, extra={"lawa": validate_lawa},
+                side=snapshot)
 
 
 def _hybrid(setup: TaskSetup, seed: int, lr: float, steps: int, eval_every: int, config: HybridConfig,
             dynamics: DynamicsFactory | None = None) -> _Run:
+    """The hybrid run: validated on the trainer's read-out weights (``trainer.evaluation_parameters()``), the
+    main curve, and on its raw weights (``curves["raw"]``)."""
     result = RunResult(seed, "hybrid", lr, loop=setup.loop)
     trainer = HybridTrainer(setup.model, setup.optimizer, config, None if dynamics is None else dynamics())
     span_start: list[int | None] = [None]
@@ -156,15 +182,25 @@ def _hybrid(setup: TaskSetup, seed: int, lr: float, steps: int, eval_every: int,
             span_start[0] = None
         return key, r.backward
 
+    def validate() -> float:
+        with trainer.evaluation_parameters():
+            return setup.validate()
+
     def on_end() -> None:
         if span_start[0] is not None:
             result.predict_spans.append([span_start[0], steps - 1])
         summary = trainer.metrics.summary()
+        # The learning-rate recommendation and the read-out's choice, where the trainer reports them.
+        full = {**summary, **(trainer.summary() if callable(getattr(trainer, "summary", None)) else {})}
+        lr_state, readout = full.get("lr"), full.get("readout")
         result.events = {"events": summary["events"], "bandit": summary["bandit"],
-                         "steps_per_phase": summary["steps_per_phase"], "host_syncs": trainer.host_syncs}
+                         "steps_per_phase": summary["steps_per_phase"], "host_syncs": trainer.host_syncs,
+                         "lr_multiplier": lr_state.get("multiplier") if isinstance(lr_state, dict) else None,
+                         "readout": readout if isinstance(readout, dict) else None}
 
     # The last step also reads what is still pending (`fit` does the same), inside the timer.
-    return _Run(result, setup.batch, step, setup.validate, setup.sync, steps, eval_every, trainer.flush, on_end)
+    return _Run(result, setup.batch, step, validate, setup.sync, steps, eval_every, trainer.flush, on_end,
+                extra={"raw": setup.validate})
 
 
 def _traced(run: _Run, steps: int) -> int:
@@ -177,104 +213,16 @@ def _traced(run: _Run, steps: int) -> int:
         tracemalloc.stop()
 
 
-def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfig,
-                   dynamics: DynamicsFactory | None = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Seconds per step of the native loop, an idle trainer and an active trainer, timed in rotating blocks.
-
-    Three fresh runs of the same seed, on the same batches:
-
-    - ``native``: the baseline's loop (`NativeRun`);
-    - ``idle``: a trainer with ``config``; after the warm-up its cadence is put into an idle spell
-      that never ends, so every timed step is an idle FULL step (what a user pays once the
-      trainer has learned not to predict);
-    - ``active``: a trainer with `active_config` (only arm 0, no FULL-phase bound, never idle), so
-      every timed step is a FULL step with all the bookkeeping.
-
-    All three first take ``warmup_steps + 1`` untimed steps (out of WARMUP; caches warm; JIT
-    compiled). Then `OVERHEAD_BLOCKS` blocks of `OVERHEAD_BLOCK_STEPS` steps each, every kind
-    once per block, in an order that rotates through the six permutations, so all three run under
-    the same machine load. Returns (seconds per step of each block by kind, what the trainers
-    were doing at the end).
-    """
-    native = task.native_setup(backend, seed, task.lr)
-    trainers = {}
-    syncs: dict[str, Callable[[], None] | None] = {"native": native.sync}
-    for kind, cfg in (("idle", config), ("active", active_config(config))):
-        setup = task.setup(backend, seed, task.lr)
-        trainers[kind] = HybridTrainer(setup.model, setup.optimizer, cfg, None if dynamics is None else dynamics())
-        syncs[kind] = setup.sync
-
-    def stepper(kind: str) -> Callable[[Any], None]:
-        sync = syncs[kind]
-        if kind == "native":
-            def run(b: Any) -> None:
-                native.step(b)
-                if sync is not None:
-                    sync()
-        else:
-            trainer = trainers[kind]
-
-            def run(b: Any) -> None:
-                trainer.step(b)
-                if sync is not None:
-                    sync()
-        return run
-
-    steppers = {kind: stepper(kind) for kind in PROBE_KINDS}
-    warm = config.warmup_steps + 1
-    for i in range(warm):  # untimed: leave WARMUP, warm caches and compile
-        b = native.batch(i)
-        for kind in PROBE_KINDS:
-            steppers[kind](b)
-    idle = trainers["idle"]
-    idle.cadence.start_idle(idle.steps_done, 10**9)
-    orders = list(itertools.permutations(PROBE_KINDS))
-    out: dict[str, list[float]] = {kind: [] for kind in PROBE_KINDS}
-    i = warm
-    for block in range(OVERHEAD_BLOCKS):
-        batches = [native.batch(i + j) for j in range(OVERHEAD_BLOCK_STEPS)]
-        for kind in orders[block % len(orders)]:
-            run = steppers[kind]
-            start = time.perf_counter()
-            for b in batches:
-                run(b)
-            out[kind].append((time.perf_counter() - start) / OVERHEAD_BLOCK_STEPS)
-        i += OVERHEAD_BLOCK_STEPS
-    checks = {}
-    for kind, trainer in trainers.items():
-        trainer.flush()
-        steps = trainer.metrics.summary()["steps_per_phase"]
-        checks[kind] = {"phase": trainer.phase.value, "idle": trainer.idle,
-                        "predicted_steps": int(steps.get(Phase.PREDICT.value, 0)),
-                        "steps": trainer.steps_done, "host_syncs": trainer.host_syncs}
-    return out, checks
-
-
-def warm_process(task: BenchTask, backend: str, config: HybridConfig,
-                 dynamics: DynamicsFactory | None = None) -> dict[str, float]:
-    """Untimed, once per process before any timed run: ``2 * read_every`` native steps and as many steps of a
-    throw-away hybrid trainer (two reads), so one-time costs of the process (first autograd call, kernel
-    selection at the first measured step, lazy imports) are not charged to whichever run comes first.
-
-    Returns the wall seconds each took (JSON ``process_warmup_s``), so those one-time costs stay visible.
-    """
-    steps = 2 * config.read_every
-    native = task.native_setup(backend, 0, task.lr)
-    start = time.perf_counter()
-    for i in range(steps):
-        native.step(native.batch(i))
-        if native.sync is not None:
-            native.sync()
-    native_s = time.perf_counter() - start
-    setup = task.setup(backend, 0, task.lr)
-    trainer = HybridTrainer(setup.model, setup.optimizer, config, None if dynamics is None else dynamics())
-    start = time.perf_counter()
-    for i in range(steps):
-        trainer.step(setup.batch(i))
-        if setup.sync is not None:
-            setup.sync()
-    trainer.flush()
-    return {"steps": steps, "native": native_s, "hybrid": time.perf_counter() - start}
+def run_plan(task: BenchTask, backend: str, lr_factors: Sequence[float] = LR_FACTORS,
+             peers: bool = True) -> list[tuple[str, float]]:
+    """(kind, learning rate) of every timed run of one seed, in build order: the baseline, the other rates of
+    the sweep, with ``peers`` the Schedule-Free sweep (torch tasks, ``schedulefree`` installed), the hybrid."""
+    plan: list[tuple[str, float]] = [("baseline", task.lr)]
+    plan += [("tuned", task.lr * f) for f in lr_factors if f != 1.0]
+    if peers and task.has_schedulefree(backend) and schedulefree_available():
+        plan += [("schedulefree", SCHEDULEFREE_LR * f) for f in lr_factors]
+    plan.append(("hybrid", task.lr))
+    return plan
 
 
 def run_benchmark(
@@ -287,10 +235,13 @@ def run_benchmark(
     lr_factors: Sequence[float] = LR_FACTORS,
     log: Callable[[str], None] | None = None,
     dynamics: DynamicsFactory | None = None,
+    peers: bool = True,
 ) -> list[RunResult]:
-    """All runs of ``task`` on ``backend``: per seed the native baseline, each tuned lr, and the hybrid.
+    """All runs of ``task`` on ``backend`` (`run_plan`): per seed the native baseline and each other lr of
+    its sweep, the Schedule-Free sweep where there is one, and the hybrid.
 
-    ``dynamics`` makes the hybrid trainer's dynamics model (default: the trainer's own).
+    ``dynamics`` makes the hybrid trainer's dynamics model (default: the trainer's own). ``peers=False``
+    leaves out the Schedule-Free runs and the LAWA curves (quick runs).
 
     The runs of one seed are timed together: each takes `RUN_BLOCK_STEPS` steps in turn, in an
     order reversed every block, so slow drifts of a shared machine hit every kind of run alike
@@ -298,18 +249,13 @@ def run_benchmark(
     """
     steps = task.steps if steps is None else steps
     config = task.config if config is None else config
-    factors = [f for f in lr_factors if f != 1.0]
-    per_seed = 2 + len(factors)
-    show = Progress(steps * per_seed * len(seeds), f"bench {task.name}/{backend}") if progress else None
+    base_plan = run_plan(task, backend, lr_factors, peers)
+    show = Progress(steps * len(base_plan) * len(seeds), f"bench {task.name}/{backend}") if progress else None
     done = [0]
     results: list[RunResult] = []
-    warmup = warm_process(task, backend, config, dynamics)
+    warmup = warm_process(task, backend, config, dynamics, any(k == "schedulefree" for k, _ in base_plan))
     for n, seed in enumerate(seeds):
-        plan: list[tuple[str, float]] = [("baseline", task.lr)]
-        plan += [("tuned", task.lr * f) for f in factors]
-        plan.append(("hybrid", task.lr))
-        if n % 2:
-            plan.reverse()
+        plan = base_plan[::-1] if n % 2 else base_plan
         runs = []
         for kind, lr in plan:  # every run is built (and JIT-compiled) before any of them is timed
             if log is not None:
@@ -317,8 +263,12 @@ def run_benchmark(
             if kind == "hybrid":
                 runs.append(_hybrid(task.setup(backend, seed, lr), seed, lr, steps, task.eval_every, config,
                                     dynamics))
+            elif kind == "schedulefree":
+                runs.append(_native(task.schedulefree_setup(backend, seed, lr), kind, seed, lr, steps,
+                                    task.eval_every))
             else:
-                runs.append(_native(task.native_setup(backend, seed, lr), kind, seed, lr, steps, task.eval_every))
+                runs.append(_native(task.native_setup(backend, seed, lr), kind, seed, lr, steps, task.eval_every,
+                                    lawa=peers))
         # The runs advance together, RUN_BLOCK_STEPS steps each in turn, the order reversed every block,
         # so a change in machine load hits every run of the seed alike.
         for block in range(-(-steps // RUN_BLOCK_STEPS)):
@@ -345,9 +295,3 @@ def median_step(result: RunResult, *keys: str) -> float:
     """Median wall seconds of the steps of the given kinds (NaN when there were none)."""
     values = [v for key in keys for v in result.step_seconds.get(key, [])]
     return float(np.median(values)) if values else float("nan")
-
-
-def probe_overhead_pct(probe: dict[str, list[float]], kind: str) -> float:
-    """100 × (median over blocks of ``kind``'s seconds per step / the native loop's in the same block − 1)."""
-    ratios = [k / n for k, n in zip(probe.get(kind, []), probe.get("native", []), strict=True) if n > 0]
-    return 100.0 * (float(np.median(ratios)) - 1.0) if ratios else float("nan")

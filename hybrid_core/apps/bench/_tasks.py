@@ -5,7 +5,8 @@ Every task builds two kinds of run from the same seed:
 - `TaskSetup` (``BenchTask.setup``): a `Model` and `Optimizer` for `HybridTrainer`;
 - `NativeRun` (``BenchTask.native_setup``): the training loop a user of that framework writes,
   with no code of this library in it where the framework has a loop of its own (torch, JAX);
-  the baseline and the tuned baseline run it.
+  the baseline and the tuned baseline run it; on the torch tasks ``BenchTask.schedulefree_setup``
+  builds the same loop with ``schedulefree.AdamWScheduleFree`` (the Schedule-Free peer).
 
 Both start from the same initial weights and see the same batches.
 """
@@ -23,6 +24,9 @@ from hybrid_core import BackendError, ConfigError, HybridConfig, Model, Optimize
 from hybrid_core._backend import from_numpy, namespace_for, to_numpy
 
 from ..data import sequential_digits, split_digits
+from ._native import NativeRun
+from ._native import reference_native as _reference_native
+from ._native import torch_native as _torch_native  # under this name for the other tasks' modules too
 
 __all__ = ["TASKS", "BenchTask", "NativeRun", "TaskSetup", "get_task"]
 
@@ -38,18 +42,6 @@ class TaskSetup(NamedTuple):
     """Called at the end of every timed step to wait for asynchronous work (JAX); None: nothing to wait for."""
     loop: str = ""
     """What the hybrid run's trainer drives, in words (stored in the JSON)."""
-
-
-class NativeRun(NamedTuple):
-    """The framework's own training loop for one run: a step on a batch, its batches and a validation loss."""
-
-    step: Callable[[Any], None]
-    """One training step on a batch, as the framework's users write it (nothing read to the host)."""
-    batch: Callable[[int], Any]
-    validate: Callable[[], float]
-    sync: Callable[[], None] | None
-    loop: str
-    """The loop in words, e.g. ``"torch: zero_grad(); loss.backward(); opt.step() …"`` (stored in the JSON)."""
 
 
 Builder = Callable[[str, int, float], Any]
@@ -71,6 +63,14 @@ class BenchTask:
     """(backend, seed, lr) → the hybrid run's model and optimizer."""
     native: Callable[[str, int, float], NativeRun]
     """(backend, seed, lr) → the native loop of the baseline and tuned runs, same initial weights."""
+    schedulefree: Callable[[str, int, float], NativeRun] | None = None
+    """(backend, seed, lr) → the native loop with ``schedulefree.AdamWScheduleFree`` at ``lr``, same initial
+    weights; on `schedulefree_backends` only."""
+    schedulefree_backends: tuple[str, ...] = ()
+
+    def has_schedulefree(self, backend: str) -> bool:
+        """Whether this task has a Schedule-Free peer on ``backend`` (the package may still be missing)."""
+        return self.schedulefree is not None and backend in self.schedulefree_backends
 
     def setup(self, backend: str, seed: int, lr: float) -> TaskSetup:
         """Build one hybrid run; `BackendError` if the backend is not one of this task's or not installed."""
@@ -79,6 +79,12 @@ class BenchTask:
     def native_setup(self, backend: str, seed: int, lr: float) -> NativeRun:
         """Build one native (baseline) run; errors as `setup`."""
         return self._call(self.native, backend, seed, lr)
+
+    def schedulefree_setup(self, backend: str, seed: int, lr: float) -> NativeRun:
+        """Build one Schedule-Free run; `ConfigError` where `has_schedulefree` is False, errors as `setup`."""
+        if self.schedulefree is None or not self.has_schedulefree(backend):
+            raise ConfigError(f"task {self.name!r} has no Schedule-Free peer on {backend!r}")
+        return self._call(self.schedulefree, backend, seed, lr)
 
     def _call(self, builder: Builder, backend: str, seed: int, lr: float) -> Any:
         if backend not in self.backends:
@@ -96,38 +102,6 @@ def _one_torch_thread() -> None:
     # One intra-op thread: on a small shared machine more threads make timings swing by an
     # order of magnitude whenever another process runs; every run gets the same.
     torch.set_num_threads(1)
-
-
-def _reference_native(model: Any, optimizer: Any, batch: Callable[[int], Any], validate: Callable[[], float],
-                      loop: str) -> NativeRun:
-    """The native loop of an array-API model: the reference model and optimizer called directly."""
-
-    def step(b: Any) -> None:
-        _, grads = model.loss_and_grad(b)
-        optimizer.step(grads)
-
-    return NativeRun(step, batch, validate, None, loop)
-
-
-def _torch_native(module: Any, loss_fn: Callable[[Any, Any], Any], lr: float, batch: Callable[[int], Any],
-                  val: Any, what: str) -> NativeRun:
-    """``opt.zero_grad(); loss_fn(module, batch).backward(); opt.step()`` with ``torch.optim.Adam``."""
-    import torch
-
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
-
-    def step(b: Any) -> None:
-        opt.zero_grad()
-        loss_fn(module, b).backward()
-        opt.step()
-
-    def validate() -> float:
-        with torch.no_grad():
-            return float(loss_fn(module, val))
-
-    return NativeRun(step, batch, validate, None,
-                     f"torch: opt.zero_grad(); loss_fn(module, batch).backward(); opt.step() on the {what} "
-                     "with torch.optim.Adam")
 
 
 # -- digits-mlp ------------------------------------------------------------------------------------
@@ -208,11 +182,13 @@ def _digits_mlp(backend: str, seed: int, lr: float) -> TaskSetup:
                      f"HybridTrainer over hybrid_core.models.MLP + hybrid_core.optim.Adam on {backend} arrays")
 
 
+_DIGITS_MODULE = "nn.Sequential(Linear(64, 64), Tanh(), Linear(64, 10))"
+
+
 def _digits_mlp_native(backend: str, seed: int, lr: float) -> NativeRun:
     if backend == "torch":
         batch, val = _digits_torch_data(seed)
-        return _torch_native(torch_digits_module(seed), _cross_entropy, lr, batch, val,
-                             "nn.Sequential(Linear(64, 64), Tanh(), Linear(64, 10))")
+        return _torch_native(torch_digits_module(seed), _cross_entropy, lr, batch, val, _DIGITS_MODULE)
     from hybrid_core.models import MLP
     from hybrid_core.optim import Adam
 
@@ -222,6 +198,11 @@ def _digits_mlp_native(backend: str, seed: int, lr: float) -> NativeRun:
     return _reference_native(model, Adam(model, lr=lr), batch, lambda: float(to_numpy(model.loss(val))),
                              f"{backend}: model.loss_and_grad(batch); optimizer.step(grads) with "
                              "hybrid_core.models.MLP and hybrid_core.optim.Adam called directly")
+
+
+def _digits_mlp_schedulefree(backend: str, seed: int, lr: float) -> NativeRun:
+    batch, val = _digits_torch_data(seed)
+    return _torch_native(torch_digits_module(seed), _cross_entropy, lr, batch, val, _DIGITS_MODULE, True)
 
 
 # -- jax-mlp ---------------------------------------------------------------------------------------
@@ -309,6 +290,13 @@ def _lm_stdlib_native(backend: str, seed: int, lr: float) -> NativeRun:
     return _torch_native(module, loss_fn, lr, batch, val, "TinyTransformer nn.Module")
 
 
+def _lm_stdlib_schedulefree(backend: str, seed: int, lr: float) -> NativeRun:
+    from ._lm import loss_fn, module_and_data
+
+    module, batch, val = module_and_data(seed)
+    return _torch_native(module, loss_fn, lr, batch, val, "TinyTransformer nn.Module", True)
+
+
 TASKS: dict[str, BenchTask] = {
     "digits-mlp": BenchTask(
         name="digits-mlp",
@@ -322,6 +310,8 @@ TASKS: dict[str, BenchTask] = {
         config=HybridConfig(),
         build=_digits_mlp,
         native=_digits_mlp_native,
+        schedulefree=_digits_mlp_schedulefree,
+        schedulefree_backends=("torch",),
     ),
     "lm-stdlib": BenchTask(
         name="lm-stdlib",
@@ -335,6 +325,8 @@ TASKS: dict[str, BenchTask] = {
         config=HybridConfig(),
         build=_lm_stdlib,
         native=_lm_stdlib_native,
+        schedulefree=_lm_stdlib_schedulefree,
+        schedulefree_backends=("torch",),
     ),
     "jax-mlp": BenchTask(
         name="jax-mlp",
@@ -360,7 +352,7 @@ TASKS: dict[str, BenchTask] = {
         seeds=3,
         # The router pipeline's own trainer settings (RouterConfig.hybrid): phases scaled to a short run.
         config=HybridConfig(warmup_steps=50, min_full_steps=30, max_predict_steps=30, check_interval=10,
-                            horizon_arms=(0, 5, 15, 30)),
+                            horizon_arms=(0, 5, 15, 30), lr_recommend=False),
         build=_fastgrnn_router,
         native=_fastgrnn_router_native,
     ),

@@ -28,9 +28,10 @@ __all__ = ["RouterConfig", "RouterResult", "train_router"]
 
 def _router_hybrid_config() -> HybridConfig:
     # An epoch here is a few dozen steps: the library's defaults (100 warm-up steps, horizons up to
-    # 75) would leave whole epochs without a real step, so phases are scaled to the run.
+    # 75) would leave whole epochs without a real step, so phases are scaled to the run. The pipeline
+    # decays the learning rate per epoch itself, so the trainer's recommendation is off.
     return HybridConfig(warmup_steps=50, min_full_steps=30, max_predict_steps=30, check_interval=10,
-                        horizon_arms=(0, 5, 15, 30))
+                        horizon_arms=(0, 5, 15, 30), lr_recommend=False)
 
 
 @dataclass(frozen=True)

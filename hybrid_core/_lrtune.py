@@ -1,0 +1,191 @@
+"""`LRTuner`: the learning-rate recommendation, a Prodigy-style step-size estimate seeded with the user's rate.
+
+For an Adam-family optimizer (``Optimizer.adaptive is True``) the tuner estimates, during the
+first ``lr_search_steps`` real steps, how far the weights have to travel compared with the
+gradients seen, as Prodigy does (Mishchenko & Defazio 2023), with d₀ = the user's learning rate
+and Adam's bias correction: with x₀ the weights at the start, g_k the gradient at x_k, d the rate
+in force, bc_k = √(1−β₂ᵏ⁺¹)/(1−β₁ᵏ⁺¹) and β₃ = √β₂,
+
+    r ← β₃·r + (d/d₀)·d·bc_k·⟨g_k, x₀ − x_k⟩,    s ← β₃·s + (d/d₀)·d·bc_k·g_k,    d̂ = r / ‖s‖₁.
+
+r and s live on the device and are updated every real step of the search (the step then takes
+the unfused path, which hands the gradients over). At each read d̂ is read with the step's
+values and the rate becomes max(d, d̂) — never above the ceiling left by a back-off — set
+through ``optimizer.lr`` (all groups scaled alike). The estimate can only raise the rate; the
+way down is the divergence guard: a non-finite read (the trainer rolls back to the last
+verified point and replays at the lower rate) or the monitor's FORCE_FULL while the multiplier is
+above 1 halves the multiplier and remembers the rate that failed as a ceiling. After the search the
+accumulators are freed and the multiplier stays, backed off if the run diverges later.
+
+It is off (and says why in the summary) for optimizers that are not Adam-like, when a scheduler
+drives the rate (it would overwrite the multiplier), and with ``HybridConfig.lr_recommend=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ._config import HybridConfig
+from ._inplace import abs_sum, copy_into, dot, scale_add_
+from ._protocols import Array, Optimizer
+
+__all__ = ["LRTuner"]
+
+_BETA1, _BETA2 = 0.9, 0.999
+"""Adam's default moments, used for the estimate's bias correction and its decay β₃ = √β₂."""
+
+_MIN_CHANGE = 1.01
+"""The rate is set only when the estimate moved it by more than 1% (each set is a Python call)."""
+
+
+class LRTuner:
+    """The learning-rate multiplier of one trainer (see the module docstring)."""
+
+    def __init__(self, config: HybridConfig, optimizer: Optimizer) -> None:
+        self._optimizer = optimizer
+        self._search_steps = config.lr_search_steps
+        self._off = _why_off(config, optimizer)
+        self.reason = self._off
+        self.enabled = self.reason is None
+        self.base_lr = float(optimizer.lr) if self.enabled else math.nan
+        self.multiplier = 1.0
+        self.ceiling = math.inf
+        self.history: list[list[Any]] = []
+        """``[step, multiplier, why]`` for every change."""
+        self.backoffs = 0
+        self._d_max = 0.0
+        self._k = 0
+        self._x0: list[Array] | None = None
+        self._s: list[Array] | None = None
+        self._r: Array | None = None
+        self._searching = self.enabled
+
+    @property
+    def lr(self) -> float:
+        """The rate in force (the user's rate times the multiplier)."""
+        return self.base_lr * self.multiplier
+
+    def searching(self, step: int) -> bool:
+        """Whether real step ``step`` feeds the estimate (and so needs its gradients)."""
+        return self._searching and step < self._search_steps
+
+    def accumulate(self, params: Sequence[Array], grads: Sequence[Array], xp: Any) -> None:
+        """Fold one real step's gradients at ``params`` (the weights before its update) into r and s."""
+        if self._x0 is None:
+            self._x0 = copy_into(None, params)
+            self._s = [xp.zeros_like(p) for p in params]
+        assert self._s is not None
+        d, k = self.lr, self._k
+        weight = self.multiplier * d * math.sqrt(1 - _BETA2 ** (k + 1)) / (1 - _BETA1 ** (k + 1))
+        beta3 = math.sqrt(_BETA2)
+        moved = dot(xp, grads, self._x0) - dot(xp, grads, params)  # ⟨g, x₀ − x⟩ without a temporary
+        self._r = weight * moved if self._r is None else beta3 * self._r + weight * moved
+        self._s = scale_add_(self._s, beta3, grads, weight)
+        self._k = k + 1
+
+    def pending(self, xp: Any) -> list[Array]:
+        """The device values a read needs for the estimate: [r, ‖s‖₁] (empty when there is nothing to read)."""
+        if self._r is None or self._s is None:
+            return []
+        return [xp.reshape(self._r, (1,)), xp.reshape(abs_sum(xp, self._s), (1,))]
+
+    def update(self, step: int, values: list[float]) -> None:
+        """At a read after real step ``step``: raise the rate to the estimate (``values`` = [r, ‖s‖₁])."""
+        if self._taken_over(step):
+            return
+        if values and values[1] > 0 and all(math.isfinite(v) for v in values):
+            self._d_max = max(self._d_max, values[0] / values[1])
+            wanted = min(max(self.multiplier, self._d_max / self.base_lr), self.ceiling)
+            if wanted > self.multiplier * _MIN_CHANGE:
+                self._set(step, wanted, "estimate")
+        if step + 1 >= self._search_steps and self._searching:
+            self._searching = False
+            self._x0 = self._s = self._r = None
+            self.history.append([step + 1, self.multiplier, "search ended"])
+
+    def reset_estimate(self) -> None:
+        """A rollback undid steps the estimate saw: start r and s again from the weights reached."""
+        self._x0 = self._s = self._r = None
+        self._k = 0
+
+    def back_off(self, step: int, why: str) -> bool:
+        """The run diverged at multiplier > 1: halve it and never go back up to the rate that failed.
+
+        Returns whether the rate was lowered (False at the user's own rate: nothing to back off).
+        """
+        if not self.enabled or self.multiplier <= 1.0 or self._taken_over(step):
+            return False
+        failed = self.multiplier
+        self.ceiling = min(self.ceiling, failed / 2)
+        self.backoffs += 1
+        self._set(step, max(1.0, failed / 2), f"back-off: {why}")
+        return True
+
+    def _taken_over(self, step: int) -> bool:
+        """Whether something else (a callback, the user) set the rate since the tuner did: it then stops."""
+        if not self.enabled:
+            return True
+        now = float(self._optimizer.lr)
+        if math.isclose(now, self.lr, rel_tol=1e-9):
+            return False
+        self.enabled, self._searching = False, False
+        self.reason = f"the learning rate was set from outside ({now:g}, the tuner had {self.lr:g})"
+        self._x0 = self._s = self._r = None
+        self.history.append([step + 1, self.multiplier, "stopped: " + self.reason])
+        return True
+
+    def _set(self, step: int, multiplier: float, why: str) -> None:
+        self.multiplier = multiplier
+        self._optimizer.lr = self.base_lr * multiplier
+        self.history.append([step + 1, multiplier, why])
+
+    def summary(self) -> dict[str, Any]:
+        """The multiplier, the user's rate and the history (for the metrics summary)."""
+        return {"recommend": self.enabled, "off_because": self.reason, "base": self.base_lr,
+                "multiplier": self.multiplier, "lr": self.lr if self.enabled else None,
+                "ceiling": None if math.isinf(self.ceiling) else self.ceiling, "backoffs": self.backoffs,
+                "searching": self._searching, "history": [list(h) for h in self.history]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Multiplier, ceiling, history and the estimate's accumulators."""
+        return {"enabled": self.enabled, "reason": self.reason, "base_lr": self.base_lr, "multiplier": self.multiplier,
+                "ceiling": self.ceiling, "history": [list(h) for h in self.history], "backoffs": self.backoffs,
+                "d_max": self._d_max, "k": self._k, "searching": self._searching,
+                "x0": self._x0, "s": self._s, "r": self._r}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned and set the optimizer's rate to match (`ValueError` if malformed)."""
+        multiplier, ceiling, base = float(state["multiplier"]), float(state["ceiling"]), float(state["base_lr"])
+        enabled, reason = bool(state["enabled"]), state["reason"]
+        if enabled and not (math.isfinite(multiplier) and multiplier > 0 and ceiling > 0
+                            and math.isfinite(base) and base > 0):
+            raise ValueError("learning-rate multiplier, ceiling and base rate must be positive")
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError("reason must be a string or None")
+        for key in ("x0", "s"):
+            if state[key] is not None and not isinstance(state[key], list):
+                raise ValueError(f"{key} must be a list of arrays")
+        # Off here (config, optimizer) stays off whatever the file says; off in the file stays off.
+        if self._off is None:
+            self.enabled, self.reason = enabled, reason
+        self.base_lr, self.multiplier, self.ceiling = base, multiplier, ceiling
+        self.history = [list(h) for h in state["history"]]
+        self.backoffs, self._d_max, self._k = int(state["backoffs"]), float(state["d_max"]), int(state["k"])
+        self._searching = bool(state["searching"]) and self.enabled
+        self._x0, self._s, self._r = state["x0"], state["s"], state["r"]
+        if self.enabled:
+            self._optimizer.lr = self.lr
+
+
+def _why_off(config: HybridConfig, optimizer: Optimizer) -> str | None:
+    if not config.lr_recommend:
+        return "HybridConfig.lr_recommend=False"
+    if getattr(optimizer, "adaptive", False) is not True:
+        return "the optimizer is not Adam-like (Optimizer.adaptive is not True)"
+    if getattr(optimizer, "scheduler", None) is not None:
+        return "a scheduler drives the learning rate"
+    if getattr(optimizer, "lr_on_device", False) is True:
+        return "the learning rate lives on the device (a schedule)"
+    return None
