@@ -52,6 +52,9 @@ class Ledger:
         self.host_syncs = 0
         """Every device→host read the trainer made (losses, statistics, checks, line searches)."""
         self._verified: tuple[list[Array], dict[str, Any], Any] | None = None
+        self._older: tuple[list[Array], dict[str, Any], Any] | None = None
+        self.older_settled: list[Pending] = []
+        """Steps between the verified point before the last one and the last one (see `keep_older`)."""
         self.verifies = 0
         """How many verified points were copied (each: the parameters and the optimizer state)."""
 
@@ -75,24 +78,42 @@ class Ledger:
             at += size
         return out, flat[at:]
 
-    def verify(self, model: Model, optimizer: Optimizer) -> None:
-        """Copy the point reached (parameters, optimizer state, model state): the new rollback target."""
+    def verify(self, model: Model, optimizer: Optimizer, keep_older: bool = False) -> None:
+        """Copy the point reached (parameters, optimizer state, model state): the new rollback target.
+
+        With ``keep_older`` the previous point is kept too (one more copy) with the steps read between the
+        two: its weights were read finite by those steps, while the new point's weights come from an
+        update nothing has read yet. Only a point reached by real steps alone may keep the one before.
+        """
         params = [_copy(p) for p in model.parameters()]
         model_state = model.state_dict() if has_method(model, "state_dict") else None
+        if keep_older and self._verified is not None:
+            self._older, self.older_settled = self._verified, self.settled
+        else:
+            self._older, self.older_settled = None, []
         self._verified = (params, optimizer.state_dict(), model_state)
         self.settled = []
         self.verifies += 1
 
-    def restore(self, model: Model, optimizer: Optimizer) -> None:
-        """Put the last verified point back (through `Model.set_parameters`: the weights may be NaN)."""
-        if self._verified is None:
+    @property
+    def has_older(self) -> bool:
+        """Whether the verified point before the last one is kept."""
+        return self._older is not None
+
+    def restore(self, model: Model, optimizer: Optimizer, older: bool = False) -> None:
+        """Put the last verified point (or, with ``older``, the one before it) back, through
+        `Model.set_parameters` (the weights may be NaN); it becomes the only verified point."""
+        point = self._older if older else self._verified
+        if point is None:
             raise CheckpointError("there is no verified point to go back to")
-        params, opt_state, model_state = self._verified
+        kept = (None, []) if older else (self._older, self.older_settled)
+        params, opt_state, model_state = point
         optimizer.load_state_dict(opt_state)
         if model_state is not None:
             model.load_state_dict(model_state)
         model.set_parameters(params)
         self.verify(model, optimizer)  # the restored arrays now belong to the live objects
+        self._older, self.older_settled = kept
 
     def state_dict(self) -> dict[str, Any]:
         """The host-read count (a checkpoint is written with nothing pending)."""

@@ -46,6 +46,7 @@ class LRTuner:
     def __init__(self, config: HybridConfig, optimizer: Optimizer) -> None:
         self._optimizer = optimizer
         self._search_steps = config.lr_search_steps
+        self._every = config.read_every
         self._off = _why_off(config, optimizer)
         self.reason = self._off
         self.enabled = self.reason is None
@@ -85,6 +86,11 @@ class LRTuner:
         self._s = scale_add_(self._s, beta3, grads, weight)
         self._k = k + 1
 
+    def due(self, step: int) -> bool:
+        """Whether the read after real step ``step`` updates the rate: every ``read_every`` steps, by the step
+        index alone, so extra reads (a flush, a save) change nothing."""
+        return self._searching and (step + 1) % self._every == 0
+
     def pending(self, xp: Any) -> list[Array]:
         """The device values a read needs for the estimate: [r, ‖s‖₁] (empty when there is nothing to read)."""
         if self._r is None or self._s is None:
@@ -105,6 +111,11 @@ class LRTuner:
             self._x0 = self._s = self._r = None
             self.history.append([step + 1, self.multiplier, "search ended"])
 
+    def reapply(self) -> None:
+        """Set the optimizer's rate to the tuner's again (a rollback loaded an optimizer state holding an older one)."""
+        if self.enabled:
+            self._optimizer.lr = self.lr
+
     def reset_estimate(self) -> None:
         """A rollback undid steps the estimate saw: start r and s again from the weights reached."""
         self._x0 = self._s = self._r = None
@@ -118,7 +129,7 @@ class LRTuner:
         if not self.enabled or self.multiplier <= 1.0 or self._taken_over(step):
             return False
         failed = self.multiplier
-        self.ceiling = min(self.ceiling, failed / 2)
+        self.ceiling = min(self.ceiling, max(1.0, failed / 2))
         self.backoffs += 1
         self._set(step, max(1.0, failed / 2), f"back-off: {why}")
         return True

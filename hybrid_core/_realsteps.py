@@ -108,7 +108,8 @@ class RealSteps:
         """Read the pending steps and record them; roll back and replay if a value is not finite."""
         ledger = self._ledger
         extra, self.extra = self.extra, []
-        values, more = ledger.read(self._tuner.pending(self._xp) + extra)
+        due = self._tuner.due(ledger.pending[-1].step)
+        values, more = ledger.read((self._tuner.pending(self._xp) if due else []) + extra)
         self.extra_values = more[len(more) - len(extra):]
         estimate = more[:len(more) - len(extra)]
         if not all(_finite(v) for v in values):
@@ -116,12 +117,14 @@ class RealSteps:
         pending, ledger.pending = ledger.pending, []
         out = [self._recorder.record(p, v) for p, v in zip(pending, values)]
         self._readout.commit()
-        if estimate or self._tuner.searching(pending[-1].step):
+        if due:
             self._tuner.update(pending[-1].step, estimate)
         self._directions.observe(self._recorder.steps_recorded, self._model)
         ledger.settled += pending
         if len(ledger.settled) >= _VERIFY_READS * self._config.read_every:
-            ledger.verify(self._model, self._optimizer)
+            # With the learning rate tuned, keep the point before too: a raised rate can make the newest
+            # point's unread last update the bad one (see `replay`).
+            ledger.verify(self._model, self._optimizer, keep_older=self._tuner.enabled)
         return out
 
     def replay(self) -> list[Recorded]:
@@ -130,38 +133,51 @@ class RealSteps:
 
         When the learning-rate tuner had raised the rate, it backs off first and every step since the
         verified point is replayed read (the lower rate makes them new steps); a further non-finite
-        value at a raised rate backs off again and starts the replay over.
+        value at a raised rate backs off again and starts the replay over. If the very first replayed
+        step is not finite, the verified point itself is bad (its weights come from an update no read
+        had seen): the replay starts again from the point before it, when the ledger keeps one.
         """
         ledger = self._ledger
         pending, ledger.pending = ledger.pending, []
         settled = ledger.settled
+        before = ledger.older_settled
         self._readout.discard()
         self._tuner.reset_estimate()
         self._metrics.count("late_nonfinite_rollbacks")
         lowered = self._tuner.back_off(pending[0].step if pending else 0, "non-finite value")
+        older = False
         while True:
-            ledger.restore(self._model, self._optimizer)
+            ledger.restore(self._model, self._optimizer, older=older)
+            self._tuner.reapply()
             self._last_update = None
+            steps = (before if older else []) + settled
             try:
                 if lowered:
                     self._metrics.count("lr_backoff_replays")
-                    self._readout.drop_after((settled + pending)[0].step)
-                    self._replay_read(settled, record=False)  # recorded when first read
-                    out = self._replay_read(pending)
+                    self._readout.drop_after((steps + pending)[0].step)
+                    self._replay_read(steps, record=False, guard_start=not older and bool(before))
+                    out = self._replay_read(pending, guard_start=not (older or steps) and bool(before))
                 else:
                     for p in settled:
                         self.compute(p.batch, False)
+                        ledger.settled.append(p)
                     out = self._replay_read(pending)
             except _LowerRate:
                 lowered = True
                 continue
-            ledger.verify(self._model, self._optimizer)
+            except _BadStart:
+                self._metrics.count("rollbacks_to_older_point")
+                older = True
+                continue
+            # The point replayed from was read finite by the replayed steps: it may stay as the older one.
+            ledger.verify(self._model, self._optimizer, keep_older=self._tuner.enabled)
             return out
 
-    def _replay_read(self, steps: list[Pending], record: bool = True) -> list[Recorded]:
+    def _replay_read(self, steps: list[Pending], record: bool = True, guard_start: bool = False) -> list[Recorded]:
         out: list[Recorded] = []
         for i, p in enumerate(steps):
-            out += self._eager_step(p, len(steps) - 1 - i, replaying=True, record=record)
+            out += self._eager_step(p, len(steps) - 1 - i, replaying=True, record=record,
+                                    bad_start=guard_start and i == 0)
         return out
 
     def read_lr(self) -> float:
@@ -170,7 +186,8 @@ class RealSteps:
             self._ledger.host_syncs += 1
         return float(self._optimizer.lr)
 
-    def _eager_step(self, p: Pending, later: int, replaying: bool = False, record: bool = True) -> list[Recorded]:
+    def _eager_step(self, p: Pending, later: int, replaying: bool = False, record: bool = True,
+                    bad_start: bool = False) -> list[Recorded]:
         """One real step read before its update: a non-finite loss or gradient never reaches the weights."""
         model = self._model
         loss, grads = call_model(model.loss_and_grad, p.batch, "loss_and_grad")
@@ -180,7 +197,8 @@ class RealSteps:
         feed = self._tuner.searching(p.step) and not replaying
         if feed:
             self._tuner.accumulate(model.parameters(), grads, self._xp)
-        estimate_arrays = self._tuner.pending(self._xp) if feed else []
+        due = feed and self._tuner.due(p.step)
+        estimate_arrays = self._tuner.pending(self._xp) if due else []
         extra, self.extra = (self.extra, []) if record else ([], self.extra)
         values = self._ledger.read_arrays([fused_stats(loss, grads, self._last_update), *estimate_arrays, *extra])
         if extra:
@@ -190,6 +208,8 @@ class RealSteps:
         stats, estimate = values[:cut], values[cut:]
         if not _finite(stats):
             self._tuner.reset_estimate()
+            if bad_start:
+                raise _BadStart
             if self._tuner.back_off(p.step, "non-finite value"):
                 self._metrics.count("lr_backoffs_nonfinite")
                 if replaying:
@@ -198,12 +218,14 @@ class RealSteps:
                 self._nonfinite(p, stats, later)
             return []
         self._last_update = list(self._optimizer.step(grads))
+        if replaying:
+            self._ledger.settled.append(p)
         self._readout.stage(p.step, model)
         self._readout.commit()
         if not record:
             return []
         out = [self._recorder.record(p, [*stats, self.read_lr()])]
-        if feed:
+        if due:
             self._tuner.update(p.step, estimate)
         self._directions.observe(self._recorder.steps_recorded, model)
         return out
@@ -235,6 +257,10 @@ class RealSteps:
                 raise ValueError("last_update does not match the model's parameters")
             update = list(update)
         self._last_update = update
+
+
+class _BadStart(Exception):
+    """The first step replayed from the verified point was non-finite: go back to the point before it."""
 
 
 class _LowerRate(Exception):
