@@ -8,9 +8,10 @@ in force, bc_k = √(1−β₂ᵏ⁺¹)/(1−β₁ᵏ⁺¹) and β₃ = √β₂
 
     r ← β₃·r + (d/d₀)·d·bc_k·⟨g_k, x₀ − x_k⟩,    s ← β₃·s + (d/d₀)·d·bc_k·g_k,    d̂ = r / ‖s‖₁.
 
-r and s live on the device and are updated every real step of the search (the step then takes
-the unfused path, which hands the gradients over). At each read d̂ is read with the step's
-values and the rate becomes max(d, d̂) — never above the ceiling left by a back-off — set
+r, s and the running maximum of d̂ live on the device and are updated every real step of the search
+(the step then takes the unfused path, which hands the gradients over). Every ``read_every`` steps
+(by the step index, so extra reads change nothing) the maximum is read with the step's values and
+the rate becomes max(d, max d̂) — never above the ceiling left by a back-off — set
 through ``optimizer.lr`` (all groups scaled alike). The estimate can only raise the rate; the
 way down is the divergence guard: a non-finite read (the trainer rolls back to the last
 verified point and replays at the lower rate) or the monitor's FORCE_FULL while the multiplier is
@@ -35,6 +36,9 @@ __all__ = ["LRTuner"]
 
 _BETA1, _BETA2 = 0.9, 0.999
 """Adam's default moments, used for the estimate's bias correction and its decay β₃ = √β₂."""
+
+_TINY = 1e-30
+"""Added to ‖s‖₁: with all gradients zero so far, r is 0 too and d̂ is 0, not 0/0."""
 
 _MIN_CHANGE = 1.01
 """The rate is set only when the estimate moved it by more than 1% (each set is a Python call)."""
@@ -61,6 +65,7 @@ class LRTuner:
         self._x0: list[Array] | None = None
         self._s: list[Array] | None = None
         self._r: Array | None = None
+        self._d_hat_max: Array | None = None
         self._searching = self.enabled
 
     @property
@@ -84,6 +89,10 @@ class LRTuner:
         moved = dot(xp, grads, self._x0) - dot(xp, grads, params)  # ⟨g, x₀ − x⟩ without a temporary
         self._r = weight * moved if self._r is None else beta3 * self._r + weight * moved
         self._s = scale_add_(self._s, beta3, grads, weight)
+        # d̂ of this step, and its running maximum, stay on the device until the next read (as in
+        # Prodigy, every step's d̂ counts, not only those of the steps that are read).
+        d_hat = self._r / (abs_sum(xp, self._s) + _TINY)
+        self._d_hat_max = d_hat if self._d_hat_max is None else xp.maximum(self._d_hat_max, d_hat)
         self._k = k + 1
 
     def due(self, step: int) -> bool:
@@ -92,17 +101,18 @@ class LRTuner:
         return self._searching and (step + 1) % self._every == 0
 
     def pending(self, xp: Any) -> list[Array]:
-        """The device values a read needs for the estimate: [r, ‖s‖₁] (empty when there is nothing to read)."""
-        if self._r is None or self._s is None:
+        """The device values a read needs for the estimate: [max d̂ since the last read] (or nothing)."""
+        if self._d_hat_max is None:
             return []
-        return [xp.reshape(self._r, (1,)), xp.reshape(abs_sum(xp, self._s), (1,))]
+        return [xp.reshape(self._d_hat_max, (1,))]
 
     def update(self, step: int, values: list[float]) -> None:
-        """At a read after real step ``step``: raise the rate to the estimate (``values`` = [r, ‖s‖₁])."""
+        """At a read after real step ``step``: raise the rate to the estimate (``values`` = [max d̂])."""
         if self._taken_over(step):
             return
-        if values and values[1] > 0 and all(math.isfinite(v) for v in values):
-            self._d_max = max(self._d_max, values[0] / values[1])
+        self._d_hat_max = None
+        if values and math.isfinite(values[0]):
+            self._d_max = max(self._d_max, values[0])
             wanted = min(max(self.multiplier, self._d_max / self.base_lr), self.ceiling)
             if wanted > self.multiplier * _MIN_CHANGE:
                 self._set(step, wanted, "estimate")
@@ -118,7 +128,7 @@ class LRTuner:
 
     def reset_estimate(self) -> None:
         """A rollback undid steps the estimate saw: start r and s again from the weights reached."""
-        self._x0 = self._s = self._r = None
+        self._x0 = self._s = self._r = self._d_hat_max = None
         self._k = 0
 
     def back_off(self, step: int, why: str) -> bool:
@@ -143,7 +153,7 @@ class LRTuner:
             return False
         self.enabled, self._searching = False, False
         self.reason = f"the learning rate was set from outside ({now:g}, the tuner had {self.lr:g})"
-        self._x0 = self._s = self._r = None
+        self._x0 = self._s = self._r = self._d_hat_max = None
         self.history.append([step + 1, self.multiplier, "stopped: " + self.reason])
         return True
 
@@ -164,7 +174,7 @@ class LRTuner:
         return {"enabled": self.enabled, "reason": self.reason, "base_lr": self.base_lr, "multiplier": self.multiplier,
                 "ceiling": self.ceiling, "history": [list(h) for h in self.history], "backoffs": self.backoffs,
                 "d_max": self._d_max, "k": self._k, "searching": self._searching,
-                "x0": self._x0, "s": self._s, "r": self._r}
+                "x0": self._x0, "s": self._s, "r": self._r, "d_hat_max": self._d_hat_max}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned and set the optimizer's rate to match (`ValueError` if malformed)."""
@@ -186,6 +196,7 @@ class LRTuner:
         self.backoffs, self._d_max, self._k = int(state["backoffs"]), float(state["d_max"]), int(state["k"])
         self._searching = bool(state["searching"]) and self.enabled
         self._x0, self._s, self._r = state["x0"], state["s"], state["r"]
+        self._d_hat_max = state.get("d_hat_max")
         if self.enabled:
             self._optimizer.lr = self.lr
 

@@ -141,10 +141,10 @@ def test_a_rate_set_from_outside_stops_the_recommendation():
     model = MLP([4, 8, 2], dtype=np.float64, seed=0)
     opt = Adam(model, lr=1e-3)
     trainer = HybridTrainer(model, opt, HybridConfig(warmup_steps=10))
-    for i in range(20):
+    for _i in range(20):
         trainer.step((x, y))
     opt.lr = 0.005  # a callback or the user takes over
-    for i in range(40):
+    for _i in range(40):
         trainer.step((x, y))
     trainer.flush()
     lr = trainer.summary()["lr"]
@@ -165,7 +165,7 @@ def test_the_multiplier_and_the_estimate_survive_a_checkpoint_bit_for_bit(tmp_pa
         return model, HybridTrainer(model, Adam(model, lr=1e-3), HybridConfig(warmup_steps=10, lr_search_steps=60))
 
     straight_model, straight = make()
-    first_model, first = make()
+    _first_model, first = make()
     for i in range(100):
         straight.step(batch(i))
         if i < 30:  # stop inside the search

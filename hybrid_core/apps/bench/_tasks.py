@@ -360,6 +360,11 @@ TASKS: dict[str, BenchTask] = {
 """Every benchmark task by name."""
 
 
+from ._finetune import finetune_task  # noqa: E402  (it builds a BenchTask, defined above)
+
+TASKS["lm-finetune"] = finetune_task()
+
+
 def get_task(name: str) -> BenchTask:
     """The task called ``name``; `ConfigError` listing the known ones otherwise."""
     if name not in TASKS:
