@@ -196,7 +196,7 @@ def test_paired_comparisons_choose_the_read_out_only_when_it_does_better():
 
 def test_the_trainer_compares_on_its_own_batches_and_evaluates_the_better_one():
     x, y = _data()
-    trainer, model = _trainer(readout_check_every=20)
+    trainer, _ = _trainer(readout_check_every=20)
     for i in range(200):
         trainer.step(_batch(x, y, i))
     trainer.flush()
@@ -211,7 +211,7 @@ def test_the_trainer_compares_on_its_own_batches_and_evaluates_the_better_one():
 
 def test_non_finite_steps_never_enter_the_averages():
     x, y = _data()
-    trainer, model = _trainer(on_nonfinite="skip", readout_spacing=2)
+    trainer, _ = _trainer(on_nonfinite="skip", readout_spacing=2)
     for i in range(60):
         batch = _batch(x, y, i)
         if i in (13, 14, 31):
