@@ -490,13 +490,13 @@ def test_the_hybrid_run_uses_the_chosen_dynamics_model(tmp_path, monkeypatch):
     monkeypatch.setattr(HybridTrainer, "__init__", spy)
     short = HybridConfig(warmup_steps=10, min_full_steps=10, max_predict_steps=10, horizon_arms=(0, 5, 10))
     monkeypatch.setitem(TASKS, "digits-mlp", dataclasses.replace(TASKS["digits-mlp"], config=short))
-    for name, cls in ((None, RSSMDynamics), ("rssm", RSSMDynamics), ("trend", TrendDynamics)):
+    for name, cls in ((None, TrendDynamics), ("rssm", RSSMDynamics), ("trend", TrendDynamics)):
         seen.clear()
         out = tmp_path / f"{name}.json"
         args = ["bench", "--task", "digits-mlp", "--backend", "numpy", "--seeds", "1", "--steps", "30", "--quiet",
                 *([] if name is None else ["--dynamics", name]), "--out", str(out)]
         assert main(args) == 0
-        assert json.loads(out.read_text())["dynamics"] == (name or "rssm")
+        assert json.loads(out.read_text())["dynamics"] == (name or "trend")
         assert seen and set(seen) == {cls}  # the timed run, the overhead probe and the traced run
 
 
