@@ -60,6 +60,8 @@ class RealSteps:
         self.extra: list[Array] = []
         """Device values to read with the next read (1-element arrays); their floats land in `extra_values`."""
         self.extra_values: list[float] = []
+        self.extra_records: list[Recorded] = []
+        """The steps recorded by the read that carried `extra` (kept with `extra_values` until they are taken)."""
         self.eager = config.read_every == 1 or not has_method(model, "set_parameters")
         self.fused = isinstance(optimizer, FusedStep) and optimizer.model is model and not self.eager
         self._last_update: list[Array] | None = None
@@ -122,11 +124,16 @@ class RealSteps:
         due = self._tuner.due(last)
         estimate_arrays = self._tuner.pending(self._xp) if due else []
         values, more = ledger.read(estimate_arrays + self._freeze.pending() + extra)
-        estimate, norms, self.extra_values = _split(more, len(estimate_arrays), self._freeze.pending_size)
+        estimate, norms, extra_values = _split(more, len(estimate_arrays), self._freeze.pending_size)
+        if extra:  # kept until taken: a later read without extras (after a flush) must not drop them
+            self.extra_values = extra_values
         if not all(_finite(v) for v in values):
-            return self.replay()
+            out = self.replay()
+            self.extra_records = out if extra else self.extra_records
+            return out
         pending, ledger.pending = ledger.pending, []
         out = [self._recorder.record(p, v) for p, v in zip(pending, values)]
+        self.extra_records = out if extra else self.extra_records
         self._readout.commit()
         if due:
             self._tuner.update(pending[-1].step, estimate)
@@ -228,7 +235,7 @@ class RealSteps:
         stats, values = values[:6], values[6:]
         estimate, norms, more = _split(values, len(estimate_arrays), self._freeze.pending_size)
         if extra:
-            self.extra_values = more
+            self.extra_values, self.extra_records = more, []
         if not _finite(stats):
             self._freeze.discard()
             self._tuner.reset_estimate()
@@ -249,6 +256,8 @@ class RealSteps:
         if not record:
             return []
         out = [self._recorder.record(p, [*stats, self.read_lr()])]
+        if extra:
+            self.extra_records = out
         self._freeze_read(p.step, out, norms, decide=not replaying)
         if due:
             self._tuner.update(p.step, estimate)

@@ -238,10 +238,10 @@ class HybridTrainer:
         last = settled[-1] if settled and settled[-1][0] == index else None
         if self._probe is not None and self.real_steps.extra_values:
             at, kinds = self._probe
-            raw = next((loss for step, loss, _ in settled if step == at), math.nan)
+            raw = next((loss for step, loss, _ in self.real_steps.extra_records if step == at), math.nan)
             self.readout.record(raw, dict(zip(kinds, self.real_steps.extra_values)))
             self.metrics.count("readout_comparisons")
-            self._probe, self.real_steps.extra_values = None, []
+            self._probe, self.real_steps.extra_values, self.real_steps.extra_records = None, [], []
         diverging = self.recorder.take_diverging()
         if diverging and self.lr_tuner.back_off(index, "the divergence monitor asked for real steps"):
             self.metrics.count("lr_backoffs_monitor")
