@@ -396,3 +396,21 @@ def test_config_fields():
     with pytest.raises(ConfigError, match="freeze_every=4: must be >= read_every"):
         HybridConfig(layer_freeze="autofreeze", freeze_every=4)
     HybridConfig(freeze_every=4)  # off: no constraint
+
+
+def test_flushes_and_saves_between_reads_change_no_freeze_decision():
+    def run(flushes):
+        model, opt = _torch_pair(lr=3e-2)
+        trainer = HybridTrainer(model, opt, HybridConfig(layer_freeze="autofreeze", **PLAIN))
+        for i in range(300):
+            trainer.step(_batch(i))
+            if i in flushes:
+                trainer.flush()
+        trainer.flush()
+        return model, trainer.freeze.state_dict(), trainer.summary()["events"]
+
+    model, state, events = run(set())
+    model_f, state_f, events_f = run({3, 49, 50, 98, 99, 100, 101, 149, 150, 151, 199, 250, 251, 253})
+    assert state["froze_at"] == [104, 256]  # the criterion did freeze, twice
+    assert state_f == state and events_f == events
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model_f.parameters()))
