@@ -151,18 +151,27 @@ class TorchOptimizer:
             self.scheduler.step()
         return list(update)
 
-    def fused_step(self, batch: Any, measure: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    accepts_before_update = True
+    """`fused_step` takes ``before_update``: the trainer's learning-rate search keeps the fused step."""
+
+    def fused_step(self, batch: Any, measure: bool,
+                   before_update: Callable[[list[torch.Tensor]], None] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One real step as torch users write it: ``zero_grad``, ``loss.backward()``, ``optimizer.step()``.
 
         Nothing is read to the host. Only with ``measure`` are the batch's devices checked, Δθ
         measured in the reused buffer and the statistics ``[loss, Σg², Σu², Σg·u, max|g|,
         non-finite count, lr]`` computed (one device vector); otherwise the step costs what the
-        plain loop costs. A model that is not a `TorchModel` takes the unfused path.
+        plain loop costs. A model that is not a `TorchModel` takes the unfused path. ``before_update``,
+        if given, is called with the gradients (zeros for parameters without one) after the backward pass
+        and clipping, before the optimizer's update, while the parameters still hold their old values.
         """
         model = self.model
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses (a scheduler moves it after)
         if not isinstance(model, TorchModel):
             loss, grads = model.loss_and_grad(batch)
+            if before_update is not None:
+                before_update(list(grads))
             update = self.step(grads)
             return loss, (self._stats(loss, list(grads), update, lr) if measure else None)
         if measure:
@@ -178,6 +187,8 @@ class TorchOptimizer:
             loss.backward()
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        if before_update is not None:
+            before_update([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         self._has_update = False
         with torch.no_grad():
             if measure:

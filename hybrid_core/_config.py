@@ -114,7 +114,8 @@ class HybridConfig:
     """Let the trainer raise the learning rate to a Prodigy-style estimate seeded with the user's rate,
     guarded by the divergence monitor and rollback (Adam-family optimizers without a scheduler)."""
     lr_search_steps: int = 200
-    """Real steps at the start of the run during which the learning-rate estimate is fed."""
+    """Real steps at the start of the run during which the learning-rate estimate is fed at most (the search
+    ends earlier once five scheduled reads in a row bring no rise)."""
     layer_freeze: str = "off"
     """Layer-wise strategy, one of `LAYER_FREEZE`: ``autofreeze`` freezes, every ``freeze_every`` steps, the
     front parameter groups whose gradient norms changed least (never the last group), guarded by the

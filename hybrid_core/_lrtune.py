@@ -1,9 +1,10 @@
 """`LRTuner`: the learning-rate recommendation, a Prodigy-style step-size estimate seeded with the user's rate.
 
 For an Adam-family optimizer (``Optimizer.adaptive is True``) the tuner estimates, during the
-first ``lr_search_steps`` real steps, how far the weights have to travel compared with the
-gradients seen, as Prodigy does (Mishchenko & Defazio 2023), with d₀ = the user's learning rate
-and Adam's bias correction: with x₀ the weights at the start, g_k the gradient at x_k, d the rate
+first ``lr_search_steps`` real steps (or until five scheduled reads in a row bring no rise), how
+far the weights have to travel compared with the gradients seen, as Prodigy does (Mishchenko &
+Defazio 2023), with d₀ = the user's learning rate and Adam's bias correction: with x₀ the weights
+at the start, g_k the gradient at x_k, d the rate
 in force, bc_k = √(1−β₂ᵏ⁺¹)/(1−β₁ᵏ⁺¹) and β₃ = √β₂,
 
     r ← β₃·r + (d/d₀)·d·bc_k·⟨g_k, x₀ − x_k⟩,    s ← β₃·s + (d/d₀)·d·bc_k·g_k,    d̂ = r / ‖s‖₁.
@@ -43,6 +44,10 @@ _TINY = 1e-30
 _MIN_CHANGE = 1.01
 """The rate is set only when the estimate moved it by more than 1% (each set is a Python call)."""
 
+_PATIENCE = 5
+"""The search also ends after this many scheduled reads in a row without a rise: the estimate has settled,
+and the steps of the search cost a little more than the others."""
+
 
 class LRTuner:
     """The learning-rate multiplier of one trainer (see the module docstring)."""
@@ -66,6 +71,8 @@ class LRTuner:
         self._s: list[Array] | None = None
         self._r: Array | None = None
         self._d_hat_max: Array | None = None
+        self._flat = 0
+        """Scheduled reads in a row without a rise (see `_PATIENCE`)."""
         self._searching = self.enabled
 
     @property
@@ -111,12 +118,14 @@ class LRTuner:
         if self._taken_over(step):
             return
         self._d_hat_max = None
+        self._flat += 1
         if values and math.isfinite(values[0]):
             self._d_max = max(self._d_max, values[0])
             wanted = min(max(self.multiplier, self._d_max / self.base_lr), self.ceiling)
             if wanted > self.multiplier * _MIN_CHANGE:
                 self._set(step, wanted, "estimate")
-        if step + 1 >= self._search_steps and self._searching:
+                self._flat = 0
+        if (step + 1 >= self._search_steps or self._flat >= _PATIENCE) and self._searching:
             self._searching = False
             self._x0 = self._s = self._r = None
             self.history.append([step + 1, self.multiplier, "search ended"])
@@ -173,7 +182,7 @@ class LRTuner:
         """Multiplier, ceiling, history and the estimate's accumulators."""
         return {"enabled": self.enabled, "reason": self.reason, "base_lr": self.base_lr, "multiplier": self.multiplier,
                 "ceiling": self.ceiling, "history": [list(h) for h in self.history], "backoffs": self.backoffs,
-                "d_max": self._d_max, "k": self._k, "searching": self._searching,
+                "d_max": self._d_max, "k": self._k, "searching": self._searching, "flat": self._flat,
                 "x0": self._x0, "s": self._s, "r": self._r, "d_hat_max": self._d_hat_max}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -195,6 +204,7 @@ class LRTuner:
         self.history = [list(h) for h in state["history"]]
         self.backoffs, self._d_max, self._k = int(state["backoffs"]), float(state["d_max"]), int(state["k"])
         self._searching = bool(state["searching"]) and self.enabled
+        self._flat = int(state.get("flat", 0))
         self._x0, self._s, self._r = state["x0"], state["s"], state["r"]
         self._d_hat_max = state.get("d_hat_max")
         if self.enabled:

@@ -95,8 +95,16 @@ class RealSteps:
         index) the layer-freezing strategy's per-group norms (unfused path).
         """
         model, optimizer = self._model, self._optimizer
-        if self.fused and not feed and norms_of is None:
-            loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics), batch, "fused_step")
+        hook = getattr(optimizer, "accepts_before_update", False) is True
+        if self.fused and (not feed or hook) and norms_of is None:
+            if feed:
+                def feed_tuner(grads: list[Array]) -> None:
+                    self._tuner.accumulate(model.parameters(), grads, self._xp)
+
+                loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics, before_update=feed_tuner),
+                                         batch, "fused_step")
+            else:
+                loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics), batch, "fused_step")
             if not self._checked:
                 check_loss_and_grads(self._xp, model, loss, None)
                 self._checked = True

@@ -45,7 +45,7 @@ from ._realsteps import RealSteps
 from ._recorder import Recorder
 from ._result import StepResult
 from ._state import TrainingState
-from .dynamics import RSSMDynamics
+from .dynamics import TrendDynamics
 
 __all__ = ["HybridTrainer", "StepResult"]
 
@@ -82,7 +82,7 @@ class HybridTrainer:
             raise ConfigError(f"config must be a HybridConfig, got {type(config).__name__}")
         require_protocol(model, Model, "model")
         require_protocol(optimizer, Optimizer, "optimizer")
-        dynamics = RSSMDynamics(seed=config.seed) if dynamics is None else dynamics
+        dynamics = TrendDynamics() if dynamics is None else dynamics
         require_protocol(dynamics, DynamicsModel, "dynamics")
         params = list(model.parameters())
         if not params:

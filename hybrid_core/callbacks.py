@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, final
 
 from ._errors import ConfigError
@@ -35,6 +36,10 @@ class EarlyStopping:
     than ``min_delta``. The best parameters are copied when they are seen; with
     ``restore_best`` they are put back exactly when the patience runs out (call `restore`
     yourself if `fit` ended for another reason). A NaN metric never counts as an improvement.
+
+    With ``readout`` (the default) ``evaluate()`` runs inside ``trainer.evaluation_parameters()``:
+    on the averaged read-out the trainer chose (the raw weights until one did better), and the
+    best parameters kept are those evaluated weights.
     """
 
     def __init__(
@@ -45,8 +50,11 @@ class EarlyStopping:
         min_delta: float = 0.0,
         restore_best: bool = True,
         mode: str = "min",
+        readout: bool = True,
     ) -> None:
         problems = [_count_problem("every", every), _count_problem("patience", patience)]
+        if not isinstance(readout, bool):
+            problems.append(f"readout={readout!r}: must be True or False")
         if not _is_number(min_delta) or min_delta < 0:
             problems.append(f"min_delta={min_delta!r}: must be a finite number >= 0")
         if not isinstance(restore_best, bool):
@@ -63,6 +71,7 @@ class EarlyStopping:
         self.patience = patience
         self.min_delta = float(min_delta)
         self.restore_best = restore_best
+        self.readout = readout
         self.mode = mode
         self.best: float | None = None
         """The best metric seen so far (None before the first evaluation)."""
@@ -82,13 +91,16 @@ class EarlyStopping:
         done = result.step + 1
         if done % self.every:
             return None
-        value = float(self._evaluate())
+        with _evaluated(trainer, self.readout):
+            value = float(self._evaluate())
+            improved = self._improves(value)
+            if improved:
+                # `* 1` makes a new array: a model that updates in place must not overwrite the copy.
+                self._best_params = [p * 1 for p in trainer.model.parameters()]
         self.evaluations += 1
-        if self._improves(value):
+        if improved:
             self.best, self.best_step, self.bad_evaluations = value, done, 0
             self._model = trainer.model
-            # `* 1` makes a new array: a model that updates in place must not overwrite the copy.
-            self._best_params = [p * 1 for p in trainer.model.parameters()]
             return None
         self.bad_evaluations += 1
         if self.bad_evaluations < self.patience:
@@ -158,11 +170,15 @@ class ValidationLogger:
     stay ints, anything else goes through ``float``). The rows are kept in `records` and, with
     ``path``, the whole list is rewritten there as JSON Lines after each evaluation (through a
     temporary file renamed into place, so a reader never sees half a file). Never stops `fit`.
+    With ``readout`` (the default) ``evaluate()`` runs inside ``trainer.evaluation_parameters()``
+    and each row names the evaluated ``weights`` (``raw``, ``lawa`` or ``ema``).
     """
 
     def __init__(self, evaluate: Callable[[], float | Mapping[str, float]], every: int,
-                 path: str | os.PathLike[str] | None = None) -> None:
+                 path: str | os.PathLike[str] | None = None, readout: bool = True) -> None:
         problems = [_count_problem("every", every)]
+        if not isinstance(readout, bool):
+            problems.append(f"readout={readout!r}: must be True or False")
         if not callable(evaluate):
             problems.append(f"evaluate={evaluate!r}: must be a function returning a number or a mapping")
         problems = [p for p in problems if p]
@@ -171,6 +187,7 @@ class ValidationLogger:
         self._evaluate = evaluate
         self.every = every
         self.path = path
+        self.readout = readout
         self._rows: list[dict[str, Any]] = []
         self._start = time.perf_counter()
 
@@ -184,10 +201,11 @@ class ValidationLogger:
         done = result.step + 1
         if done % self.every:
             return
-        metrics = self._evaluate()
+        with _evaluated(trainer, self.readout) as weights:
+            metrics = self._evaluate()
         values = {k: _plain(v) for k, v in metrics.items()} if isinstance(metrics, Mapping) else {
             "value": float(metrics)}
-        row = {"step": done, "lr": float(trainer.optimizer.lr),
+        row = {"step": done, "lr": float(trainer.optimizer.lr), "weights": weights,
                "seconds": round(time.perf_counter() - self._start, 6), **values}
         self._rows.append(row)
         if self.path is not None:
@@ -195,6 +213,13 @@ class ValidationLogger:
 
     def __repr__(self) -> str:
         return f"ValidationLogger(every={self.every}, path={self.path!r}, records={len(self._rows)})"
+
+
+def _evaluated(trainer: Any, readout: bool) -> AbstractContextManager[str]:
+    """``trainer.evaluation_parameters()`` when asked for and available, else the raw weights."""
+    if readout and hasattr(trainer, "evaluation_parameters"):
+        return trainer.evaluation_parameters()
+    return nullcontext("raw")
 
 
 def _plain(value: Any) -> int | float:

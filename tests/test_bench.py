@@ -30,7 +30,8 @@ CASES = [(task, backend) for task in TASKS for backend in TASKS[task].backends]
 RUN_CASES = [pytest.param(task, backend, marks=pytest.mark.slow) if task == "lm-stdlib" else (task, backend)
              for task, backend in CASES]
 # The torch tasks with a Schedule-Free peer (the package installed).
-SCHEDULEFREE = {("digits-mlp", "torch"), ("lm-stdlib", "torch")} if schedulefree_available() else set()
+SCHEDULEFREE = ({("digits-mlp", "torch"), ("lm-stdlib", "torch"), ("lm-finetune", "torch")}
+                if schedulefree_available() else set())
 FACTORS = (0.5, 1.0, 2.0, 4.0)
 
 
@@ -45,9 +46,9 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
     steps = 40 if task == "lm-stdlib" else 120
     # Short phases so even the tiny budget has PREDICT steps, checked and not, to report on.
     short = HybridConfig(warmup_steps=10, min_full_steps=10, max_predict_steps=20, check_interval=4,
-                         horizon_arms=(0, 5, 10, 20))
+                         horizon_arms=(0, 5, 10, 20), lr_search_steps=10)
     monkeypatch.setitem(TASKS, task, dataclasses.replace(TASKS[task], config=short))
-    monkeypatch.setattr(_probe, "OVERHEAD_BLOCKS", 6)  # every order of the three kinds once; the rest stays fast
+    monkeypatch.setattr(_probe, "OVERHEAD_BLOCKS", 6)  # six of the rotating orders; the rest stays fast
     args = ["bench", "--task", task, "--backend", backend, "--seeds", str(seeds), "--steps", str(steps), "--quiet",
             "--out", str(out), "--plot", str(png)]
     assert main(args) == 0
@@ -175,8 +176,11 @@ def test_every_task_runs_and_its_json_is_consistent(task, backend, tmp_path, cap
             assert seed_doc[f"overhead_{kind}_pct"] == pytest.approx(100 * (float(np.median(ratios)) - 1))
             assert math.isfinite(seed_doc[f"overhead_{kind}_pct"])
         # The idle trainer idled in FULL to the end; the active one stayed in FULL, never idle, never predicting.
+        ratios = [k / n for k, n in zip(probe["idle"], probe["idle_no_readout"])]
+        assert seed_doc["readout_cost_pct"] == pytest.approx(100 * (float(np.median(ratios)) - 1))
         end = hybrid["overhead_probe_end"]
         assert end["idle"] == {**end["idle"], "phase": "full", "idle": True, "predicted_steps": 0}
+        assert end["idle_no_readout"] == {**end["idle_no_readout"], "phase": "full", "idle": True}
         assert end["active"] == {**end["active"], "phase": "full", "idle": False, "predicted_steps": 0}
         assert base["overhead_probe_s"] is None and base["overhead_probe_end"] is None
         # A whole default run against the native run, and the hybrid run's host reads.
@@ -235,7 +239,7 @@ def test_every_target_names_a_task_backend_and_summary_figure():
         assert t.backend in TASKS[t.task].backends
         assert t.direction in ("<=", ">=") and t.statistic in ("median", "min") and t.bound > 0
         if t.direction == "<=":
-            assert t.metric in ("overhead_idle_pct", "overhead_active_pct", "total_wall_vs_native")
+            assert t.metric in ("overhead_idle_pct", "overhead_active_pct", "readout_cost_pct", "total_wall_vs_native")
         else:
             assert t.metric in speedups
         if t.metric == "speedup_wall_vs_schedulefree":  # only where there is a Schedule-Free peer
@@ -244,6 +248,8 @@ def test_every_target_names_a_task_backend_and_summary_figure():
     assert rows >= {
         ("lm-stdlib", "torch", "overhead_idle_pct", "<=", 3.0, "median", False),
         ("lm-stdlib", "torch", "total_wall_vs_native", "<=", 1.03, "median", False),
+        ("lm-stdlib", "torch", "readout_cost_pct", "<=", 1.0, "median", False),
+        ("lm-finetune", "torch", "speedup_wall_vs_baseline", ">=", 1.3, "median", False),
         ("digits-mlp", "numpy", "overhead_idle_pct", "<=", 30.0, "median", False),
         ("jax-mlp", "jax", "overhead_idle_pct", "<=", 60.0, "median", False)}
     for task, backend in (("lm-stdlib", "torch"), ("digits-mlp", "numpy"), ("digits-mlp", "torch")):
@@ -252,7 +258,7 @@ def test_every_target_names_a_task_backend_and_summary_figure():
                         (task, backend, "speedup_wall_vs_baseline", ">=", 0.97, "min", False),
                         (task, backend, "speedup_wall_vs_tuned", ">=", 1.05, "median", True)}
     assert {(t.task, t.backend) for t in TARGETS if t.metric == "speedup_wall_vs_schedulefree"} == {
-        ("lm-stdlib", "torch"), ("digits-mlp", "torch")}
+        ("lm-stdlib", "torch"), ("digits-mlp", "torch"), ("lm-finetune", "torch")}
 
 
 def _spread(median, lo, hi, n):
@@ -484,13 +490,13 @@ def test_the_hybrid_run_uses_the_chosen_dynamics_model(tmp_path, monkeypatch):
     monkeypatch.setattr(HybridTrainer, "__init__", spy)
     short = HybridConfig(warmup_steps=10, min_full_steps=10, max_predict_steps=10, horizon_arms=(0, 5, 10))
     monkeypatch.setitem(TASKS, "digits-mlp", dataclasses.replace(TASKS["digits-mlp"], config=short))
-    for name, cls in ((None, RSSMDynamics), ("rssm", RSSMDynamics), ("trend", TrendDynamics)):
+    for name, cls in ((None, TrendDynamics), ("rssm", RSSMDynamics), ("trend", TrendDynamics)):
         seen.clear()
         out = tmp_path / f"{name}.json"
         args = ["bench", "--task", "digits-mlp", "--backend", "numpy", "--seeds", "1", "--steps", "30", "--quiet",
                 *([] if name is None else ["--dynamics", name]), "--out", str(out)]
         assert main(args) == 0
-        assert json.loads(out.read_text())["dynamics"] == (name or "rssm")
+        assert json.loads(out.read_text())["dynamics"] == (name or "trend")
         assert seen and set(seen) == {cls}  # the timed run, the overhead probe and the traced run
 
 

@@ -229,3 +229,37 @@ def test_trainer_checkpoint_round_trips_the_wrapper(tmp_path):
     resumed.fit(lambda _: batch, steps=10, progress=False)
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_validation_logger_and_early_stopping_evaluate_the_read_out_the_trainer_chose():
+    model = MLP(SIZES, dtype=np.float64, seed=0)
+    trainer = HybridTrainer(model, Adam(model, lr=0.05),
+                            HybridConfig(warmup_steps=10**6, lr_recommend=False, readout_check_every=10))
+    data = _data(dtype=np.float64, n=256)
+    seen = []
+
+    def batch(i):
+        idx = np.random.default_rng(i).choice(256, 8, replace=False)
+        return data[0][idx], data[1][idx]
+
+    def evaluate():
+        kind = trainer.readout.resolve(None)
+        expected = trainer.export_parameters(kind) if kind != "raw" else None
+        seen.append((kind, [p.copy() for p in model.parameters()], expected))
+        return float(model.loss(data))
+
+    logger = ValidationLogger(evaluate, every=20)
+    raw_logger = ValidationLogger(lambda: float(model.loss(data)), every=20, readout=False)
+    stopper = EarlyStopping(evaluate, every=20, patience=100)
+    trainer.fit(batch, steps=100, callbacks=[logger, raw_logger, stopper])
+    chosen = trainer.readout.chosen
+    assert chosen != "raw"  # noisy 8-example steps at a high rate: the average sits lower
+    assert logger.records[-1]["weights"] == chosen and raw_logger.records[-1]["weights"] == "raw"
+    assert logger.records[-1]["value"] != raw_logger.records[-1]["value"]
+    kind, evaluated, expected = seen[-1]
+    assert kind == chosen
+    for got, want in zip(evaluated, expected):
+        np.testing.assert_array_equal(got, want)  # evaluated on the read-out...
+    assert not any(np.array_equal(p, q) for p, q in zip(model.parameters(), evaluated))  # ...then the raw came back
+    with pytest.raises(ConfigError, match="readout"):
+        ValidationLogger(evaluate, every=5, readout="yes")

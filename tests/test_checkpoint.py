@@ -187,7 +187,7 @@ def test_a_refused_component_state_puts_the_earlier_ones_back(tmp_path):
         def load_state_dict(self, state):
             raise CheckpointError("refused")
 
-    Refusing.__name__ = "RSSMDynamics"  # the default's name passes the type check, then it refuses its state
+    Refusing.__name__ = "TrendDynamics"  # the default's name passes the type check, then it refuses its state
     with pytest.raises(CheckpointError, match="refused"):
         HybridTrainer.load(path, model, trainer.optimizer, dynamics=Refusing())
     assert trainer.optimizer.state_dict()["step"] == live_opt["step"]

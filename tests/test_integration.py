@@ -49,12 +49,12 @@ def test_300_steps_visit_every_phase_and_skip_backward_passes(name, dynamics=Non
     assert all(np.all(np.isfinite(to_numpy(p))) for p in model.parameters())
 
 
-def test_the_default_dynamics_model_is_the_rssm_seeded_by_the_config():
-    from hybrid_core.dynamics import RSSMDynamics
+def test_the_default_dynamics_model_is_the_trend_model():
+    from hybrid_core.dynamics import TrendDynamics
 
     model = MLP([64, 8, 10], seed=0)
     trainer = HybridTrainer(model, Adam(model, lr=1e-3), HybridConfig(seed=7))
-    assert type(trainer.dynamics) is RSSMDynamics and trainer.dynamics.state_dict()["config"]["seed"] == 7
+    assert type(trainer.dynamics) is TrendDynamics
 
 
 @pytest.mark.parametrize("name", ["numpy", "array_api_strict"])

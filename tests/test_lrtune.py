@@ -181,3 +181,42 @@ def test_the_multiplier_and_the_estimate_survive_a_checkpoint_bit_for_bit(tmp_pa
     for a, b in zip(model.parameters(), straight_model.parameters()):
         np.testing.assert_array_equal(a, b)
     assert math.isfinite(resumed.summary()["lr"]["multiplier"])
+
+
+@pytest.mark.skipif(not available("torch"), reason="torch is not installed")
+def test_the_fused_torch_step_feeds_the_estimate_as_the_unfused_path_does():
+    import torch
+
+    from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
+
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(64, 6))).float()
+    y = (x[:, 0] > 0).long()
+
+    def run(fused):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        model = TorchModel(net, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
+        opt = TorchOptimizer(model, torch.optim.Adam(net.parameters(), lr=1e-3))
+        calls = []
+        if fused:
+            original = opt.fused_step
+
+            def spy(batch, measure, before_update=None):
+                calls.append(before_update is not None)
+                return original(batch, measure, before_update=before_update)
+
+            opt.fused_step = spy
+        else:
+            opt.accepts_before_update = False  # the trainer then takes the unfused path while it searches
+        trainer = HybridTrainer(model, opt, HybridConfig(warmup_steps=10, lr_search_steps=40))
+        for i in range(60):
+            trainer.step((x[i % 48:i % 48 + 16], y[i % 48:i % 48 + 16]))
+        trainer.flush()
+        return trainer.summary()["lr"]["history"], calls
+
+    fused, calls = run(True)
+    unfused, none = run(False)
+    assert calls and all(calls[:40]) and not any(calls[40:]) and not none
+    assert [h[0] for h in fused] == [h[0] for h in unfused] and len(fused) >= 2
+    for a, b in zip(fused, unfused):
+        assert a[1] == pytest.approx(b[1], rel=1e-4)

@@ -7,7 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hybrid_core import HybridError, TrendDynamics
+from hybrid_core import HybridError
+from hybrid_core.dynamics import RSSMDynamics
 
 from .demo import BACKENDS as DEMO_BACKENDS
 from .kernels_bench import BACKENDS as KERNEL_BACKENDS
@@ -82,8 +83,8 @@ def _bench(args: argparse.Namespace) -> int:
         if task.has_schedulefree(args.backend) and schedulefree_available() else "")
     print(f"{task.name}: {task.description}; backend {args.backend}; native baseline, tuned native baseline "
           f"(lr x0.5/x1/x2/x4; {peers}) and hybrid, {len(seeds)} seed(s), one process", flush=True)
-    # None: the trainer's default, RSSMDynamics seeded with the run's seed.
-    dynamics = TrendDynamics if args.dynamics == "trend" else None
+    # None: the trainer's default, TrendDynamics.
+    dynamics = (lambda: RSSMDynamics(seed=0)) if args.dynamics == "rssm" else None
     results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet, dynamics=dynamics,
                             peers=not args.no_peers)
     doc = summarize(results, task.name, args.backend, args.steps or task.steps, command, args.dynamics,
@@ -171,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", default="numpy")
     bench.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (task default)")
     bench.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (task default)")
-    bench.add_argument("--dynamics", choices=["rssm", "trend"], default="rssm",
-                       help="the hybrid run's dynamics model (default: rssm, the trainer's default)")
+    bench.add_argument("--dynamics", choices=["rssm", "trend"], default="trend",
+                       help="the hybrid run's dynamics model (default: trend, the trainer's default)")
     bench.add_argument("--no-peers", action="store_true",
                        help="quick run: no Schedule-Free sweep and no LAWA curves (default: both)")
     bench.add_argument("--out", metavar="JSON")

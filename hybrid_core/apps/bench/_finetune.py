@@ -222,6 +222,14 @@ def _lm_finetune_native(backend: str, seed: int, lr: float) -> Any:
     return _torch_native(module, loss_fn, lr, batch, val, "pretrained TinyTransformer nn.Module")
 
 
+def _lm_finetune_schedulefree(backend: str, seed: int, lr: float) -> Any:
+    from ._lm import loss_fn
+    from ._tasks import _torch_native
+
+    module, batch, val = finetune_module_and_data(seed)
+    return _torch_native(module, loss_fn, lr, batch, val, "pretrained TinyTransformer nn.Module", True)
+
+
 def finetune_task() -> Any:
     """The ``lm-finetune`` `BenchTask` (to be registered in ``TASKS``)."""
     from hybrid_core import HybridConfig
@@ -246,4 +254,6 @@ def finetune_task() -> Any:
         config=HybridConfig(),
         build=_lm_finetune,
         native=_lm_finetune_native,
+        schedulefree=_lm_finetune_schedulefree,
+        schedulefree_backends=("torch",),
     )

@@ -26,8 +26,9 @@ OVERHEAD_BLOCKS = 24
 OVERHEAD_BLOCK_STEPS = 8
 """Steps per block of the overhead probe: the default ``read_every``, so every block holds one read."""
 
-PROBE_KINDS = ("native", "idle", "active")
-"""The overhead probe's kinds: the native loop, an idle trainer, and a trainer that never predicts nor idles."""
+PROBE_KINDS = ("native", "idle", "idle_no_readout", "active")
+"""The overhead probe's kinds: the native loop, an idle trainer, the same without the read-out, and a trainer
+that never predicts nor idles."""
 
 
 def active_config(config: HybridConfig) -> HybridConfig:
@@ -50,19 +51,22 @@ def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfi
     - ``idle``: a trainer with ``config``; after the warm-up its cadence is put into an idle spell
       that never ends, so every timed step is an idle FULL step (what a user pays once the
       trainer has learned not to predict);
+    - ``idle_no_readout``: the same with ``readout=()``: ``idle`` over it is what the read-out costs;
     - ``active``: a trainer with `active_config` (only arm 0, no FULL-phase bound, never idle), so
       every timed step is a FULL step with all the bookkeeping.
 
-    All three first take ``warmup_steps + 1`` untimed steps (out of WARMUP; caches warm; JIT
-    compiled). Then `OVERHEAD_BLOCKS` blocks of `OVERHEAD_BLOCK_STEPS` steps each, every kind
-    once per block, in an order that rotates through the six permutations, so all three run under
-    the same machine load. Returns (seconds per step of each block by kind, what the trainers
+    All first take ``max(warmup_steps, lr_search_steps) + 1`` untimed steps (out of WARMUP and past
+    the learning-rate search, whose cost the whole-run figure shows; caches warm; JIT compiled).
+    Then `OVERHEAD_BLOCKS` blocks of `OVERHEAD_BLOCK_STEPS` steps each, every kind once per block,
+    in an order that rotates through the permutations, so all run under the same machine load.
+    Returns (seconds per step of each block by kind, what the trainers
     were doing at the end).
     """
     native = task.native_setup(backend, seed, task.lr)
     trainers = {}
     syncs: dict[str, Callable[[], None] | None] = {"native": native.sync}
-    for kind, cfg in (("idle", config), ("active", active_config(config))):
+    for kind, cfg in (("idle", config), ("idle_no_readout", config.replace(readout=())),
+                      ("active", active_config(config))):
         setup = task.setup(backend, seed, task.lr)
         trainers[kind] = HybridTrainer(setup.model, setup.optimizer, cfg, None if dynamics is None else dynamics())
         syncs[kind] = setup.sync
@@ -84,13 +88,13 @@ def overhead_probe(task: BenchTask, backend: str, seed: int, config: HybridConfi
         return run
 
     steppers = {kind: stepper(kind) for kind in PROBE_KINDS}
-    warm = config.warmup_steps + 1
-    for i in range(warm):  # untimed: leave WARMUP, warm caches and compile
+    warm = max(config.warmup_steps, config.lr_search_steps) + 1
+    for i in range(warm):  # untimed: leave WARMUP and the learning-rate search, warm caches and compile
         b = native.batch(i)
         for kind in PROBE_KINDS:
             steppers[kind](b)
-    idle = trainers["idle"]
-    idle.cadence.start_idle(idle.steps_done, 10**9)
+    for kind in ("idle", "idle_no_readout"):
+        trainers[kind].cadence.start_idle(trainers[kind].steps_done, 10**9)
     orders = list(itertools.permutations(PROBE_KINDS))
     out: dict[str, list[float]] = {kind: [] for kind in PROBE_KINDS}
     i = warm
@@ -148,7 +152,7 @@ def warm_process(task: BenchTask, backend: str, config: HybridConfig,
     return out
 
 
-def probe_overhead_pct(probe: dict[str, list[float]], kind: str) -> float:
-    """100 × (median over blocks of ``kind``'s seconds per step / the native loop's in the same block − 1)."""
-    ratios = [k / n for k, n in zip(probe.get(kind, []), probe.get("native", []), strict=True) if n > 0]
+def probe_overhead_pct(probe: dict[str, list[float]], kind: str, against: str = "native") -> float:
+    """100 × (median over blocks of ``kind``'s seconds per step / ``against``'s in the same block − 1)."""
+    ratios = [k / n for k, n in zip(probe.get(kind, []), probe.get(against, []), strict=True) if n > 0]
     return 100.0 * (float(np.median(ratios)) - 1.0) if ratios else float("nan")

@@ -136,6 +136,7 @@ def _seed_figures(runs: Sequence[RunResult], steps: int) -> dict[str, Any]:
         "hybrid_lr_multiplier": hybrid.events.get("lr_multiplier"),
         "overhead_idle_pct": _finite(probe_overhead_pct(hybrid.probe_seconds, "idle")),
         "overhead_active_pct": _finite(probe_overhead_pct(hybrid.probe_seconds, "active")),
+        "readout_cost_pct": _finite(probe_overhead_pct(hybrid.probe_seconds, "idle", "idle_no_readout")),
         "total_wall_vs_native": _ratio(hybrid.curve[-1][0], total_wall),
         "host_syncs_per_real_step": _ratio(hybrid.events.get("host_syncs"), real_steps),
         "predict_cost_vs_full_no_check": _finite(median_step(hybrid, "predict") / plain_step),
@@ -152,7 +153,7 @@ def summarize(results: list[RunResult], task: str, backend: str, steps: int, com
     seeds = sorted({r.seed for r in results})
     per_seed = [_seed_figures([r for r in results if r.seed == seed], steps) for seed in seeds]
     keys = [k for k in per_seed[0] if k.startswith("speedup_")] + [
-        "hybrid_lr_multiplier", "overhead_idle_pct", "overhead_active_pct", "total_wall_vs_native",
+        "hybrid_lr_multiplier", "overhead_idle_pct", "overhead_active_pct", "readout_cost_pct", "total_wall_vs_native",
         "host_syncs_per_real_step", "predict_cost_vs_full_no_check", "predict_cost_vs_full_with_check",
         "peak_memory_overhead_pct", "predicted_fraction"]
     summary = {k: _spread([s[k] for s in per_seed]) for k in keys}
@@ -243,6 +244,8 @@ def format_table(doc: dict[str, Any]) -> str:
          s["hybrid_lr_multiplier"]["n"] > 0),
         ("overhead of an idle FULL step vs the native step (%), interleaved", _fmt(s["overhead_idle_pct"], "{:.1f}"),
          True),
+        ("cost of the read-out: idle step vs the same without it (%), interleaved",
+         _fmt(s["readout_cost_pct"], "{:.1f}"), True),
         ("overhead of an active FULL step vs the native step (%), interleaved",
          _fmt(s["overhead_active_pct"], "{:.1f}"), True),
         ("whole default run: hybrid wall-clock / native wall-clock", _fmt(s["total_wall_vs_native"], "{:.3f}"),

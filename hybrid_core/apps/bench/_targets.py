@@ -48,6 +48,8 @@ def _speedups(task: str, backend: str, schedulefree: bool) -> tuple[Target, ...]
 TARGETS: tuple[Target, ...] = (
     Target("lm-stdlib", "torch", "overhead_idle_pct", 3.0,
            "an idle FULL step costs at most 3% more than the native torch step"),
+    Target("lm-stdlib", "torch", "readout_cost_pct", 1.0,
+           "the read-out costs at most 1% of an idle step (interleaved probe with and without it)"),
     Target("lm-stdlib", "torch", "total_wall_vs_native", 1.03,
            "a whole default hybrid run takes at most 1.03x the native run's training wall-clock"),
     Target("digits-mlp", "numpy", "overhead_idle_pct", 30.0,
@@ -57,6 +59,13 @@ TARGETS: tuple[Target, ...] = (
     *_speedups("lm-stdlib", "torch", schedulefree=True),
     *_speedups("digits-mlp", "numpy", schedulefree=False),
     *_speedups("digits-mlp", "torch", schedulefree=True),
+    Target("lm-finetune", "torch", "speedup_wall_vs_baseline", 1.3,
+           "fine-tuning: the hybrid reaches the baseline's final validation loss in at most 1/1.3 of its wall-clock",
+           ">="),
+    Target("lm-finetune", "torch", "speedup_wall_vs_tuned", 1.0,
+           "fine-tuning: this task's figure against the tuned baseline (reported)", ">=", informative=True),
+    Target("lm-finetune", "torch", "speedup_wall_vs_schedulefree", 1.0,
+           "fine-tuning: against Schedule-Free AdamW at its best lr (reported)", ">=", informative=True),
 )
 """Every target: (task, backend, metric, bound, direction, statistic). Figures without a bound are not here."""
 
