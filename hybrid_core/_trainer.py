@@ -57,7 +57,7 @@ class HybridTrainer:
     when the optimizer offers `FusedStep`) and leave their loss on the device; every
     ``config.read_every`` steps, and before each decision, the pending values are read in one
     transfer, and the statistics of that step are measured too. Read values teach
-    ``dynamics`` the loss trajectory (default `RSSMDynamics` seeded with ``config.seed``). In
+    ``dynamics`` the loss trajectory (default `TrendDynamics`, Holt smoothing of the log-loss). In
     FULL a LinUCB bandit picks the next PREDICT horizon, 0 (keep training normally) included.
     A PREDICT step runs no backward pass: it applies ``step_scale · direction`` and every
     ``check_interval`` steps a forward-only check compares the loss with the predicted band;
