@@ -45,7 +45,7 @@ from ._realsteps import RealSteps
 from ._recorder import Recorder
 from ._result import StepResult
 from ._state import TrainingState
-from .dynamics import TrendDynamics
+from .dynamics import RSSMDynamics, TrendDynamics
 
 __all__ = ["HybridTrainer", "StepResult"]
 
@@ -375,13 +375,17 @@ class HybridTrainer:
 
         The run then continues exactly as if it had never stopped (bit for bit on deterministic
         CPU backends). A truncated, corrupted, foreign, older-format or newer file raises
-        `CheckpointError`; a part that refuses its state puts the earlier ones back.
+        `CheckpointError`; a part that refuses its state puts the earlier ones back. Without
+        ``dynamics``, a file saved with one of the library's dynamics models (`TrendDynamics`, or
+        `RSSMDynamics`, the default of earlier versions) gets a fresh one of that kind to load into.
         """
         raw = read_checkpoint(path, max_bytes)
         try:
             config = HybridConfig.from_dict(raw["config"])
         except (ConfigError, TypeError, KeyError) as exc:
             raise CheckpointError(f"{os.fspath(path)}: the saved config is not valid ({exc})") from exc
+        if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
+            dynamics = RSSMDynamics(seed=config.seed)
         trainer = cls(model, optimizer, config, dynamics)
         trainer._restore_parts(path, raw)
         return trainer
