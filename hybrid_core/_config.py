@@ -108,8 +108,8 @@ class HybridConfig:
     ema_decay: float = 0.98
     """Per-step decay of the EMA read-out (bias-corrected; one copy of the parameters)."""
     readout_check_every: int = 100
-    """Steps between paired comparisons of the read-outs with the raw weights on a real step's batch
-    (one forward pass per read-out); 0 = never compare (then ``raw`` stays the chosen one)."""
+    """Steps between paired comparisons of a read-out (they take turns) with the raw weights on a real
+    step's batch (one forward pass); 0 = never compare (then ``raw`` stays the chosen one)."""
     lr_recommend: bool = True
     """Let the trainer raise the learning rate to a Prodigy-style estimate seeded with the user's rate,
     guarded by the divergence monitor and rollback (Adam-family optimizers without a scheduler)."""
