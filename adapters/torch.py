@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,129 +15,13 @@ from hybrid_core._protocols import Model
 from hybrid_core.kernels import fused_stats
 from hybrid_core.models._checks import check_like_parameters
 
-from ._batch import batch_leaves, library_of
+from ._torch_model import TorchModel, train_mode
 from ._torch_rules import GroupView, rule_for, sgd_next
 
 __all__ = ["TorchModel", "TorchOptimizer"]
 
 _STATE_KEYS = frozenset({"kind", "optimizer_class", "optimizer", "scheduler", "last_update", "last_grads"})
 _STATE_HINT = "Load a state_dict() saved by a TorchOptimizer around the same torch optimizer class and model."
-
-
-@contextlib.contextmanager
-def _mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
-    """Put ``module`` in train or eval mode, then restore every submodule's own previous mode."""
-    saved = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
-class TorchModel:
-    """A ``torch.nn.Module`` and ``loss_fn(module, batch) -> 0-d tensor`` seen as a `hybrid_core.Model`.
-
-    `parameters` returns the module's trainable tensors themselves (live: they change when the
-    model is updated), in ``module.parameters()`` order, fixed at construction.
-
-    Modes: `loss_and_grad` runs in train mode (a module in eval mode is switched for the pass and
-    restored; a module already training keeps any submodule the user put in eval). `loss` runs in
-    the module's current mode unless ``eval_for_loss`` is set: then forward-only checks run in eval
-    mode, so dropout does not make them noisy and batch-norm does not fold the probe batches
-    (including the points of a line search, which are not on the training path) into its running
-    statistics. The previous mode of every submodule is restored afterwards.
-    """
-
-    def __init__(self, module: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *,
-                 eval_for_loss: bool = False) -> None:
-        if not isinstance(module, torch.nn.Module):
-            raise ModelError(f"TorchModel needs a torch.nn.Module, got {type(module).__name__}")
-        if not callable(loss_fn):
-            raise ModelError("loss_fn is not callable", "Pass loss_fn(module, batch) -> 0-d tensor.")
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise ModelError("the module has no parameter with requires_grad=True: there is nothing to train",
-                             "Unfreeze at least one parameter before wrapping the module.")
-        if any(torch.is_complex(p) for p in params):
-            raise ModelError("complex parameters are not supported",
-                             "Split them into real and imaginary parts.")
-        self.module = module
-        self.loss_fn = loss_fn
-        self.eval_for_loss = bool(eval_for_loss)
-        self._params = params
-        self._xp = namespace_of(params, what="the module's parameters")
-        self._devices = {p.device for p in params}
-
-    def parameters(self) -> list[torch.Tensor]:
-        """The trainable parameter tensors themselves (live), in ``module.parameters()`` order."""
-        return list(self._params)
-
-    def loss(self, batch: Any) -> torch.Tensor:
-        """Forward pass under ``torch.no_grad()``: the loss as a tensor (no host read)."""
-        self._check_batch(batch)
-        mode = _mode(self.module, False) if self.eval_for_loss else contextlib.nullcontext()
-        with torch.no_grad(), mode:
-            return self._scalar(self.loss_fn(self.module, batch)).detach()
-
-    def loss_and_grad(self, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward and backward in train mode: the detached loss and ``p.grad`` of every parameter.
-
-        Gradients are fresh tensors each call (grads are reset to ``None`` first); a parameter the
-        loss does not reach gets a zero gradient, which is also stored in its ``.grad``.
-        """
-        self._check_batch(batch)
-        self.module.zero_grad(set_to_none=True)
-        mode = contextlib.nullcontext() if self.module.training else _mode(self.module, True)
-        with torch.enable_grad(), mode:
-            loss = self._scalar(self.loss_fn(self.module, batch))
-            if not loss.requires_grad:
-                raise ModelError("the loss does not depend on any trainable parameter",
-                                 "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
-            loss.backward()
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return loss.detach(), [p.grad for p in self._params]
-
-    def set_parameters(self, values: Sequence[torch.Tensor]) -> None:
-        """Copy ``values`` into the live parameter tensors (one ``torch._foreach_copy_``)."""
-        values = check_like_parameters(self._xp, self._params, values, "the parameters")
-        with torch.no_grad():
-            torch._foreach_copy_(self._params, values)
-
-    def apply_update(self, update: Sequence[torch.Tensor], scale: float) -> None:
-        """θ ← θ + scale·update for all parameters in one ``torch._foreach_add_``."""
-        update = check_like_parameters(self._xp, self._params, update, "the update")
-        with torch.no_grad():
-            torch._foreach_add_(self._params, update, alpha=float(scale))
-
-    def _scalar(self, loss: Any) -> torch.Tensor:
-        if not isinstance(loss, torch.Tensor):
-            raise ModelError(f"loss_fn returned a {type(loss).__name__}, not a torch.Tensor",
-                             "Return the loss tensor itself (no .item()).")
-        if tuple(loss.shape) not in ((), (1,)):
-            raise BatchError(f"loss_fn returned a loss of shape {tuple(loss.shape)}; a scalar was expected",
-                             "Reduce the loss to a scalar (e.g. .mean() over the batch) inside loss_fn.")
-        return loss
-
-    def _check_batch(self, batch: Any) -> None:
-        devices = ", ".join(sorted(str(d) for d in self._devices))
-        for leaf in batch_leaves(batch):
-            if isinstance(leaf, torch.Tensor):
-                if leaf.device not in self._devices:
-                    raise BackendError(
-                        f"the batch holds a tensor on {leaf.device} but the model is on {devices}",
-                        f"Move the batch to {devices} (tensor.to(device)) before the step.")
-            else:
-                library = library_of(leaf)
-                if library is not None:
-                    raise BackendError(f"the batch holds a {library} array but the model uses torch",
-                                       f"Convert the batch to torch tensors on {devices} (torch.as_tensor).")
-
-    def __repr__(self) -> str:
-        return f"TorchModel({type(self.module).__name__}, {len(self._params)} parameter tensors)"
 
 
 class TorchOptimizer:
@@ -164,7 +48,14 @@ class TorchOptimizer:
     Step counts are read from the torch state once, at construction and in `load_state_dict`, and
     counted in Python afterwards, so no method reads a device value: step the torch optimizer
     only through this class.
+
+    Frozen parameters (``requires_grad=False``, see `TorchModel.set_trainable`) are left alone: `step`
+    drops their ``.grad`` (the fused step never computes it) and ``torch.optim`` skips a parameter
+    without one, its state included (`skips_frozen`).
     """
+
+    skips_frozen = True
+    """Parameters frozen through `TorchModel.set_trainable`, and their optimizer state, stay untouched."""
 
     def __init__(self, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any = None,
                  clip_grad_norm: float | None = None) -> None:
@@ -234,7 +125,9 @@ class TorchOptimizer:
         params = self._params
         grads = check_like_parameters(self._xp, params, grads, "the gradients")
         for p, g in zip(params, grads, strict=True):
-            if p.grad is not g:
+            if not p.requires_grad:
+                p.grad = None  # frozen: torch.optim skips it
+            elif p.grad is not g:
                 p.grad = g.detach()
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
@@ -252,8 +145,8 @@ class TorchOptimizer:
             update = self._buffer
         self._has_update = True
         if self._rule is sgd_next:  # only SGD's extrapolation needs them; others would pin their memory
-            self._last_grads = [p.grad for p in params]
-        self._steps = [s + 1 for s in self._steps]
+            self._last_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        self._steps = [s + (p.grad is not None) for s, p in zip(self._steps, params)]
         if self.scheduler is not None:
             self.scheduler.step()
         return list(update)
@@ -285,7 +178,7 @@ class TorchOptimizer:
             model._check_batch(batch)
         module, params = model.module, self._params
         module.zero_grad(set_to_none=True)
-        mode = contextlib.nullcontext() if module.training else _mode(module, True)
+        mode = contextlib.nullcontext() if module.training else train_mode(module, True)
         with torch.enable_grad(), mode:
             loss = model._scalar(model.loss_fn(module, batch))
             if not loss.requires_grad:
@@ -310,7 +203,7 @@ class TorchOptimizer:
                 self._has_update = True
         if self._rule is sgd_next:
             self._last_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        self._steps = [s + 1 for s in self._steps]
+        self._steps = [s + (p.grad is not None) for s, p in zip(self._steps, params)]
         if self.scheduler is not None:
             self.scheduler.step()
         loss = loss.detach()

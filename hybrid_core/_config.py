@@ -8,7 +8,7 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["DIRECTIONS", "NONFINITE_POLICIES", "HybridConfig"]
+__all__ = ["DIRECTIONS", "LAYER_FREEZE", "NONFINITE_POLICIES", "HybridConfig"]
 
 DIRECTIONS = ("extrapolate", "linefit")
 """Where a predicted step's direction comes from: ``extrapolate`` = `Optimizer.extrapolate()`,
@@ -16,6 +16,10 @@ DIRECTIONS = ("extrapolate", "linefit")
 
 NONFINITE_POLICIES = ("raise", "skip")
 """What a real step does with a NaN/Inf loss or gradient: raise `DivergenceError` or skip the batch."""
+
+LAYER_FREEZE = ("off", "autofreeze")
+"""Layer-wise strategies `HybridConfig.layer_freeze` may name: ``off``, or ``autofreeze`` (freeze the front
+parameter groups whose gradient norms stopped changing, guarded; see `hybrid_core._freeze`)."""
 
 _INT_MAX = 10**9
 _TUPLE_FIELDS = ("horizon_arms", "correction_fractions", "readout")
@@ -104,14 +108,22 @@ class HybridConfig:
     ema_decay: float = 0.98
     """Per-step decay of the EMA read-out (bias-corrected; one copy of the parameters)."""
     readout_check_every: int = 100
-    """Steps between paired comparisons of the read-outs with the raw weights on a real step's batch
-    (one forward pass per read-out); 0 = never compare (then ``raw`` stays the chosen one)."""
+    """Steps between paired comparisons of a read-out (they take turns) with the raw weights on a real
+    step's batch (one forward pass); 0 = never compare (then ``raw`` stays the chosen one)."""
     lr_recommend: bool = True
     """Let the trainer raise the learning rate to a Prodigy-style estimate seeded with the user's rate,
     guarded by the divergence monitor and rollback (Adam-family optimizers without a scheduler)."""
     lr_search_steps: int = 200
     """Real steps at the start of the run during which the learning-rate estimate is fed at most (the search
     ends earlier once five scheduled reads in a row bring no rise)."""
+    layer_freeze: str = "off"
+    """Layer-wise strategy, one of `LAYER_FREEZE`: ``autofreeze`` freezes, every ``freeze_every`` steps, the
+    front parameter groups whose gradient norms changed least (never the last group), guarded by the
+    divergence monitor and the loss trend (needs `Model.parameter_groups`/`set_trainable`; otherwise the
+    summary says it is unavailable)."""
+    freeze_every: int = 50
+    """Steps per AutoFreeze interval: each interval's gradient norms (measured steps only) are compared
+    with the previous interval's, and a freeze is judged on the loss of the interval after it."""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -223,6 +235,8 @@ def _problems(c: HybridConfig) -> list[str]:
         _int_problem("readout_check_every", c.readout_check_every, 0),
         None if isinstance(c.lr_recommend, bool) else f"lr_recommend={c.lr_recommend!r}: must be True or False",
         _int_problem("lr_search_steps", c.lr_search_steps, 0),
+        _choice_problem("layer_freeze", c.layer_freeze, LAYER_FREEZE),
+        _int_problem("freeze_every", c.freeze_every, 1),
     ]
     problems = [p for p in checks if p is not None]
     # Cross-field bounds only make sense once both fields are valid integers.
@@ -236,4 +250,8 @@ def _problems(c: HybridConfig) -> list[str]:
             problems.append(
                 f"probe_steps={c.probe_steps!r}: must be <= max_predict_steps ({c.max_predict_steps})"
             )
+    if c.layer_freeze == "autofreeze" and not any(p.startswith(("freeze_every=", "read_every=")) for p in problems):
+        if c.freeze_every < c.read_every:
+            problems.append(f"freeze_every={c.freeze_every!r}: must be >= read_every ({c.read_every}) with "
+                            "layer_freeze='autofreeze' (gradient norms are measured on read steps only)")
     return problems

@@ -14,7 +14,7 @@ import array_api_compat
 
 from ._protocols import Array
 
-__all__ = ["abs_sum", "copy_into", "dot", "lerp_", "scale_add_"]
+__all__ = ["abs_sum", "abs_sums", "copy_into", "dot", "lerp_", "scale_add_"]
 
 
 def _torch(arrays: Sequence[Array]) -> bool:
@@ -102,3 +102,13 @@ def abs_sum(xp: Any, arrays: Sequence[Array]) -> Array:
         term = xp.sum(xp.abs(a))
         total = term if total is None else total + term
     return total
+
+
+def abs_sums(xp: Any, arrays: Sequence[Array]) -> Array:
+    """[Σ |x| of each array] as one 1-D float32 device array (torch: one ``_foreach_norm``)."""
+    if _torch(arrays):
+        import torch
+
+        with torch.no_grad():
+            return torch.stack([n.to(torch.float32) for n in torch._foreach_norm(list(arrays), 1)])
+    return xp.stack([xp.astype(xp.sum(xp.abs(a)), xp.float32) for a in arrays])

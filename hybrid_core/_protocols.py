@@ -34,6 +34,17 @@ class Model(Protocol):
     the trainer read losses in batches and still come back from non-finite weights — without it
     every real step is read before its update), ``state_dict()``/``load_state_dict()`` for state
     beyond the parameters (batch-norm buffers).
+
+    Layer freezing (`HybridConfig.layer_freeze`) needs two more:
+
+    - ``parameter_groups() -> list[list[int]]``: indices into `parameters`, grouped (each index in
+      exactly one group, no group empty), groups in forward order, input side first; the last group
+      (the head) is never frozen. Fixed for the model's life.
+    - ``set_trainable(flags: Sequence[bool]) -> None``: one flag per group; a group set False is
+      frozen: its gradient is not computed at all (torch: ``requires_grad_(False)``, so the backward
+      pass stops there) and `loss_and_grad` returns zeros for it. True trains it again.
+
+    The optimizer must then leave frozen parameters still (``Optimizer.skips_frozen``).
     """
 
     def parameters(self) -> list[Array]:
@@ -71,6 +82,10 @@ class Optimizer(Protocol):
     An optimizer of the Adam family (an update normalised per coordinate, so its learning rate is
     a step length in parameter units) may set ``adaptive = True``: the trainer's learning-rate
     recommendation then applies to it (see `HybridConfig.lr_recommend`).
+
+    An optimizer whose `step` (and ``fused_step``) leaves the parameters of groups frozen by
+    ``Model.set_trainable`` unchanged, their optimizer state included (no momentum, no weight decay
+    for them), may set ``skips_frozen = True``: layer freezing (`HybridConfig.layer_freeze`) needs it.
     """
 
     @property

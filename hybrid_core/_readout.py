@@ -14,8 +14,8 @@ host read) right after the real step whose index it carries, and only committed 
 that step found every value finite; a rollback to the last verified point drops what is staged,
 so NaN weights never enter an average.
 
-Every ``readout_check_every`` steps the trainer evaluates each read-out on the next real step's
-batch (one forward pass each, before the update) and pairs it with that step's own loss on the
+Every ``readout_check_every`` steps the trainer evaluates one read-out (they take turns) on the
+next real step's batch (one forward pass, before the update) and pairs it with that step's own loss on the
 same batch; `chosen` is the read-out whose mean difference over the last `COMPARISONS` pairs is
 the most negative, else ``raw``. Memory: ``lawa_snapshots`` copies of the parameters for LAWA, one
 for the EMA, plus the snapshots staged between two reads (at most ``read_every / spacing + 1``).
@@ -61,6 +61,8 @@ class ReadOut:
         self._ema_step = 0
         self._diffs: dict[str, deque[float]] = {k: deque(maxlen=COMPARISONS) for k in self.kinds}
         self._cache: dict[str, list[Array]] = {}
+        self._turn = 0
+        """Which read-out the next paired check evaluates (they take turns)."""
         self.chosen = "raw"
         """The read-out that evaluated best in the latest paired comparisons (``raw`` until one is better)."""
 
@@ -176,8 +178,11 @@ class ReadOut:
                 and any(self.available(k) for k in self.kinds))
 
     def probe(self, model: Model, batch: Any, forward: Callable[[Any], Array]) -> dict[str, Array]:
-        """Each available read-out's loss on ``batch`` (device arrays); the raw weights are put back exactly."""
-        kinds = [k for k in self.kinds if self.available(k)]
+        """One read-out's loss on ``batch`` (a device array), the read-outs taking turns so that a check costs
+        one forward pass; the raw weights are put back exactly."""
+        ready = [k for k in self.kinds if self.available(k)]
+        kinds = [ready[self._turn % len(ready)]]
+        self._turn += 1
         raw = [p * 1 for p in model.parameters()]
         out = {}
         try:
@@ -213,7 +218,7 @@ class ReadOut:
         return {"kinds": list(self.kinds), "snapshots": [[s, list(p)] for s, p in self._snapshots],
                 "ema": None if self._ema is None else list(self._ema), "ema_norm": self._ema_norm,
                 "ema_step": self._ema_step, "diffs": {k: list(d) for k, d in self._diffs.items()},
-                "chosen": self.chosen}
+                "chosen": self.chosen, "turn": self._turn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (`ValueError` if it does not fit this model or config)."""
@@ -235,6 +240,7 @@ class ReadOut:
         self._ema, self._ema_norm, self._ema_step = ema, norm, int(state["ema_step"])
         self._diffs = {k: deque(diffs.get(k, []), maxlen=COMPARISONS) for k in self.kinds}
         self.chosen = chosen
+        self._turn = int(state.get("turn", 0))
         self._staged, self._cache, self._free = [], {}, []
 
 

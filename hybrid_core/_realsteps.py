@@ -16,6 +16,10 @@ hands its gradients over, and each read also reads the estimate. After every rea
 stages its snapshot; a read that finds every value finite commits it, a rollback drops it. A late
 non-finite value with the learning rate raised by the tuner backs the rate off and replays every
 step since the verified point at the lower rate, each read before its update.
+
+While the layer-freezing strategy watches the gradient norms (`LayerFreeze.wants`), a measured step also
+takes the unfused path: the per-group norms of its gradients ride along in its read, and the part decides
+at the regular reads (a change of the trainable groups makes the point reached the verified one).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ._checks import call_model, check_loss_and_grads, has_method
 from ._config import HybridConfig
 from ._directions import ExtrapolateDirection, LinefitDirection
 from ._errors import DivergenceError
+from ._freeze import LayerFreeze
 from ._ledger import Ledger, Pending
 from ._lrtune import LRTuner
 from ._metrics import MetricsCollector
@@ -47,14 +52,16 @@ class RealSteps:
 
     def __init__(self, config: HybridConfig, model: Model, optimizer: Optimizer, ledger: Ledger,
                  recorder: Recorder, directions: ExtrapolateDirection | LinefitDirection, phases: PhaseMachine,
-                 metrics: MetricsCollector, xp: Any, readout: ReadOut, tuner: LRTuner) -> None:
+                 metrics: MetricsCollector, xp: Any, readout: ReadOut, tuner: LRTuner, freeze: LayerFreeze) -> None:
         self._config, self._model, self._optimizer = config, model, optimizer
         self._ledger, self._recorder, self._directions = ledger, recorder, directions
         self._phases, self._metrics, self._xp = phases, metrics, xp
-        self._readout, self._tuner = readout, tuner
+        self._readout, self._tuner, self._freeze = readout, tuner, freeze
         self.extra: list[Array] = []
         """Device values to read with the next read (1-element arrays); their floats land in `extra_values`."""
         self.extra_values: list[float] = []
+        self.extra_records: list[Recorded] = []
+        """The steps recorded by the read that carried `extra` (kept with `extra_values` until they are taken)."""
         self.eager = config.read_every == 1 or not has_method(model, "set_parameters")
         self.fused = isinstance(optimizer, FusedStep) and optimizer.model is model and not self.eager
         self._last_update: list[Array] | None = None
@@ -70,7 +77,8 @@ class RealSteps:
         if self.eager:
             self.flush()
             return self._eager_step(Pending(step, phase, batch, None, None, None, math.nan), 0)
-        loss, stats, lr = self.compute(batch, statistics, self._tuner.searching(step))
+        loss, stats, lr = self.compute(batch, statistics, self._tuner.searching(step),
+                                       step if self._freeze.wants(step, measure) else None)
         self._readout.stage(step, self._model)
         self._ledger.add(Pending(step, phase, batch, loss, stats, lr, math.nan))
         return self.settle() if measure else None
@@ -79,14 +87,16 @@ class RealSteps:
         """Read and record every pending step now."""
         return self.settle() if self._ledger.pending else []
 
-    def compute(self, batch: Any, statistics: bool, feed: bool = False) -> tuple[Array, Array | None, float | None]:
+    def compute(self, batch: Any, statistics: bool, feed: bool = False,
+                norms_of: int | None = None) -> tuple[Array, Array | None, float | None]:
         """Forward, backward and update; the loss (and statistics when asked) stay on the device.
 
-        With ``feed`` the gradients also feed the learning-rate estimate (unfused path).
+        With ``feed`` the gradients also feed the learning-rate estimate, with ``norms_of`` (the step's
+        index) the layer-freezing strategy's per-group norms (unfused path).
         """
         model, optimizer = self._model, self._optimizer
         hook = getattr(optimizer, "accepts_before_update", False) is True
-        if self.fused and (not feed or hook):
+        if self.fused and (not feed or hook) and norms_of is None:
             if feed:
                 def feed_tuner(grads: list[Array]) -> None:
                     self._tuner.accumulate(model.parameters(), grads, self._xp)
@@ -107,6 +117,8 @@ class RealSteps:
         self._checked = True
         if feed:
             self._tuner.accumulate(model.parameters(), grads, self._xp)
+        if norms_of is not None:
+            self._freeze.stage(norms_of, grads, self._xp)
         update = optimizer.step(grads)
         if not statistics:
             return loss, None, None
@@ -116,19 +128,27 @@ class RealSteps:
         """Read the pending steps and record them; roll back and replay if a value is not finite."""
         ledger = self._ledger
         extra, self.extra = self.extra, []
-        due = self._tuner.due(ledger.pending[-1].step)
-        values, more = ledger.read((self._tuner.pending(self._xp) if due else []) + extra)
-        self.extra_values = more[len(more) - len(extra):]
-        estimate = more[:len(more) - len(extra)]
+        last = ledger.pending[-1].step
+        due = self._tuner.due(last)
+        estimate_arrays = self._tuner.pending(self._xp) if due else []
+        values, more = ledger.read(estimate_arrays + self._freeze.pending() + extra)
+        estimate, norms, extra_values = _split(more, len(estimate_arrays), self._freeze.pending_size)
+        if extra:  # kept until taken: a later read without extras (after a flush) must not drop them
+            self.extra_values = extra_values
         if not all(_finite(v) for v in values):
-            return self.replay()
+            out = self.replay()
+            self.extra_records = out if extra else self.extra_records
+            return out
         pending, ledger.pending = ledger.pending, []
         out = [self._recorder.record(p, v) for p, v in zip(pending, values)]
+        self.extra_records = out if extra else self.extra_records
         self._readout.commit()
         if due:
             self._tuner.update(pending[-1].step, estimate)
         self._directions.observe(self._recorder.steps_recorded, self._model)
         ledger.settled += pending
+        if self._freeze_read(last, out, norms):
+            ledger.verify(self._model, self._optimizer)  # later rollbacks replay with the new trainable groups
         if len(ledger.settled) >= _VERIFY_READS * self._config.read_every:
             # With the learning rate tuned, keep the point before too: a raised rate can make the newest
             # point's unread last update the bad one (see `replay`).
@@ -150,6 +170,7 @@ class RealSteps:
         settled = ledger.settled
         before = ledger.older_settled
         self._readout.discard()
+        self._freeze.discard()
         self._tuner.reset_estimate()
         self._metrics.count("late_nonfinite_rollbacks")
         lowered = self._tuner.back_off(pending[0].step if pending else 0, "non-finite value")
@@ -188,6 +209,13 @@ class RealSteps:
                                     bad_start=guard_start and i == 0)
         return out
 
+    def _freeze_read(self, last: int, records: list[Recorded], norms: list[float], decide: bool = True) -> bool:
+        """Hand a read to the layer-freezing strategy; count what it changed. Whether the trainable groups changed."""
+        event = self._freeze.after_read(last, records, norms, self._recorder.diverging, decide)
+        if event is not None:
+            self._metrics.count(event)
+        return event is not None
+
     def read_lr(self) -> float:
         """The optimizer's learning rate; counted as a host read when the optimizer says it is one."""
         if getattr(self._optimizer, "lr_on_device", False) is True:
@@ -205,16 +233,19 @@ class RealSteps:
         feed = self._tuner.searching(p.step) and not replaying
         if feed:
             self._tuner.accumulate(model.parameters(), grads, self._xp)
+        if record and self._freeze.wants(p.step, self.eager or p.stats is not None):
+            self._freeze.stage(p.step, grads, self._xp)
         due = feed and self._tuner.due(p.step)
         estimate_arrays = self._tuner.pending(self._xp) if due else []
         extra, self.extra = (self.extra, []) if record else ([], self.extra)
-        values = self._ledger.read_arrays([fused_stats(loss, grads, self._last_update), *estimate_arrays, *extra])
+        values = self._ledger.read_arrays([fused_stats(loss, grads, self._last_update), *estimate_arrays,
+                                           *self._freeze.pending(), *extra])
+        stats, values = values[:6], values[6:]
+        estimate, norms, more = _split(values, len(estimate_arrays), self._freeze.pending_size)
         if extra:
-            self.extra_values = values[len(values) - len(extra):]
-            values = values[:len(values) - len(extra)]
-        cut = len(values) - len(estimate_arrays)
-        stats, estimate = values[:cut], values[cut:]
+            self.extra_values, self.extra_records = more, []
         if not _finite(stats):
+            self._freeze.discard()
             self._tuner.reset_estimate()
             if bad_start:
                 raise _BadStart
@@ -233,6 +264,9 @@ class RealSteps:
         if not record:
             return []
         out = [self._recorder.record(p, [*stats, self.read_lr()])]
+        if extra:
+            self.extra_records = out
+        self._freeze_read(p.step, out, norms, decide=not replaying)
         if due:
             self._tuner.update(p.step, estimate)
         self._directions.observe(self._recorder.steps_recorded, model)
@@ -273,6 +307,11 @@ class _BadStart(Exception):
 
 class _LowerRate(Exception):
     """A replayed step was non-finite and the learning rate was lowered: start the replay again."""
+
+
+def _split(values: list[float], first: int, second: int) -> tuple[list[float], list[float], list[float]]:
+    """``values`` cut into its first ``first`` entries, the next ``second`` and the rest."""
+    return values[:first], values[first:first + second], values[first + second:]
 
 
 def _finite(values: list[float]) -> bool:

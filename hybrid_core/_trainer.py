@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import array_api_compat
@@ -21,8 +21,10 @@ from ._corrector import ResidualCorrector, ResidualStore
 from ._cycle import PredictionCycle, corrected
 from ._directions import make_direction
 from ._errors import CheckpointError, ConfigError, ModelError
+from ._evaluation import export_parameters, readout_swapped_in
 from ._features import CONTEXT_NAMES, compact_context
-from ._ledger import Ledger, copies
+from ._freeze import LayerFreeze
+from ._ledger import Ledger
 from ._loop import Callback
 from ._loop import fit as run_fit
 from ._lrtune import LRTuner
@@ -43,11 +45,9 @@ from ._realsteps import RealSteps
 from ._recorder import Recorder
 from ._result import StepResult
 from ._state import TrainingState
-from .dynamics import TrendDynamics
+from .dynamics import RSSMDynamics, TrendDynamics
 
 __all__ = ["HybridTrainer", "StepResult"]
-
-
 
 
 class HybridTrainer:
@@ -57,7 +57,7 @@ class HybridTrainer:
     when the optimizer offers `FusedStep`) and leave their loss on the device; every
     ``config.read_every`` steps, and before each decision, the pending values are read in one
     transfer, and the statistics of that step are measured too. Read values teach
-    ``dynamics`` the loss trajectory (default `RSSMDynamics` seeded with ``config.seed``). In
+    ``dynamics`` the loss trajectory (default `TrendDynamics`, Holt smoothing of the log-loss). In
     FULL a LinUCB bandit picks the next PREDICT horizon, 0 (keep training normally) included.
     A PREDICT step runs no backward pass: it applies ``step_scale · direction`` and every
     ``check_interval`` steps a forward-only check compares the loss with the predicted band;
@@ -112,12 +112,13 @@ class HybridTrainer:
         self._probe: tuple[int, list[str]] | None = None
         self.lr_tuner = LRTuner(config, optimizer)
         tuner = self.lr_tuner
+        self.freeze = LayerFreeze(config, model, optimizer)
         self.recorder = Recorder(config, self.state, self.cadence, self.cycle, self.monitor, self.residuals,
                                  self.corrector, dynamics, self.metrics,
                                  sum(int(array_api_compat.size(p)) for p in params),
                                  lambda: tuner.lr if tuner.enabled else None)
         self.real_steps = RealSteps(config, model, optimizer, self.ledger, self.recorder, self.directions,
-                                    self.phases, self.metrics, self._xp, self.readout, self.lr_tuner)
+                                    self.phases, self.metrics, self._xp, self.readout, self.lr_tuner, self.freeze)
         self.ledger.verify(model, optimizer)
 
     # -- public views --------------------------------------------------------------------------
@@ -158,16 +159,17 @@ class HybridTrainer:
                 "state": self.state, "phase": self.phases, "cycle": self.cycle, "cadence": self.cadence,
                 "recorder": self.recorder, "real_steps": self.real_steps, "bandit": self.bandit,
                 "residuals": self.residuals, "corrector": self.corrector, "directions": self.directions,
-                "metrics": self.metrics, "ledger": self.ledger, "readout": self.readout, "lr": self.lr_tuner}
+                "metrics": self.metrics, "ledger": self.ledger, "readout": self.readout, "lr": self.lr_tuner,
+                "freeze": self.freeze}
 
     def summary(self) -> dict[str, Any]:
-        """The metrics summary plus what the read-out chose and the learning-rate recommendation."""
-        return {**self.metrics.summary(), "readout": self.readout.summary(), "lr": self.lr_tuner.summary()}
+        """The metrics summary plus what the read-out chose, the learning-rate recommendation and layer freezing."""
+        return {**self.metrics.summary(), "readout": self.readout.summary(), "lr": self.lr_tuner.summary(),
+                "freeze": self.freeze.summary()}
 
     # -- the read-out --------------------------------------------------------------------------
 
-    @contextmanager
-    def evaluation_parameters(self, kind: str | None = None) -> Iterator[str]:
+    def evaluation_parameters(self, kind: str | None = None) -> AbstractContextManager[str]:
         """Swap a read-out of averaged weights into the model for the ``with`` body; yields its name.
 
         ``kind`` is ``"lawa"``, ``"ema"``, ``"raw"`` or None: the one that did best in the trainer's
@@ -175,24 +177,11 @@ class HybridTrainer:
         raises, the raw weights are put back bit for bit; training always continues from them.
         Needs `Model.set_parameters`.
         """
-        chosen = self.readout.resolve(kind)
-        if chosen == "raw":
-            yield chosen
-            return
-        if not has_method(self.model, "set_parameters"):
-            raise ModelError(f"{type(self.model).__name__} has no set_parameters, so a read-out cannot be swapped in",
-                             "Implement Model.set_parameters(values), or evaluate the raw weights (kind='raw').")
-        raw = copies(self.model.parameters())
-        self.model.set_parameters(self.readout.values(chosen))
-        try:
-            yield chosen
-        finally:
-            self.model.set_parameters(raw)
+        return readout_swapped_in(self.readout, self.model, kind)
 
     def export_parameters(self, kind: str | None = None) -> list[Array]:
         """Fresh copies of the parameters to deploy: the read-out ``kind`` (see `evaluation_parameters`)."""
-        chosen = self.readout.resolve(kind)
-        return copies(self.model.parameters()) if chosen == "raw" else self.readout.values(chosen)
+        return export_parameters(self.readout, self.model, kind)
 
     # -- stepping ------------------------------------------------------------------------------
 
@@ -249,10 +238,10 @@ class HybridTrainer:
         last = settled[-1] if settled and settled[-1][0] == index else None
         if self._probe is not None and self.real_steps.extra_values:
             at, kinds = self._probe
-            raw = next((loss for step, loss, _ in settled if step == at), math.nan)
+            raw = next((loss for step, loss, _ in self.real_steps.extra_records if step == at), math.nan)
             self.readout.record(raw, dict(zip(kinds, self.real_steps.extra_values)))
             self.metrics.count("readout_comparisons")
-            self._probe, self.real_steps.extra_values = None, []
+            self._probe, self.real_steps.extra_values, self.real_steps.extra_records = None, [], []
         diverging = self.recorder.take_diverging()
         if diverging and self.lr_tuner.back_off(index, "the divergence monitor asked for real steps"):
             self.metrics.count("lr_backoffs_monitor")
@@ -310,7 +299,7 @@ class HybridTrainer:
         context = compact_context(features, self.recorder.confidence)
         raw = self.dynamics.predict(features, nxt.horizon)
         _, slope, slope_stderr = self.state.trend(self.config.history_size, stderr=True)
-        self.cycle.start(self.directions.direction(self.model, self.optimizer),
+        self.cycle.start(self.freeze.hold(self.directions.direction(self.model, self.optimizer)),
                          corrected(raw, math.exp(self.corrector.log_correction(context))), context,
                          (slope, slope_stderr), nxt.probe)
         self.state.start_predict(nxt.horizon)
@@ -386,13 +375,17 @@ class HybridTrainer:
 
         The run then continues exactly as if it had never stopped (bit for bit on deterministic
         CPU backends). A truncated, corrupted, foreign, older-format or newer file raises
-        `CheckpointError`; a part that refuses its state puts the earlier ones back.
+        `CheckpointError`; a part that refuses its state puts the earlier ones back. Without
+        ``dynamics``, a file saved with one of the library's dynamics models (`TrendDynamics`, or
+        `RSSMDynamics`, the default of earlier versions) gets a fresh one of that kind to load into.
         """
         raw = read_checkpoint(path, max_bytes)
         try:
             config = HybridConfig.from_dict(raw["config"])
         except (ConfigError, TypeError, KeyError) as exc:
             raise CheckpointError(f"{os.fspath(path)}: the saved config is not valid ({exc})") from exc
+        if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
+            dynamics = RSSMDynamics(seed=config.seed)
         trainer = cls(model, optimizer, config, dynamics)
         trainer._restore_parts(path, raw)
         return trainer
@@ -417,7 +410,7 @@ class HybridTrainer:
         self.flush()
         device = array_api_compat.device(self.model.parameters()[0])
         restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
-                      optional=("readout", "lr"))
+                      optional=("readout", "lr", "freeze"))
         self.ledger.verify(self.model, self.optimizer)
 
     def __repr__(self) -> str:

@@ -206,3 +206,21 @@ def test_a_checkpoint_from_before_the_parts_redesign_is_refused_naming_its_forma
         HybridTrainer.load(path, model, trainer.optimizer)
     assert "0.1.0" in info.value.message and info.value.recovery
     assert _same(before, _snapshot(trainer, model))
+
+
+def test_load_without_dynamics_takes_the_saved_library_model(tmp_path):
+    from hybrid_core.dynamics import RSSMDynamics, TrendDynamics
+
+    x = np.random.default_rng(0).normal(size=(16, 6))
+    batch = (x, (x[:, 0] > 0).astype(np.int64))
+    for cls in (RSSMDynamics, TrendDynamics):
+        model = MLP([6, 5, 3], dtype=np.float64, seed=0)
+        trainer = HybridTrainer(model, Adam(model, lr=0.01), HybridConfig(), cls(seed=0) if cls is RSSMDynamics
+                                else cls())
+        for _ in range(12):
+            trainer.step(batch)
+        trainer.save(tmp_path / "d.ckpt")
+        model2 = MLP([6, 5, 3], dtype=np.float64, seed=1)
+        loaded = HybridTrainer.load(tmp_path / "d.ckpt", model2, Adam(model2, lr=0.01))
+        assert type(loaded.dynamics) is cls
+        assert loaded.dynamics.state_dict().keys() == trainer.dynamics.state_dict().keys()

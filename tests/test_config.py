@@ -45,6 +45,8 @@ INVALID = {
     "readout_check_every": (-1, "[0,"),
     "lr_recommend": ("on", "True or False"),
     "lr_search_steps": (-1, "[0,"),
+    "layer_freeze": ("always", "'off', 'autofreeze'"),
+    "freeze_every": (0, "[1,"),
 }
 
 

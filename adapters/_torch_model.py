@@ -1,0 +1,223 @@
+"""`TorchModel`: a ``torch.nn.Module`` and a loss seen as a `hybrid_core.Model` (re-exported by
+`hybrid_core.adapters.torch`), and its parameter groups for layer freezing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from hybrid_core._backend import namespace_of
+from hybrid_core._errors import BackendError, BatchError, ModelError
+from hybrid_core.models._checks import check_like_parameters
+
+from ._batch import batch_leaves, library_of
+
+__all__ = ["TorchModel", "module_groups", "train_mode"]
+
+
+@contextlib.contextmanager
+def train_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Put ``module`` in train or eval mode, then restore every submodule's own previous mode."""
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+class TorchModel:
+    """A ``torch.nn.Module`` and ``loss_fn(module, batch) -> 0-d tensor`` seen as a `hybrid_core.Model`.
+
+    `parameters` returns the module's trainable tensors themselves (live: they change when the
+    model is updated), in ``module.parameters()`` order, fixed at construction.
+
+    Modes: `loss_and_grad` runs in train mode (a module in eval mode is switched for the pass and
+    restored; a module already training keeps any submodule the user put in eval). `loss` runs in
+    the module's current mode unless ``eval_for_loss`` is set: then forward-only checks run in eval
+    mode, so dropout does not make them noisy and batch-norm does not fold the probe batches
+    (including the points of a line search, which are not on the training path) into its running
+    statistics. The previous mode of every submodule is restored afterwards.
+
+    Layer freezing (`parameter_groups`, `set_trainable`): by default one group per top-level child of the
+    module, in registration order (the root's own parameters, such as a positional embedding, join the
+    first group); ``groups`` gives them as lists of parameter names instead. A frozen group's tensors get
+    ``requires_grad=False``, so autograd does not compute their gradients at all.
+    """
+
+    def __init__(self, module: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *,
+                 eval_for_loss: bool = False, groups: Sequence[Sequence[str]] | None = None) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise ModelError(f"TorchModel needs a torch.nn.Module, got {type(module).__name__}")
+        if not callable(loss_fn):
+            raise ModelError("loss_fn is not callable", "Pass loss_fn(module, batch) -> 0-d tensor.")
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ModelError("the module has no parameter with requires_grad=True: there is nothing to train",
+                             "Unfreeze at least one parameter before wrapping the module.")
+        if any(torch.is_complex(p) for p in params):
+            raise ModelError("complex parameters are not supported",
+                             "Split them into real and imaginary parts.")
+        self.module = module
+        self.loss_fn = loss_fn
+        self.eval_for_loss = bool(eval_for_loss)
+        self._params = params
+        self._xp = namespace_of(params, what="the module's parameters")
+        self._devices = {p.device for p in params}
+        self._groups = module_groups(module, params, groups)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The trainable parameter tensors themselves (live), in ``module.parameters()`` order."""
+        return list(self._params)
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        """Forward pass under ``torch.no_grad()``: the loss as a tensor (no host read)."""
+        self._check_batch(batch)
+        mode = train_mode(self.module, False) if self.eval_for_loss else contextlib.nullcontext()
+        with torch.no_grad(), mode:
+            return self._scalar(self.loss_fn(self.module, batch)).detach()
+
+    def loss_and_grad(self, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward and backward in train mode: the detached loss and ``p.grad`` of every parameter.
+
+        Gradients are fresh tensors each call (grads are reset to ``None`` first); a parameter the
+        loss does not reach gets a zero gradient, which is also stored in its ``.grad``. A frozen one
+        (`set_trainable`) gets a zero gradient too, but its ``.grad`` stays ``None``, so that
+        ``torch.optim`` leaves it and its state alone.
+        """
+        self._check_batch(batch)
+        self.module.zero_grad(set_to_none=True)
+        mode = contextlib.nullcontext() if self.module.training else train_mode(self.module, True)
+        with torch.enable_grad(), mode:
+            loss = self._scalar(self.loss_fn(self.module, batch))
+            if not loss.requires_grad:
+                raise ModelError("the loss does not depend on any trainable parameter",
+                                 "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
+            loss.backward()
+        grads = []
+        for p in self._params:
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
+            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
+        return loss.detach(), grads
+
+    def parameter_groups(self) -> list[list[int]]:
+        """Indices into `parameters` by group, input side first (see the class docstring)."""
+        return [list(g) for g in self._groups]
+
+    def set_trainable(self, flags: Sequence[bool]) -> None:
+        """Train (True) or freeze (False) each group: ``requires_grad_`` on its tensors; a frozen one's
+        ``.grad`` is dropped, so no optimizer step moves it."""
+        if len(flags) != len(self._groups) or not all(isinstance(f, bool) for f in flags):
+            raise ModelError(f"set_trainable needs {len(self._groups)} bools (one per group), got {list(flags)!r}")
+        for group, flag in zip(self._groups, flags):
+            for i in group:
+                p = self._params[i]
+                p.requires_grad_(flag)
+                if not flag:
+                    p.grad = None
+
+    def set_parameters(self, values: Sequence[torch.Tensor]) -> None:
+        """Copy ``values`` into the live parameter tensors (one ``torch._foreach_copy_``)."""
+        values = check_like_parameters(self._xp, self._params, values, "the parameters")
+        with torch.no_grad():
+            torch._foreach_copy_(self._params, values)
+
+    def apply_update(self, update: Sequence[torch.Tensor], scale: float) -> None:
+        """θ ← θ + scale·update for all parameters in one ``torch._foreach_add_``."""
+        update = check_like_parameters(self._xp, self._params, update, "the update")
+        with torch.no_grad():
+            torch._foreach_add_(self._params, update, alpha=float(scale))
+
+    def _scalar(self, loss: Any) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor):
+            raise ModelError(f"loss_fn returned a {type(loss).__name__}, not a torch.Tensor",
+                             "Return the loss tensor itself (no .item()).")
+        if tuple(loss.shape) not in ((), (1,)):
+            raise BatchError(f"loss_fn returned a loss of shape {tuple(loss.shape)}; a scalar was expected",
+                             "Reduce the loss to a scalar (e.g. .mean() over the batch) inside loss_fn.")
+        return loss
+
+    def _check_batch(self, batch: Any) -> None:
+        devices = ", ".join(sorted(str(d) for d in self._devices))
+        for leaf in batch_leaves(batch):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.device not in self._devices:
+                    raise BackendError(
+                        f"the batch holds a tensor on {leaf.device} but the model is on {devices}",
+                        f"Move the batch to {devices} (tensor.to(device)) before the step.")
+            else:
+                library = library_of(leaf)
+                if library is not None:
+                    raise BackendError(f"the batch holds a {library} array but the model uses torch",
+                                       f"Convert the batch to torch tensors on {devices} (torch.as_tensor).")
+
+    def __repr__(self) -> str:
+        return f"TorchModel({type(self.module).__name__}, {len(self._params)} parameter tensors)"
+
+
+
+def module_groups(module: torch.nn.Module, params: Sequence[torch.Tensor],
+                  names: Sequence[Sequence[str]] | None = None) -> list[list[int]]:
+    """Groups of indices into ``params`` (the module's trainable tensors), in forward order.
+
+    Without ``names``: one group per top-level child that holds any of ``params``, in registration order;
+    the root module's own parameters (a positional embedding) join the first group, and a tensor shared by
+    two children (tied weights) belongs to the first. With ``names``: the groups of parameter names given
+    (``module.named_parameters()`` names), which must cover every trainable tensor exactly once.
+    """
+    position = {id(p): i for i, p in enumerate(params)}
+    if names is not None:
+        return _named_groups(module, position, names)
+    seen: set[int] = set()
+    groups: list[list[int]] = []
+    for child in module.children():
+        group = []
+        for p in child.parameters():
+            i = position.get(id(p))
+            if i is not None and i not in seen:
+                group.append(i)
+                seen.add(i)
+        if group:
+            groups.append(group)
+    rest = [i for i in range(len(params)) if i not in seen]
+    if not groups:
+        return [rest]
+    groups[0] = sorted(groups[0] + rest)
+    return groups
+
+
+def _named_groups(module: torch.nn.Module, position: dict[int, int],
+                  names: Sequence[Sequence[str]]) -> list[list[int]]:
+    if isinstance(names, str) or any(isinstance(g, str) for g in names):
+        raise ModelError("groups must be a list of lists of parameter names",
+                         "e.g. groups=[['embed.weight', 'position'], ['head.weight', 'head.bias']].")
+    by_name = {name: position[id(p)] for name, p in module.named_parameters() if id(p) in position}
+    groups: list[list[int]] = []
+    taken: dict[int, str] = {}
+    problems = []
+    for group in names:
+        idx = []
+        for name in group:
+            i = by_name.get(name)
+            if i is None:
+                problems.append(f"{name!r} is not a trainable parameter of the module")
+            elif i in taken:
+                problems.append(f"{name!r} is in two groups (or shares its tensor with {taken[i]!r})")
+            else:
+                taken[i] = name
+                idx.append(i)
+        if not group:
+            problems.append("a group is empty")
+        groups.append(idx)
+    missing = sorted(name for name, i in by_name.items() if i not in taken)
+    if missing:
+        problems.append(f"no group holds {', '.join(missing)}")
+    if problems:
+        raise ModelError(f"groups: {'; '.join(problems)}",
+                         "Give groups that split the module's trainable named_parameters() names, each once.")
+    return groups
