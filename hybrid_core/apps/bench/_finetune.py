@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ._lm import BATCH, CONTEXT
+from ._lm import BATCH, CONTEXT, windows_data
 
 __all__ = ["FINETUNE_LR", "FINETUNE_STEPS", "PRETRAIN_LR", "PRETRAIN_STEPS", "build_finetune", "finetune_corpus",
            "finetune_module_and_data", "finetune_task", "pretrained_state"]
@@ -55,27 +55,6 @@ def finetune_corpus() -> tuple[np.ndarray, np.ndarray]:
     data = np.frombuffer(text, dtype=np.uint8)
     cut = int(len(data) * 0.9)
     return data[:cut], data[cut:]
-
-
-def _windows_data(seed: int, train: np.ndarray, val: np.ndarray) -> tuple[Any, Any]:
-    """(batch(step), validation batch) over ``train``/``val`` in ``lm-stdlib``'s scheme."""
-    import torch
-
-    torch.set_num_threads(1)
-    train_t = torch.from_numpy(train.astype(np.int64))
-
-    def windows(source: Any, starts: np.ndarray) -> tuple[Any, Any]:
-        idx = torch.from_numpy(starts[:, None] + np.arange(CONTEXT + 1)[None, :])
-        chunk = source[idx]
-        return chunk[:, :-1], chunk[:, 1:]
-
-    def batch(step: int) -> Any:
-        rng = np.random.default_rng(seed * 1_000_003 + step)
-        return windows(train_t, rng.integers(0, len(train) - CONTEXT - 1, size=BATCH))
-
-    val_t = torch.from_numpy(val.astype(np.int64))
-    val_starts = np.linspace(0, len(val) - CONTEXT - 2, 64).astype(np.int64)
-    return batch, windows(val_t, val_starts)
 
 
 # -- pretraining and its cache ---------------------------------------------------------------------
@@ -183,7 +162,7 @@ def _pretrained_module(seed: int) -> Any:
 def finetune_module_and_data(seed: int) -> tuple[Any, Any, Any]:
     """(pretrained module, batch(step), validation batch) of one fine-tuning run, for the native loop."""
     train, val = finetune_corpus()
-    batch, val_batch = _windows_data(seed, train, val)
+    batch, val_batch = windows_data(seed, train, val)
     return _pretrained_module(seed), batch, val_batch
 
 
@@ -214,27 +193,11 @@ def _lm_finetune(backend: str, seed: int, lr: float) -> Any:
                      "TorchOptimizer(torch.optim.Adam); real steps through its FusedStep")
 
 
-def _lm_finetune_native(backend: str, seed: int, lr: float) -> Any:
-    from ._lm import loss_fn
-    from ._tasks import _torch_native
-
-    module, batch, val = finetune_module_and_data(seed)
-    return _torch_native(module, loss_fn, lr, batch, val, "pretrained TinyTransformer nn.Module")
-
-
-def _lm_finetune_schedulefree(backend: str, seed: int, lr: float) -> Any:
-    from ._lm import loss_fn
-    from ._tasks import _torch_native
-
-    module, batch, val = finetune_module_and_data(seed)
-    return _torch_native(module, loss_fn, lr, batch, val, "pretrained TinyTransformer nn.Module", True)
-
-
 def finetune_task() -> Any:
     """The ``lm-finetune`` `BenchTask` (to be registered in ``TASKS``)."""
     from hybrid_core import HybridConfig
 
-    from ._tasks import BenchTask
+    from ._tasks import BenchTask, lm_native
 
     return BenchTask(
         name="lm-finetune",
@@ -253,7 +216,7 @@ def finetune_task() -> Any:
         seeds=2,
         config=HybridConfig(),
         build=_lm_finetune,
-        native=_lm_finetune_native,
-        schedulefree=_lm_finetune_schedulefree,
+        native=lm_native(finetune_module_and_data, "pretrained TinyTransformer nn.Module"),
+        schedulefree=lm_native(finetune_module_and_data, "pretrained TinyTransformer nn.Module", schedulefree=True),
         schedulefree_backends=("torch",),
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STDLIB_FILES", "build_lm", "loss_fn", "module_and_data", "stdlib_corpus"]
+__all__ = ["STDLIB_FILES", "build_lm", "loss_fn", "module_and_data", "stdlib_corpus", "windows_data"]
 
 STDLIB_FILES = (
     "abc.py", "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py",
@@ -83,10 +83,15 @@ def loss_fn(mod: Any, batch: Any) -> Any:
 
 def _data(seed: int) -> tuple[Any, Any]:
     """(batch(step), validation batch): 16 random training windows per step, 64 fixed validation windows."""
+    return windows_data(seed, *stdlib_corpus())
+
+
+def windows_data(seed: int, train: np.ndarray, val: np.ndarray) -> tuple[Any, Any]:
+    """(batch(step), validation batch) over byte arrays: 16 random training windows per step (seed ``seed``),
+    64 fixed, evenly spaced validation windows; torch with one thread."""
     import torch
 
     torch.set_num_threads(1)
-    train, val = stdlib_corpus()
     train_t = torch.from_numpy(train.astype(np.int64))
 
     def windows(source: Any, starts: np.ndarray) -> tuple[Any, Any]:

@@ -283,18 +283,28 @@ def _lm_stdlib(backend: str, seed: int, lr: float) -> TaskSetup:
                      "real steps through its FusedStep")
 
 
-def _lm_stdlib_native(backend: str, seed: int, lr: float) -> NativeRun:
-    from ._lm import loss_fn, module_and_data
+def lm_native(module_and_data: Callable[[int], tuple[Any, Any, Any]], what: str,
+              schedulefree: bool = False) -> Callable[[str, int, float], NativeRun]:
+    """The native (or, with ``schedulefree``, the Schedule-Free) loop builder of a byte-level LM task whose
+    ``module_and_data(seed)`` gives (module, batch(step), validation batch)."""
 
-    module, batch, val = module_and_data(seed)
-    return _torch_native(module, loss_fn, lr, batch, val, "TinyTransformer nn.Module")
+    def build(backend: str, seed: int, lr: float) -> NativeRun:
+        from ._lm import loss_fn
+
+        module, batch, val = module_and_data(seed)
+        return _torch_native(module, loss_fn, lr, batch, val, what, schedulefree)
+
+    return build
 
 
-def _lm_stdlib_schedulefree(backend: str, seed: int, lr: float) -> NativeRun:
-    from ._lm import loss_fn, module_and_data
+def _stdlib_module_and_data(seed: int) -> tuple[Any, Any, Any]:
+    from ._lm import module_and_data
 
-    module, batch, val = module_and_data(seed)
-    return _torch_native(module, loss_fn, lr, batch, val, "TinyTransformer nn.Module", True)
+    return module_and_data(seed)
+
+
+_lm_stdlib_native = lm_native(_stdlib_module_and_data, "TinyTransformer nn.Module")
+_lm_stdlib_schedulefree = lm_native(_stdlib_module_and_data, "TinyTransformer nn.Module", schedulefree=True)
 
 
 TASKS: dict[str, BenchTask] = {
