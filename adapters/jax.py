@@ -288,21 +288,32 @@ class OptaxOptimizer:
         self._steps += 1
         return list(update)
 
-    def fused_step(self, batch: Any, measure: bool) -> tuple[jax.Array, jax.Array | None]:
+    accepts_before_update = True
+    """`fused_step` takes ``before_update``: the trainer's learning-rate search keeps the fused step."""
+
+    def fused_step(self, batch: Any, measure: bool,
+                   before_update: Callable[[list[jax.Array]], None] | None = None,
+                   ) -> tuple[jax.Array, jax.Array | None]:
         """One real step as one ``jax.jit``-ed computation: value_and_grad, the optax update applied, and
-        (``measure``) the statistics vector, lr included (read from the state on the device, no host read)."""
+        (``measure``) the statistics vector, lr included (read from the state on the device, no host read).
+
+        ``before_update``, if given, is called with the gradients while the model still holds the
+        parameters they were taken at (the new ones are bound after it returns)."""
         model = self.model
         if measure:
             model._check_batch(batch)
         # Extrapolating with m̂ needs neither the update nor the gradients; "replay" needs the
         # gradients, "last" the update.
         leaves, state, loss, update, grads, stats = _fused_step(
-            model.loss_fn, self.transformation, model.treedef, bool(measure), self._rule == "replay",
-            self._rule == "last", self._fixed_lr, model.parameters(), self._state, batch)
+            model.loss_fn, self.transformation, model.treedef, bool(measure),
+            self._rule == "replay" or before_update is not None, self._rule == "last", self._fixed_lr,
+            model.parameters(), self._state, batch)
+        if before_update is not None:
+            before_update(list(grads))
         model._rebind(leaves)
         self._state = state
         self._last_update = None if update is None else list(update)
-        if grads is not None:
+        if grads is not None and self._rule == "replay":
             self._last_grads = list(grads)
         self._steps += 1
         return loss, stats

@@ -151,7 +151,7 @@ class ReadOut:
                 assert self._ema is not None
                 out = [e / self._ema_norm for e in self._ema]
             self._cache[kind] = out
-        return [v * 1 for v in self._cache[kind]]
+        return copy_into(None, self._cache[kind])
 
     def resolve(self, kind: str | None) -> str:
         """``kind``, or `chosen` when None; `ConfigError` for an unknown, unkept or not yet available read-out."""
@@ -183,7 +183,7 @@ class ReadOut:
         ready = [k for k in self.kinds if self.available(k)]
         kinds = [ready[self._turn % len(ready)]]
         self._turn += 1
-        raw = [p * 1 for p in model.parameters()]
+        raw = copy_into(None, model.parameters())
         out = {}
         try:
             for kind in kinds:

@@ -220,3 +220,38 @@ def test_the_fused_torch_step_feeds_the_estimate_as_the_unfused_path_does():
     assert [h[0] for h in fused] == [h[0] for h in unfused] and len(fused) >= 2
     for a, b in zip(fused, unfused):
         assert a[1] == pytest.approx(b[1], rel=1e-4)
+
+
+@pytest.mark.skipif(not available("jax"), reason="jax is not installed")
+def test_the_fused_jax_step_feeds_the_estimate_as_the_unfused_path_does():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from hybrid_core.adapters.jax import JaxModel, OptaxOptimizer
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 6)), dtype=jnp.float32)
+    y = (x[:, 0] > 0).astype(jnp.int32)
+
+    def loss(params, batch):
+        w, b = params
+        logits = batch[0] @ w + b
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(batch[1].shape[0]), batch[1]])
+
+    def run(fused):
+        params = [jnp.asarray(np.random.default_rng(1).normal(size=(6, 2)) * 0.3, dtype=jnp.float32),
+                  jnp.zeros(2, dtype=jnp.float32)]
+        model = JaxModel(loss, params)
+        opt = OptaxOptimizer(model, optax.inject_hyperparams(optax.adam)(learning_rate=1e-3))
+        if not fused:
+            opt.accepts_before_update = False
+        trainer = HybridTrainer(model, opt, HybridConfig(warmup_steps=10, lr_search_steps=40))
+        for i in range(60):
+            trainer.step((x[i % 48:i % 48 + 16], y[i % 48:i % 48 + 16]))
+        trainer.flush()
+        return trainer.summary()["lr"]["history"]
+
+    fused, unfused = run(True), run(False)
+    assert len(fused) >= 2 and [h[0] for h in fused] == [h[0] for h in unfused]
+    for a, b in zip(fused, unfused):
+        assert a[1] == pytest.approx(b[1], rel=1e-4)
