@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,9 @@ def _write_cache(path: Path, state: dict[str, Any]) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    except OSError:
-        pass  # read-only or full disk: the weights are still returned, only the cache is lost
+    except OSError as exc:  # read-only or full disk: the weights are still returned, only the cache is lost
+        print(f"hybrid-train: could not cache the pretrained weights at {path} ({exc}); they will be "
+              "pretrained again next time", file=sys.stderr)
 
 
 def pretrained_state(seed: int) -> dict[str, Any]:
