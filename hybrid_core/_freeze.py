@@ -208,10 +208,10 @@ class LayerFreeze:
         Returns ``"freezes"`` or ``"unfreezes"`` when the trainable groups changed, else None.
         """
         self._take(values)
+        if not self.enabled or self.drops:
+            return None  # nothing to judge: keep no history (it would grow with the run)
         for record in records:
             self._losses[int(record[0])] = float(record[1])
-        if not self.enabled or self.drops:
-            return None
         probation = self._probation
         if probation is not None and diverging and any(int(r[0]) >= probation["start"] for r in records):
             self._alarm = "the divergence monitor asked for real steps"
