@@ -64,6 +64,8 @@ class RealSteps:
         """The steps recorded by the read that carried `extra` (kept with `extra_values` until they are taken)."""
         self.eager = config.read_every == 1 or not has_method(model, "set_parameters")
         self.fused = isinstance(optimizer, FusedStep) and optimizer.model is model and not self.eager
+        self._hooks = getattr(optimizer, "accepts_before_update", False) is True
+        """The fused step takes ``before_update``, so feeding the learning-rate estimate keeps it."""
         self._last_update: list[Array] | None = None
         """The eager path's previous update (its statistics pair this step's gradient with it)."""
         self._checked = False
@@ -95,8 +97,7 @@ class RealSteps:
         index) the layer-freezing strategy's per-group norms (unfused path).
         """
         model, optimizer = self._model, self._optimizer
-        hook = getattr(optimizer, "accepts_before_update", False) is True
-        if self.fused and (not feed or hook) and norms_of is None:
+        if self.fused and (not feed or self._hooks) and norms_of is None:
             if feed:
                 def feed_tuner(grads: list[Array]) -> None:
                     self._tuner.accumulate(model.parameters(), grads, self._xp)
