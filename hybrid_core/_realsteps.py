@@ -185,8 +185,8 @@ class RealSteps:
                 if lowered:
                     self._metrics.count("lr_backoff_replays")
                     self._readout.drop_after((steps + pending)[0].step)
-                    self._replay_read(steps, record=False, guard_start=not older and bool(before))
-                    out = self._replay_read(pending, guard_start=not (older or steps) and bool(before))
+                    self._replay_read(steps, record=False, guard_start=not older and ledger.has_older)
+                    out = self._replay_read(pending, guard_start=not (older or steps) and ledger.has_older)
                 else:
                     for p in settled:
                         self.compute(p.batch, False)
