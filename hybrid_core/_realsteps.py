@@ -25,6 +25,8 @@ at the regular reads (a change of the trainable groups makes the point reached t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ._checks import call_model, check_loss_and_grads, has_method
@@ -66,6 +68,7 @@ class RealSteps:
         self.fused = isinstance(optimizer, FusedStep) and optimizer.model is model and not self.eager
         self._hooks = getattr(optimizer, "accepts_before_update", False) is True
         """The fused step takes ``before_update``, so feeding the learning-rate estimate keeps it."""
+        self._hook = {"before_update": self._feed_tuner}
         self._last_update: list[Array] | None = None
         """The eager path's previous update (its statistics pair this step's gradient with it)."""
         self._checked = False
@@ -98,14 +101,9 @@ class RealSteps:
         """
         model, optimizer = self._model, self._optimizer
         if self.fused and (not feed or self._hooks) and norms_of is None:
-            if feed:
-                def feed_tuner(grads: list[Array]) -> None:
-                    self._tuner.accumulate(model.parameters(), grads, self._xp)
-
-                loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics, before_update=feed_tuner),
-                                         batch, "fused_step")
-            else:
-                loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics), batch, "fused_step")
+            # Only a feeding step passes the hook, so a FusedStep without ``before_update`` still works.
+            hook = self._hook if feed else _NO_HOOK
+            loss, stats = call_model(lambda b: optimizer.fused_step(b, statistics, **hook), batch, "fused_step")
             if not self._checked:
                 check_loss_and_grads(self._xp, model, loss, None)
                 self._checked = True
@@ -124,6 +122,10 @@ class RealSteps:
         if not statistics:
             return loss, None, None
         return loss, fused_stats(loss, grads, list(update)), self.read_lr()
+
+    def _feed_tuner(self, grads: list[Array]) -> None:
+        """``before_update`` of a fused step: the gradients at the weights before the update feed the estimate."""
+        self._tuner.accumulate(self._model.parameters(), grads, self._xp)
 
     def settle(self) -> list[Recorded]:
         """Read the pending steps and record them; roll back and replay if a value is not finite."""
@@ -145,7 +147,7 @@ class RealSteps:
         self.extra_records = out if extra else self.extra_records
         self._readout.commit()
         if due:
-            self._tuner.update(pending[-1].step, estimate)
+            self._tuner.update(last, estimate)
         self._directions.observe(self._recorder.steps_recorded, self._model)
         ledger.settled += pending
         if self._freeze_read(last, out, norms):
@@ -300,6 +302,9 @@ class RealSteps:
                 raise ValueError("last_update does not match the model's parameters")
             update = list(update)
         self._last_update = update
+
+
+_NO_HOOK: Mapping[str, Any] = MappingProxyType({})
 
 
 class _BadStart(Exception):
