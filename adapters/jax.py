@@ -16,7 +16,8 @@ from hybrid_core._backend import namespace_of
 from hybrid_core._errors import BackendError, BatchError, CheckpointError, ConfigError, ModelError
 from hybrid_core.models._checks import check_like_parameters
 
-from ._batch import batch_leaves, library_of
+from ._batch import library_of
+from ._jax_model import JaxModel, _hashable, hold_frozen, value_and_flat_grad
 from ._optax_state import find_all, injected_holding, replace_node
 
 __all__ = ["JaxModel", "OptaxOptimizer"]
@@ -27,47 +28,40 @@ _LR_HINT = ("Build the transformation with optax.inject_hyperparams, e.g. optax.
             "optax.adam)(learning_rate=1e-3), so the learning rate lives in its state.")
 
 
-# Module-level jitted functions with the user's function or transformation as a static argument:
-# models and optimizers built from the same loss_fn / transformation share compiled code.
+# Module-level jitted functions with the user's transformation as a static argument: optimizers
+# built from the same transformation share compiled code.
 
 
-@jax.jit
-def _add_scaled(leaves: list[jax.Array], update: list[jax.Array], scale: Any) -> list[jax.Array]:
-    return [p + scale * u for p, u in zip(leaves, update, strict=True)]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _loss(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any) -> jax.Array:
-    return loss_fn(params, batch)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _value_and_grad(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
-                    batch: Any) -> tuple[jax.Array, Any]:
-    return jax.value_and_grad(loss_fn)(params, batch)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _transform(tx: Any, treedef: Any, grads: Any, state: Any, params: Any) -> tuple[list[jax.Array], Any]:
-    """``tx.update`` with the updates as a flat list cast to the parameters' dtypes, and the new state."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _transform(tx: Any, treedef: Any, trainable: tuple[bool, ...] | None, grads: Any, state: Any,
+               params: Any) -> tuple[list[jax.Array], Any]:
+    """``tx.update`` with the updates as a flat list cast to the parameters' dtypes, and the new state;
+    frozen leaves (``trainable``) get a zero update and keep their state."""
     updates, new_state = tx.update(grads, state, params)
-    pairs = zip(treedef.flatten_up_to(updates), treedef.flatten_up_to(params), strict=True)
-    return [u.astype(p.dtype) for u, p in pairs], new_state
+    return _held_updates(treedef, trainable, updates, params), hold_frozen(new_state, state, treedef, trainable)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any, measure: bool, keep_grads: bool,
-                keep_update: bool, fixed_lr: float | None, leaves: list[jax.Array], state: Any,
-                batch: Any) -> tuple[Any, ...]:
-    """One real step in one computation: loss and gradients, the optax update applied, and (``measure``)
-    the statistics ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]``. The update and the
-    gradients are returned only when asked (each output costs a buffer per step)."""
+def _held_updates(treedef: Any, trainable: tuple[bool, ...] | None, updates: Any, params: Any) -> list[jax.Array]:
+    """The flat updates cast to the parameters' dtypes, zero for frozen leaves (traced code)."""
+    flags = trainable or (True,) * treedef.num_leaves
+    pairs = zip(treedef.flatten_up_to(updates), treedef.flatten_up_to(params), flags, strict=True)
+    return [u.astype(p.dtype) if t else jnp.zeros_like(p) for u, p, t in pairs]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any, trainable: tuple[bool, ...] | None,
+                measure: bool, keep_grads: bool, keep_update: bool, fixed_lr: float | None, leaves: list[jax.Array],
+                state: Any, batch: Any) -> tuple[Any, ...]:
+    """One real step in one computation: loss and gradients (of the trainable leaves only), the optax
+    update applied (frozen leaves and their state held), and (``measure``) the statistics
+    ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]``. The update and the gradients are returned
+    only when asked (each output costs a buffer per step)."""
     params = treedef.unflatten(leaves)
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, new_state = tx.update(grads, state, params)
-    flat_u = [u.astype(p.dtype) for u, p in zip(treedef.flatten_up_to(updates), leaves, strict=True)]
+    loss, flat_g = value_and_flat_grad(loss_fn, treedef, trainable, leaves, batch)
+    updates, new_state = tx.update(treedef.unflatten(flat_g), state, params)
+    new_state = hold_frozen(new_state, state, treedef, trainable)
+    flat_u = _held_updates(treedef, trainable, updates, params)
     new_leaves = [p + u for p, u in zip(leaves, flat_u, strict=True)]
-    flat_g = treedef.flatten_up_to(grads)
     stats = None
     if measure:
         f32 = jnp.float32
@@ -89,98 +83,7 @@ def _mhat_update(tx: Any, treedef: Any, state: Any, params: Any) -> list[jax.Arr
     b1 = injected_holding(state, "b1", adam).hyperparams["b1"]
     mhat = optax.tree.bias_correction(adam.mu, b1, adam.count)
     mhat = jax.tree.map(lambda m, p: m.astype(p.dtype), mhat, params)
-    return _transform(tx, treedef, mhat, state, params)[0]
-
-
-class JaxModel:
-    """``loss_fn(params, batch) -> scalar`` over a parameter pytree, seen as a `hybrid_core.Model`.
-
-    `parameters` is the flat list of leaves in ``jax.tree_util.tree_flatten`` order. `loss` and
-    `loss_and_grad` are ``jax.jit``-compiled once per ``loss_fn`` (which must be hashable; models
-    sharing it share the compiled code) and batch shape, and `apply_update` rebinds the leaves
-    through one jitted map; JAX arrays are immutable, so lists returned earlier keep the old
-    values. Batches may hold JAX or NumPy arrays.
-    """
-
-    def __init__(self, loss_fn: Callable[[Any, Any], jax.Array], params: Any) -> None:
-        if not callable(loss_fn) or not _hashable(loss_fn):
-            raise ModelError("loss_fn must be a hashable callable (it is a static argument of jax.jit)",
-                             "Pass a function loss_fn(params, batch) -> scalar.")
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        leaves = [jnp.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf for leaf in leaves]
-        bad = [i for i, leaf in enumerate(leaves)
-               if not isinstance(leaf, jax.Array) or not jnp.issubdtype(leaf.dtype, jnp.floating)]
-        if not leaves or bad:
-            raise ModelError(f"params must be a pytree of floating-point arrays (bad: {bad or 'no leaves'})",
-                             "Pass jnp arrays (real floating dtypes) as the pytree's leaves.")
-        self.loss_fn = loss_fn
-        self._treedef = treedef
-        self._leaves = leaves
-        self._params = jax.tree_util.tree_unflatten(treedef, leaves)
-        self._xp = namespace_of(leaves, what="params")
-        self._devices = frozenset().union(*(leaf.devices() for leaf in leaves))
-
-    @property
-    def params(self) -> Any:
-        """The current parameter pytree."""
-        return self._params
-
-    @property
-    def treedef(self) -> Any:
-        """The pytree structure of `params` (the order of `parameters`)."""
-        return self._treedef
-
-    def parameters(self) -> list[jax.Array]:
-        """The flat list of parameter leaves."""
-        return list(self._leaves)
-
-    def loss(self, batch: Any) -> jax.Array:
-        """The jitted loss on ``batch`` (a device scalar, not read to the host)."""
-        self._check_batch(batch)
-        loss = _loss(self.loss_fn, self._params, batch)
-        shape = tuple(jnp.shape(loss))
-        if shape not in ((), (1,)):
-            raise BatchError(f"loss_fn returned a loss of shape {shape}; a scalar was expected",
-                             "Reduce the loss to a scalar (e.g. jnp.mean over the batch) inside loss_fn.")
-        return loss
-
-    def loss_and_grad(self, batch: Any) -> tuple[jax.Array, list[jax.Array]]:
-        """The jitted ``jax.value_and_grad``: the loss and one gradient per leaf."""
-        self._check_batch(batch)
-        loss, grads = _value_and_grad(self.loss_fn, self._params, batch)
-        return loss, self._treedef.flatten_up_to(grads)
-
-    def apply_update(self, update: Sequence[jax.Array], scale: float) -> None:
-        """Rebind the leaves to θ + scale·update (one jitted call; ``scale`` is traced, so no recompiling)."""
-        update = check_like_parameters(self._xp, self._leaves, update, "the update")
-        self._leaves = list(_add_scaled(self._leaves, update, float(scale)))
-        self._params = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
-
-    def set_parameters(self, values: Sequence[jax.Array]) -> None:
-        """Rebind the leaves to ``values`` (same shapes, dtypes; JAX arrays)."""
-        self._rebind(check_like_parameters(self._xp, self._leaves, values, "the parameters"))
-
-    def _rebind(self, leaves: Sequence[jax.Array]) -> None:
-        """Take ``leaves`` as the parameters, unchecked (for this module's own jitted updates)."""
-        self._leaves = list(leaves)
-        self._params = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
-
-    def _check_batch(self, batch: Any) -> None:
-        for leaf in batch_leaves(batch):
-            if isinstance(leaf, jax.Array):
-                if not leaf.devices() <= self._devices:
-                    where = ", ".join(sorted(str(d) for d in self._devices))
-                    found = ", ".join(sorted(str(d) for d in leaf.devices()))
-                    raise BackendError(f"the batch holds an array on {found} but the model is on {where}",
-                                       f"Move the batch with jax.device_put(x, {where}).")
-            else:
-                library = library_of(leaf)
-                if library not in (None, "numpy"):
-                    raise BackendError(f"the batch holds a {library} array but the model uses jax",
-                                       "Convert the batch to jax (jnp.asarray) or NumPy arrays.")
-
-    def __repr__(self) -> str:
-        return f"JaxModel({len(self._leaves)} leaves)"
+    return _transform(tx, treedef, None, mhat, state, params)[0]
 
 
 class OptaxOptimizer:
@@ -279,14 +182,20 @@ class OptaxOptimizer:
         """``transformation.update`` (jitted), applied to the model; returns the flat list of updates."""
         grads = check_like_parameters(self._xp, self.model.parameters(), grads, "the gradients")
         treedef = self.model.treedef
-        update, state = _transform(self.transformation, treedef, treedef.unflatten(grads), self._state,
-                                   self.model.params)
+        update, state = _transform(self.transformation, treedef, self.model.trainable, treedef.unflatten(grads),
+                                   self._state, self.model.params)
         self.model.apply_update(update, 1.0)
         self._state, self._last_update = state, list(update)
         if self._rule == "replay":  # only replaying needs them; otherwise they would pin a gradient's memory
             self._last_grads = grads
         self._steps += 1
         return list(update)
+
+    skips_frozen = True
+    """Leaves of groups frozen through `JaxModel.set_trainable` get no gradient and a zero update, and their
+    parts of the optax state (every subtree shaped like the parameters: Adam's μ and ν, momentum) are held.
+    A step count shared by all leaves (Adam's ``count``) still advances: after an unfreeze the group's
+    bias correction uses it, a difference that fades as 1 − βᵗ → 1."""
 
     accepts_before_update = True
     """`fused_step` takes ``before_update``: the trainer's learning-rate search keeps the fused step."""
@@ -305,7 +214,7 @@ class OptaxOptimizer:
         # Extrapolating with m̂ needs neither the update nor the gradients; "replay" needs the
         # gradients, "last" the update.
         leaves, state, loss, update, grads, stats = _fused_step(
-            model.loss_fn, self.transformation, model.treedef, bool(measure),
+            model.loss_fn, self.transformation, model.treedef, model.trainable, bool(measure),
             self._rule == "replay" or before_update is not None, self._rule == "last", self._fixed_lr,
             model.parameters(), self._state, batch)
         if before_update is not None:
@@ -324,7 +233,7 @@ class OptaxOptimizer:
         if self._rule == "mhat" and self._steps > 0:
             return list(_mhat_update(tx, treedef, self._state, params))
         if self._rule == "replay" and self._last_grads is not None:
-            return list(_transform(tx, treedef, treedef.unflatten(self._last_grads), self._state, params)[0])
+            return list(_transform(tx, treedef, None, treedef.unflatten(self._last_grads), self._state, params)[0])
         if self._last_update is not None:
             return list(self._last_update)
         return [jnp.zeros_like(p) for p in self.model.parameters()]
@@ -374,14 +283,6 @@ class OptaxOptimizer:
 
     def __repr__(self) -> str:
         return f"OptaxOptimizer(rule={self._rule!r}, steps={self._steps})"
-
-
-def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _positive(value: Any) -> bool:

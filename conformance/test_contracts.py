@@ -211,3 +211,31 @@ def _arrays(value: Any) -> list[Any]:
     except TypeError:
         return []
     return [value]
+
+
+def test_a_frozen_group_gets_no_gradient_and_stays_still(hybrid_case: ConformanceCase) -> None:
+    model, opt, batches, _ = _setup(hybrid_case, seed=8)
+    if not (callable(getattr(model, "set_trainable", None)) and callable(getattr(model, "parameter_groups", None))
+            and getattr(opt, "skips_frozen", False) is True):
+        return  # optional: layer freezing needs both model methods and an optimizer that skips frozen groups
+    contract = "contract 'a group frozen by set_trainable gets zero gradients and stays still under step'"
+    groups = model.parameter_groups()
+    if len(groups) < 2:
+        return  # the last group is never frozen: nothing to check
+    opt.step(model.loss_and_grad(next(batches))[1])  # optimizer state for every parameter first
+    model.set_trainable([False] + [True] * (len(groups) - 1))
+    frozen = groups[0]
+    before = _host(model.parameters())
+    for _ in range(3):
+        _, grads = _seeded(hybrid_case, model.loss_and_grad, next(batches))
+        assert all(not np.any(_host([grads[i]])[0]) for i in frozen), f"{contract}: a frozen gradient is not zero"
+        opt.step(grads)
+    after = _host(model.parameters())
+    for i in frozen:
+        assert np.array_equal(before[i], after[i]), f"{contract}: frozen parameter {i} moved"
+    live = [i for g in groups[1:] for i in g]
+    assert any(not np.array_equal(before[i], after[i]) for i in live), f"{contract}: the trainable groups did not move"
+    model.set_trainable([True] * len(groups))
+    opt.step(model.loss_and_grad(next(batches))[1])
+    assert any(not np.array_equal(after[i], _host([model.parameters()[i]])[0]) for i in frozen), (
+        f"{contract}: set_trainable(True) did not train the group again")
