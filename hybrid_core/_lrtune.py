@@ -1,7 +1,8 @@
 """`LRTuner`: the learning-rate recommendation, a Prodigy-style step-size estimate seeded with the user's rate.
 
 For an Adam-family optimizer (``Optimizer.adaptive is True``) the tuner estimates, during the
-first ``lr_search_steps`` real steps (or until five scheduled reads in a row bring no rise), how
+first ``lr_search_steps`` real steps (or until five scheduled reads in a row bring no rise of the
+estimate), how
 far the weights have to travel compared with the gradients seen, as Prodigy does (Mishchenko &
 Defazio 2023), with d₀ = the user's learning rate and Adam's bias correction: with x₀ the weights
 at the start, g_k the gradient at x_k, d the rate
@@ -45,8 +46,10 @@ _MIN_CHANGE = 1.01
 """The rate is set only when the estimate moved it by more than 1% (each set is a Python call)."""
 
 _PATIENCE = 5
-"""The search also ends after this many scheduled reads in a row without a rise: the estimate has settled,
-and the steps of the search cost a little more than the others."""
+"""The search also ends after this many scheduled reads in a row in which the estimate's maximum did not rise
+by more than 1%: it has settled, and the steps of the search cost a little more than the others. A rise
+counts whether or not the estimate has reached the rate in force yet (from pretrained weights it starts
+far below it and climbs for tens of steps)."""
 
 
 class LRTuner:
@@ -120,11 +123,12 @@ class LRTuner:
         self._d_hat_max = None
         self._flat += 1
         if values and math.isfinite(values[0]):
+            if values[0] > self._d_max * _MIN_CHANGE:  # the estimate still rises (below the rate in force or not)
+                self._flat = 0
             self._d_max = max(self._d_max, values[0])
             wanted = min(max(self.multiplier, self._d_max / self.base_lr), self.ceiling)
             if wanted > self.multiplier * _MIN_CHANGE:
                 self._set(step, wanted, "estimate")
-                self._flat = 0
         if (step + 1 >= self._search_steps or self._flat >= _PATIENCE) and self._searching:
             self._searching = False
             self._x0 = self._s = self._r = None

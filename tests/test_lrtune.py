@@ -108,6 +108,28 @@ def test_on_a_convex_problem_the_estimate_never_exceeds_the_distance_to_the_opti
     assert tuner.multiplier >= 1.0
 
 
+def test_the_search_goes_on_while_the_estimate_climbs_below_the_rate_and_ends_once_it_settles():
+    from hybrid_core._lrtune import _PATIENCE, LRTuner
+
+    model = MLP([4, 3], dtype=np.float64)
+    opt = Adam(model, lr=1.0)
+    tuner = LRTuner(HybridConfig(lr_search_steps=10_000), opt)
+    every = tuner._every
+    reads = 0
+    # From pretrained weights the estimate starts far below the rate and climbs (×1.5 per read): the
+    # search must not end while it does, though the rate is not raised for 11 reads.
+    for reads, d in enumerate([0.01 * 1.5 ** k for k in range(14)], start=1):
+        tuner.update(reads * every - 1, [d])
+        assert tuner.searching(reads * every)
+    assert tuner.multiplier == pytest.approx(0.01 * 1.5 ** 13)
+    settled = tuner.multiplier
+    for k in range(_PATIENCE):  # then it settles: the search ends after _PATIENCE reads without a rise
+        assert tuner.searching((reads + k) * every)
+        tuner.update((reads + k + 1) * every - 1, [settled * 0.5])
+    assert not tuner.searching((reads + _PATIENCE + 1) * every)
+    assert tuner.history[-1][2] == "search ended" and tuner.multiplier == settled
+
+
 def test_it_is_off_for_optimizers_it_does_not_fit_and_says_why():
     model = MLP([4, 3], dtype=np.float64)
     sgd = HybridTrainer(model, SGD(model, lr=0.1))
