@@ -30,6 +30,7 @@ from ._loop import fit as run_fit
 from ._lrtune import LRTuner
 from ._metrics import MetricsCollector, StepRecord
 from ._monitor import DivergenceMonitor, Level
+from ._partcheck import check_parts_fit
 from ._persist import (
     CheckpointPolicy,
     ModelState,
@@ -409,8 +410,9 @@ class HybridTrainer:
                                   f"not {type(self.dynamics).__name__}", f"Pass dynamics={saved_dyn}(...) to load it.")
         self.flush()
         device = array_api_compat.device(self.model.parameters()[0])
+        params, config, dim = self.model.parameters(), self.config, self.bandit.dim
         restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
-                      optional=("readout", "lr", "freeze"))
+                      optional=("readout", "lr", "freeze"), check=lambda s: check_parts_fit(s, params, config, dim))
         self.ledger.verify(self.model, self.optimizer)
 
     def __repr__(self) -> str:
