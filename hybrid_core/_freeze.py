@@ -317,7 +317,7 @@ class LayerFreeze:
         if groups != self.groups:
             raise ValueError("the saved parameter groups differ from this model's")
         n = len(groups)
-        frozen = integer(state["frozen"], "frozen", 0, n - 2)
+        frozen = integer(state["frozen"], "frozen", 0, n - 1)
         froze_at = [integer(s, f"froze_at[{i}]") for i, s in enumerate(sequence(state["froze_at"], "froze_at",
                                                                                    frozen, frozen))]
         norms = {}

@@ -35,19 +35,21 @@ def check_parts_fit(states: Mapping[str, Any], params: Sequence[Array], config: 
         needed = max(horizon, phase["steps_in_phase"] + 1)
         if run is None or len(run["prediction"][0]) < needed:
             have = "no cycle" if run is None else f"a forecast of {len(run['prediction'][0])} steps"
-            raise CheckpointError(f"parts 'phase' and 'cycle': a PREDICT phase at step {phase['steps_in_phase']} "
-                                  f"of {horizon} needs a forecast of {needed} steps, the cycle holds {have}")
+            raise CheckpointError(f"part 'cycle' does not fit part 'phase': a PREDICT phase at step "
+                                  f"{phase['steps_in_phase']} of {horizon} needs a forecast of {needed} steps, the "
+                                  f"cycle holds {have}")
     contexts = [] if run is None else [("run.context", run["context"]), ("run.correct_context",
                                                                           run["correct_context"])]
     contexts += [] if chosen is None else [("chosen.context", chosen[1])]
     for name, context in contexts:
         if context is not None and len(context) != context_dim:
-            raise CheckpointError(f"parts 'cycle' and 'bandit': {name} has {len(context)} entries, the bandit's "
-                                  f"context {context_dim}")
+            raise CheckpointError(f"part 'cycle' does not fit part 'bandit': {name} has {len(context)} entries, "
+                                  f"the bandit's context {context_dim}")
     arms = states["bandit"]["arms"]
     for name, arm in (("run.arm", None if run is None else run["arm"]), ("chosen.arm", chosen and chosen[0])):
         if arm is not None and arm not in arms:
-            raise CheckpointError(f"parts 'cycle' and 'bandit': {name}={arm} is not one of the bandit's arms {arms}")
+            raise CheckpointError(f"part 'cycle' does not fit part 'bandit': {name}={arm} is not one of the "
+                                  f"bandit's arms {arms}")
 
 
 def _arrays(states: Mapping[str, Any], params: Sequence[Array]) -> None:

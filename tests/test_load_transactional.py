@@ -226,22 +226,28 @@ def _with(doc, path, value):
 @pytest.mark.parametrize("path, value", [
     (["parts", "bandit", "pulls"], "x"),
     (["parts", "metrics", "steps"], "x"),
-    (["parts", "metrics", "records", 0], [1, 2]),
+    (["parts", "metrics", "events"], {"checks": "many"}),
     (["parts", "residuals", "total"], -1),
     (["parts", "corrector", "w"], [1.0, 2.0]),
-    (["parts", "phase", "phase"], "sideways"),
+    (["parts", "phase", "steps_in_phase"], True),
     (["parts", "cycle", "run", "applied"], ["x"]),
     (["parts", "state", "step"], "x"),
-    (["parts", "readout", "ema_norm"], 2.0),
+    (["parts", "readout", "turn"], "x"),
     (["parts", "lr", "history"], [[1, 2]]),
 ])
-def test_a_malformed_later_part_changes_no_part(path, value):
+def test_a_malformed_later_part_changes_no_part(path, value, monkeypatch):
     w = world()
     file = w.dir / "bad-part.ckpt"
     write(file, _with(w.fresh_source(), path, value))
     before, params = w.reset()
+    applied = []
+    for name, part in w.target.parts().items():  # nothing may be applied: every state is checked first
+        monkeypatch.setattr(type(part), "load_state_dict", lambda self, state, name=name: applied.append(name))
+    monkeypatch.setattr(w.target.model, "set_parameters", lambda values: applied.append("set_parameters"))
     with pytest.raises(CheckpointError, match=f"part '{path[1]}'"):
         w.target.restore(file)
+    monkeypatch.undo()
+    assert applied == []
     assert params_bytes(w.target) == params
     assert fingerprint(w.target) == before
 
@@ -328,3 +334,49 @@ def test_a_valid_checkpoint_still_resumes_bit_exactly():
     again.flush()
     assert params_bytes(w.target) == params_bytes(again)
     assert encode(w.target.optimizer.state_dict(), _host) == encode(again.optimizer.state_dict(), _host)
+
+
+# -- the safety net: parts whose load_state_dict refuses what no check caught ---------------------------------------
+
+
+class InPlace:
+    """A part whose state is a live array its load overwrites in place (as torch parameters are)."""
+
+    def __init__(self):
+        self.value = np.arange(4.0)
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value[...] = state["value"]
+
+
+class HalfLoads:
+    """A part without ``check_state_dict`` that changes itself, then fails with a non-HybridError."""
+
+    def __init__(self, error):
+        self.a, self.b, self.error = 1, [2.0], error
+
+    def state_dict(self):
+        return {"a": self.a, "b": self.b}
+
+    def load_state_dict(self, state):
+        self.a, self.b = state["a"], list(state["b"])
+        if state.get("fail"):
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("boom"), MemoryError(), KeyError("k"), OverflowError()])
+def test_every_part_is_put_back_from_real_copies_when_a_load_fails_late(error):
+    from hybrid_core._persist import restore_parts
+
+    first, failing, after = InPlace(), HalfLoads(error), HalfLoads(None)
+    parts = {"first": first, "failing": failing, "after": after}
+    saved = {"first": {"value": np.full(4, 7.0)}, "failing": {"a": 5, "b": [9.0], "fail": True},
+             "after": {"a": 6, "b": []}}
+    with pytest.raises(CheckpointError, match=f"part 'failing' is not a valid state \\({type(error).__name__}"):
+        restore_parts(parts, saved, np, "cpu")
+    assert first.value.tolist() == [0.0, 1.0, 2.0, 3.0]  # the copy taken before was not the live array
+    assert (failing.a, failing.b) == (1, [2.0])  # the failing part itself is put back too
+    assert (after.a, after.b) == (1, [2.0])  # never touched
