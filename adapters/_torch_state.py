@@ -17,7 +17,7 @@ import torch
 
 from hybrid_core._errors import CheckpointError
 
-__all__ = ["ELEMENTWISE", "checked_steps"]
+__all__ = ["ELEMENTWISE", "check_scheduler", "checked_steps"]
 
 ELEMENTWISE = frozenset({"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop",
                          "Rprop", "ASGD"})
@@ -87,6 +87,18 @@ def checked_steps(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tenso
                 entry.get("momentum_buffer") is None):
             raise _refuse(f"parameter {i} has taken {want} steps with momentum but has no momentum_buffer")
     return list(steps)
+
+
+def check_scheduler(saved: Any, live: Mapping[str, Any]) -> None:
+    """`CheckpointError` unless a saved scheduler state has the live one's keys, each of the same kind, and no NaN
+    (``load_state_dict`` of a torch scheduler takes any dict; a wrong entry fails at the next step)."""
+    if not isinstance(saved, Mapping) or set(saved) != set(live):
+        keys = sorted(map(str, saved)) if isinstance(saved, Mapping) else type(saved).__name__
+        raise CheckpointError(f"the scheduler state holds {keys}; this scheduler's holds {sorted(live)}", _HINT)
+    for name, value in saved.items():
+        if _has_nan(value) or not _same_kind(value, live[name]):
+            raise CheckpointError(f"the scheduler state has {name}={value!r}; this scheduler has {live[name]!r}",
+                                  _HINT)
 
 
 def _owners(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], groups: Any

@@ -17,7 +17,7 @@ from hybrid_core.models._checks import check_like_parameters
 
 from ._torch_model import TorchModel, train_mode
 from ._torch_rules import GroupView, rule_for, sgd_next
-from ._torch_state import checked_steps
+from ._torch_state import check_scheduler, checked_steps
 
 __all__ = ["TorchModel", "TorchOptimizer"]
 
@@ -267,8 +267,8 @@ class TorchOptimizer:
                                   f"not a {type(self.optimizer).__name__} in a TorchOptimizer", _STATE_HINT)
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise CheckpointError("the state and this optimizer disagree on having a scheduler", _STATE_HINT)
-        if state["scheduler"] is not None and not isinstance(state["scheduler"], Mapping):
-            raise CheckpointError("the scheduler state is not a dict", _STATE_HINT)
+        if self.scheduler is not None:
+            check_scheduler(state["scheduler"], self.scheduler.state_dict())
         steps = checked_steps(self.optimizer, self._params, state["optimizer"], state.get("steps"),
                               state["last_update"] is not None)
         return steps, self._buffers(state["last_update"], "last_update"), self._buffers(state["last_grads"],

@@ -139,12 +139,48 @@ def test_torch_optimizer_state_is_checked_in_a_checkpoint(torch_files, change, m
     _torch_refused(torch_files, doc, r"part 'optimizer': torch optimizer state: " + match)
 
 
-def _adam(seed=0):
+def _adam(seed=0, steps=3, scheduler=False):
     model = ta.TorchModel(_net(seed), lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
-    opt = ta.TorchOptimizer(model, torch.optim.Adam(model.module.parameters(), lr=0.01))
-    for i in range(3):
+    adam = torch.optim.Adam(model.module.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(adam, step_size=2) if scheduler else None
+    opt = ta.TorchOptimizer(model, adam, scheduler=sched)
+    for i in range(steps):
         opt.step(model.loss_and_grad(_batch(seed, i))[1])
     return model, opt
+
+
+def test_torch_optimizer_puts_its_state_back_if_torch_refuses_late(monkeypatch):
+    _, opt = _adam(scheduler=True)
+    _, other = _adam(seed=1, steps=5, scheduler=True)
+    before = _bytes(opt.state_dict())
+    real = type(opt.scheduler).load_state_dict
+    calls = []
+
+    def refuse_once(self, state):
+        calls.append(state)
+        if len(calls) == 1:
+            raise RuntimeError("torch refused")
+        real(self, state)
+
+    monkeypatch.setattr(type(opt.scheduler), "load_state_dict", refuse_once)
+    with pytest.raises(CheckpointError, match="torch refused"):
+        opt.load_state_dict(other.state_dict())  # the torch optimizer's state was loaded before the scheduler's
+    assert len(calls) == 2 and _bytes(opt.state_dict()) == before
+
+
+def test_torch_scheduler_state_is_checked():
+    _, opt = _adam(scheduler=True)
+    good = opt.state_dict()
+    before = _bytes(good)
+    for key, value in (("last_epoch", "x"), ("unknown", 1), ("step_size", None)):
+        bad = copy.deepcopy(good)
+        if value is None:
+            del bad["scheduler"][key]
+        else:
+            bad["scheduler"][key] = value
+        with pytest.raises(CheckpointError, match="scheduler"):
+            opt.load_state_dict(bad)
+        assert _bytes(opt.state_dict()) == before
 
 
 def test_torch_optimizer_refuses_bad_buffers_and_changes_nothing():
@@ -167,10 +203,15 @@ def test_torch_optimizer_refuses_bad_buffers_and_changes_nothing():
     nan_lr = copy.deepcopy(good)
     nan_lr["optimizer"]["param_groups"][0]["lr"] = float("nan")
     bad = [wrong_shape, wrong_dtype, nan_moment, wiped, wiped_old_file, nan_update, nan_lr]
+    _, fresh = _adam(steps=0)  # no state of its own to compare with: a new process loading a checkpoint
+    untouched = _bytes(fresh.state_dict())
     for state in bad:
         with pytest.raises(CheckpointError):
             opt.load_state_dict(state)
         assert _bytes(opt.state_dict()) == before
+        with pytest.raises(CheckpointError):
+            fresh.load_state_dict(state)
+        assert _bytes(fresh.state_dict()) == untouched
     for a, b in zip(opt.extrapolate(), guess, strict=True):
         assert torch.equal(a, b)
     opt.load_state_dict(good)  # the unchanged state still loads
