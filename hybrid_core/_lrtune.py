@@ -201,9 +201,9 @@ class LRTuner:
         multiplier = real(state["multiplier"], "multiplier", finite=enabled)
         ceiling = real(state["ceiling"], "ceiling", finite=False)
         base = real(state["base_lr"], "base_lr", finite=enabled)
-        if enabled and not (math.isfinite(multiplier) and multiplier > 0 and ceiling > 0
-                            and math.isfinite(base) and base > 0):
-            raise ValueError("learning-rate multiplier, ceiling and base rate must be positive")
+        if enabled and not (1.0 <= multiplier <= ceiling and math.isfinite(base) and base > 0):
+            raise ValueError(f"multiplier={multiplier!r}, ceiling={ceiling!r}, base_lr={base!r}: the rate is only "
+                             "ever raised (1 <= multiplier <= ceiling) from a finite base rate > 0")
         history = []
         for i, item in enumerate(sequence(state["history"], "history")):
             step, value, why = sequence(item, f"history[{i}]", 3, 3)

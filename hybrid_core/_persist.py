@@ -120,7 +120,7 @@ def read_checkpoint(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_B
     if not isinstance(raw, dict):
         raise CheckpointError(f"{os.fspath(path)}: the file does not hold a trainer state")
     found = raw.get("trainer_format", 1)
-    if found != TRAINER_FORMAT:
+    if isinstance(found, bool) or not isinstance(found, int) or found != TRAINER_FORMAT:
         written = raw.get("library_version", "an unknown version")
         raise CheckpointError(
             f"{os.fspath(path)}: trainer-state format {found!r} (written by hybrid-predict-trainer "
@@ -130,6 +130,9 @@ def read_checkpoint(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_B
         )
     if not isinstance(raw.get("parts"), dict) or not isinstance(raw.get("config"), dict):
         raise CheckpointError(f"{os.fspath(path)}: the checkpoint lacks its parts or config")
+    strange = [k for k in ("library_version", "dynamics_type") if k in raw and not isinstance(raw[k], str)]
+    if strange:
+        raise CheckpointError(f"{os.fspath(path)}: the checkpoint's {', '.join(map(repr, strange))} must be text")
     return raw
 
 

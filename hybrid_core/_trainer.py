@@ -383,7 +383,7 @@ class HybridTrainer:
         raw = read_checkpoint(path, max_bytes)
         try:
             config = HybridConfig.from_dict(raw["config"])
-        except (ConfigError, TypeError, KeyError) as exc:
+        except Exception as exc:  # anything a malformed dict makes the config's checks raise
             raise CheckpointError(f"{os.fspath(path)}: the saved config is not valid ({exc})") from exc
         if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
             dynamics = RSSMDynamics(seed=config.seed)
@@ -401,7 +401,7 @@ class HybridTrainer:
         self._restore_parts(path, raw)
         mine = self.config.to_dict()
         return sorted(k for k, v in raw["config"].items()
-                      if mine.get(k) != (tuple(v) if isinstance(v, list) else v))
+                      if _differs(mine.get(k), tuple(v) if isinstance(v, list) else v))
 
     def _restore_parts(self, path: str | os.PathLike[str], raw: dict[str, Any]) -> None:
         saved_dyn = raw.get("dynamics_type")
@@ -418,3 +418,11 @@ class HybridTrainer:
     def __repr__(self) -> str:
         return (f"HybridTrainer(step={self.steps_done}, phase={self.phase.value}, "
                 f"backend={library_name(self._xp)})")
+
+
+def _differs(mine: Any, saved: Any) -> bool:
+    """Whether a saved config value differs from this trainer's (a value that cannot be compared does)."""
+    try:
+        return bool(mine != saved)
+    except Exception:
+        return True
