@@ -182,7 +182,7 @@ def mutations(draw):
 _PROPERTY = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
 
-@settings(max_examples=60, **_PROPERTY)
+@settings(max_examples=100, **_PROPERTY)
 @given(mutation=mutations(), data=st.data(), via_load=st.booleans())
 def test_a_mutated_checkpoint_loads_whole_or_changes_nothing(mutation, data, via_load):
     check_mutation(mutation, data, via_load)
