@@ -375,8 +375,9 @@ class HybridTrainer:
         """A trainer restored from ``path`` around ``model`` and ``optimizer`` (their states are overwritten).
 
         The run then continues exactly as if it had never stopped (bit for bit on deterministic
-        CPU backends). A truncated, corrupted, foreign, older-format or newer file raises
-        `CheckpointError`; a part that refuses its state puts the earlier ones back. Without
+        CPU backends). A truncated, corrupted, foreign, older-format or newer file, or a part whose
+        state does not check out, raises `CheckpointError` and leaves ``model`` and ``optimizer`` bit for
+        bit as they were (every part's state is checked before any is applied). Without
         ``dynamics``, a file saved with one of the library's dynamics models (`TrendDynamics`, or
         `RSSMDynamics`, the default of earlier versions) gets a fresh one of that kind to load into.
         """
