@@ -64,7 +64,8 @@ class World:
     """The source file (a run with a cycle in flight) and the target trainer with a home file of its own."""
 
     def __init__(self):
-        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="hpt-load-"))
+        self._tmp = tempfile.TemporaryDirectory(prefix="hpt-load-")  # removed when the test session ends
+        self.dir = pathlib.Path(self._tmp.name)
         source = trained(seed=1, steps=30)
         source.save(self.dir / "source.ckpt")
         self.source = read_file(self.dir / "source.ckpt")
