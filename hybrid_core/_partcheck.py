@@ -4,7 +4,8 @@ Each part checks its own state (`check_state_dict`); these are the facts that sp
 the model: arrays kept outside the model (the cycle's direction, linefit snapshots, the
 learning-rate search's accumulators) must line up with its parameters and be finite, a PREDICT
 phase needs a cycle whose forecast covers the rest of the phase, contexts have the bandit's
-dimension and an arm in flight is one of the bandit's.
+dimension, an arm in flight is one of the bandit's, and no snapshot is of a step the run has not
+taken yet.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def check_parts_fit(states: Mapping[str, Any], params: Sequence[Array], config: 
         if context is not None and len(context) != context_dim:
             raise CheckpointError(f"part 'cycle' does not fit part 'bandit': {name} has {len(context)} entries, "
                                   f"the bandit's context {context_dim}")
+    done = states["state"]["step"]
+    readout = states.get("readout")
+    seen = [("directions", "snapshots", s) for s, _ in states["directions"].get("snapshots") or []]
+    if readout is not None:
+        seen += [("readout", "ema_step", readout["ema_step"])]
+        seen += [("readout", "snapshots", s) for s, _ in readout["snapshots"]]
+    for part, name, step in seen:
+        if step > done:
+            raise CheckpointError(f"part {part!r} does not fit part 'state': {name} holds step {step}, after the "
+                                  f"{done} steps the run has taken")
     arms = states["bandit"]["arms"]
     for name, arm in (("run.arm", None if run is None else run["arm"]), ("chosen.arm", chosen and chosen[0])):
         if arm is not None and arm not in arms:
