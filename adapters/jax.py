@@ -245,8 +245,11 @@ class OptaxOptimizer:
                 "steps": self._steps, "last_update": _listed(self._last_update),
                 "last_grads": _listed(self._last_grads)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict` output; `CheckpointError` (and no change) on any mismatch."""
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[Any, list[Any], int, Any, Any]:
+        """(structure, leaves, steps, last update, last gradients) as `load_state_dict` would set them;
+        `CheckpointError` naming the field, and nothing changed, on any mismatch: structure, array count, shapes,
+        dtypes, NaN anywhere, ±Inf in a leaf with more than one value (a scalar such as a best-value-so-far may
+        start at Inf), a step count that is not an integer >= 0."""
         if not isinstance(state, Mapping) or set(state) != _STATE_KEYS or state["kind"] != "OptaxOptimizer":
             raise CheckpointError("this is not an OptaxOptimizer state_dict", _STATE_HINT)
         current, treedef = jax.tree_util.tree_flatten(self._state)
@@ -262,10 +265,19 @@ class OptaxOptimizer:
                     np.dtype(saved.dtype) != np.dtype(live.dtype)):
                 raise CheckpointError(f"optax state array {i} does not match: expected {jnp.shape(live)} "
                                       f"{live.dtype} (jax or numpy)", _STATE_HINT)
+            host = np.asarray(saved)
+            if np.issubdtype(host.dtype, np.inexact) and (np.isnan(host).any() or (
+                    host.size > 1 and np.isinf(host).any())):
+                raise CheckpointError(f"optax state array {i} (shape {host.shape}) holds NaN or Inf",
+                                      "Load an earlier checkpoint, saved before the run diverged.")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise CheckpointError(f"steps={steps!r}: expected an integer >= 0", _STATE_HINT)
-        last_update = self._arrays(state["last_update"], "last_update")
-        last_grads = self._arrays(state["last_grads"], "last_grads")
+        return (treedef, list(leaves), steps, self._arrays(state["last_update"], "last_update"),
+                self._arrays(state["last_grads"], "last_grads"))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output; `CheckpointError` (and no change) on any mismatch (see `check_state_dict`)."""
+        treedef, leaves, steps, last_update, last_grads = self.check_state_dict(state)
         self._state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
         self._host_lr = None
         self._steps, self._last_update, self._last_grads = steps, last_update, last_grads
@@ -277,9 +289,13 @@ class OptaxOptimizer:
             raise CheckpointError(f"{name} is a {type(value).__name__}, not a list of arrays", _STATE_HINT)
         value = [jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in value]
         try:
-            return check_like_parameters(self._xp, self.model.parameters(), value, name)
+            arrays = check_like_parameters(self._xp, self.model.parameters(), value, name)
         except (BatchError, BackendError) as exc:
             raise CheckpointError(exc.message, exc.recovery) from exc
+        if not all(bool(jnp.isfinite(a).all()) for a in arrays):
+            raise CheckpointError(f"{name} holds NaN or Inf", "Load an earlier checkpoint, saved before the run "
+                                  "diverged.")
+        return arrays
 
     def __repr__(self) -> str:
         return f"OptaxOptimizer(rule={self._rule!r}, steps={self._steps})"

@@ -17,6 +17,7 @@ from hybrid_core.models._checks import check_like_parameters
 
 from ._torch_model import TorchModel, train_mode
 from ._torch_rules import GroupView, rule_for, sgd_next
+from ._torch_state import check_scheduler, checked_steps
 
 __all__ = ["TorchModel", "TorchOptimizer"]
 
@@ -239,7 +240,8 @@ class TorchOptimizer:
             return [torch.zeros_like(p) for p in params]
 
     def state_dict(self) -> dict[str, Any]:
-        """A snapshot, tensors cloned: torch optimizer and scheduler state, last update and gradients.
+        """A snapshot, tensors cloned: torch optimizer and scheduler state, the steps taken per parameter, the
+        last update and gradients.
 
         The last gradients are kept only for SGD, whose extrapolation needs them.
         """
@@ -249,32 +251,51 @@ class TorchOptimizer:
             "optimizer_class": type(self.optimizer).__name__,
             "optimizer": _cloned(self.optimizer.state_dict()),
             "scheduler": None if self.scheduler is None else _cloned(self.scheduler.state_dict()),
+            "steps": list(self._steps),
             "last_update": _cloned(self._buffer) if self._has_update else None,
             "last_grads": _cloned(self._last_grads) if keep_grads and self._last_grads is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict` output; `CheckpointError` on a mismatch found before anything changed."""
-        if not isinstance(state, Mapping) or set(state) != _STATE_KEYS:
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[list[int], Any, Any]:
+        """(steps, last update, last gradients) as `load_state_dict` would set them; `CheckpointError` naming the
+        field, and nothing changed, if ``state`` does not fit this optimizer and model (see `checked_steps`:
+        shapes, dtypes, NaN or Inf in any buffer, a missing state for a parameter that has stepped)."""
+        if not isinstance(state, Mapping) or not _STATE_KEYS <= set(state) <= _STATE_KEYS | {"steps"}:
             raise CheckpointError("this is not a TorchOptimizer state_dict", _STATE_HINT)
         if state["kind"] != "TorchOptimizer" or state["optimizer_class"] != type(self.optimizer).__name__:
             raise CheckpointError(f"the state is for a {state['optimizer_class']!r} in a {state['kind']!r}, "
                                   f"not a {type(self.optimizer).__name__} in a TorchOptimizer", _STATE_HINT)
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise CheckpointError("the state and this optimizer disagree on having a scheduler", _STATE_HINT)
-        last_update = self._buffers(state["last_update"], "last_update")
-        last_grads = self._buffers(state["last_grads"], "last_grads")
+        if self.scheduler is not None:
+            check_scheduler(state["scheduler"], self.scheduler.state_dict())
+        steps = checked_steps(self.optimizer, self._params, state["optimizer"], state.get("steps"),
+                              state["last_update"] is not None)
+        return steps, self._buffers(state["last_update"], "last_update"), self._buffers(state["last_grads"],
+                                                                                        "last_grads")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output; `CheckpointError` and no change if it does not fit (see `check_state_dict`).
+
+        Should torch or the scheduler still refuse it, the state from before is loaded back.
+        """
+        plan = self.check_state_dict(state)
+        backup = self.state_dict()
         try:
-            # torch keeps the given tensors when dtype and device already fit: clone so that two
-            # optimizers loading one state dict do not share (and mutate) the same buffers.
-            self.optimizer.load_state_dict(_cloned(state["optimizer"]))
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(_cloned(state["scheduler"]))
-        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
-            raise CheckpointError(f"torch could not load the optimizer state: {exc}", _STATE_HINT) from exc
-        self._check_float_lrs()
+            self._apply(state, *plan)
+        except Exception as exc:
+            self._apply(backup, backup["steps"], backup["last_update"], backup["last_grads"])
+            raise CheckpointError(f"torch could not load the optimizer state ({type(exc).__name__}: {exc})",
+                                  _STATE_HINT) from exc
+
+    def _apply(self, state: Mapping[str, Any], steps: list[int], last_update: Any, last_grads: Any) -> None:
+        # torch keeps the given tensors when dtype and device already fit: clone so that two
+        # optimizers loading one state dict do not share (and mutate) the same buffers.
+        self.optimizer.load_state_dict(_cloned(state["optimizer"]))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(_cloned(state["scheduler"]))
         self._rule = rule_for(self.optimizer)
-        self._steps = self._read_steps()
+        self._steps = list(steps)
         self._has_update = last_update is not None
         self._buffer = None if last_update is None else _cloned(last_update)
         self._last_grads = None if last_grads is None else _cloned(last_grads)
@@ -285,9 +306,13 @@ class TorchOptimizer:
         if not isinstance(value, (list, tuple)):
             raise CheckpointError(f"{name} is a {type(value).__name__}, not a list of tensors", _STATE_HINT)
         try:
-            return check_like_parameters(self._xp, self._params, value, name)
+            tensors = check_like_parameters(self._xp, self._params, value, name)
         except (BatchError, BackendError) as exc:
             raise CheckpointError(exc.message, exc.recovery) from exc
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise CheckpointError(f"{name} holds NaN or Inf", "Load an earlier checkpoint, saved before the run "
+                                  "diverged.")
+        return tensors
 
     def _check_float_lrs(self) -> None:
         bad = [i for i, g in enumerate(self.optimizer.param_groups) if not _is_number(g["lr"])]

@@ -22,8 +22,12 @@ from typing import Any
 import numpy as np
 
 from ._errors import ConfigError
+from ._statecheck import fields, flag, integer, matrix, real, sequence
 
-__all__ = ["LinUCBBandit"]
+__all__ = ["MAX_ARMS", "LinUCBBandit"]
+
+MAX_ARMS = 100_000
+"""Bound on a saved state's arm count and on each arm (the config's bound on a horizon)."""
 
 
 class LinUCBBandit:
@@ -118,19 +122,34 @@ class LinUCBBandit:
                 "a_inv": self._a_inv.tolist(), "b": self._b.tolist(), "pulls": self.pulls.tolist(),
                 "reward_sums": self.reward_sums.tolist(), "ladder": self.ladder}
 
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The attributes `load_state_dict` would set; `ValueError` naming the field if malformed.
+
+        The arms must be distinct sorted integers including 0 (at most `MAX_ARMS`), the context dimension
+        this bandit's, the matrices of their shapes and finite, the pull counts integers >= 0.
+        """
+        fields(state, ("arms", "dim", "alpha", "ridge", "a_inv", "b", "pulls"), ("reward_sums", "ladder"),
+               what="bandit state")
+        saved_arms = sequence(state["arms"], "arms", MAX_ARMS)
+        arms = [integer(a, f"arms[{i}]", 0, MAX_ARMS) for i, a in enumerate(saved_arms)]
+        if not arms or arms[0] != 0 or arms != sorted(set(arms)):
+            raise ValueError(f"arms={arms!r}: must be distinct sorted integers starting at 0")
+        d = integer(state["dim"], "dim", 1)
+        if d != self.dim:
+            raise ValueError(f"dim={d}: this bandit's context has {self.dim} entries")
+        n = len(arms)
+        ridge = real(state["ridge"], "ridge", 0.0)
+        if ridge == 0.0:
+            raise ValueError("ridge=0.0: must be > 0")
+        pulls = [integer(p, f"pulls[{i}]") for i, p in enumerate(sequence(state["pulls"], "pulls", n, n))]
+        return {"arms": arms, "alpha": real(state["alpha"], "alpha", 0.0), "ridge": ridge,
+                "_a_inv": matrix(state["a_inv"], "a_inv", (n, d, d)), "_b": matrix(state["b"], "b", (n, d)),
+                "pulls": np.array(pulls, dtype=np.int64),
+                "reward_sums": (np.zeros(n) if "reward_sums" not in state
+                                else matrix(state["reward_sums"], "reward_sums", (n,))),
+                "ladder": flag(state.get("ladder", self.ladder), "ladder")}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        a_inv = np.asarray(state["a_inv"], dtype=np.float64)
-        b = np.asarray(state["b"], dtype=np.float64)
-        n, d = len(state["arms"]), int(state["dim"])
-        if a_inv.shape != (n, d, d) or b.shape != (n, d):
-            raise ConfigError("bandit state does not match its arms and dimension")
-        self.arms, self.dim = list(state["arms"]), d
-        self.alpha, self.ridge = float(state["alpha"]), float(state["ridge"])
-        self._a_inv, self._b = a_inv, b
-        self.pulls = np.asarray(state["pulls"], dtype=np.int64)
-        sums = np.asarray(state.get("reward_sums", np.zeros(n)), dtype=np.float64)
-        if sums.shape != (n,) or self.pulls.shape != (n,):
-            raise ConfigError("bandit state does not match its arms")
-        self.reward_sums = sums
-        self.ladder = bool(state.get("ladder", self.ladder))
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
+        for name, value in self.check_state_dict(state).items():
+            setattr(self, name, value)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ._config import HybridConfig
 from ._phase import Phase, PhaseState
+from ._statecheck import fields, flag, integer
 
 __all__ = ["Cadence"]
 
@@ -83,11 +84,13 @@ class Cadence:
         return {"idle_until": self.idle_until, "fed_since": self.fed_since, "unconfident": self.unconfident,
                 "idle_spells": self.idle_spells, "asked": self.asked}
 
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The values `load_state_dict` would set; `ValueError` naming the field if malformed."""
+        keys = ("idle_until", "fed_since", "unconfident", "idle_spells")
+        fields(state, (*keys, "asked"), what="cadence state")
+        return {**{k: integer(state[k], k) for k in keys}, "asked": flag(state["asked"], "asked")}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (`ValueError` on a malformed state)."""
-        keys = ("idle_until", "fed_since", "unconfident", "idle_spells")
-        if set(state) != {*keys, "asked"} or not isinstance(state["asked"], bool) or any(
-                isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0 for k in keys):
-            raise ValueError(f"cadence state must hold the integers >= 0 {', '.join(keys)} and a bool asked")
-        for k in (*keys, "asked"):
-            setattr(self, k, state[k])
+        for k, v in self.check_state_dict(state).items():
+            setattr(self, k, v)

@@ -4,8 +4,9 @@ Layout: ``MAGIC`` (8 bytes) · format version (uint16) · payload length (uint64
 SHA-256 of the payload (32 bytes) · payload (msgpack). Arrays are ExtType 1 holding
 msgpack ``[dtype, shape, bytes, library]`` (little-endian, C order, dtypes from a fixed list);
 integers beyond 64 bits (NumPy generator states) are ExtType 2 holding their decimal
-text. Decoding never runs code (no pickle anywhere) and every length is checked
-against the file before anything is allocated, so a crafted file cannot exhaust memory.
+text. Decoding never runs code (no pickle anywhere), every length is checked
+against the file before anything is allocated, so a crafted file cannot exhaust memory, and
+documents nested deeper than `MAX_DEPTH` are refused (nothing downstream recurses further).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from ._backend import BACKEND_MODULES
 from ._errors import CheckpointError
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "ForeignArray", "decode", "encode", "read_file", "write_atomic"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_DEPTH", "ForeignArray", "decode", "encode", "read_file", "write_atomic"]
 
 MAGIC = b"HYBRIDCK"
 FORMAT_VERSION = 1
@@ -37,6 +38,8 @@ _DTYPES = frozenset(
 _LIBRARIES = frozenset(BACKEND_MODULES)  # the backends a stored array may come from
 DEFAULT_MAX_BYTES = 8 * 2**30
 """Largest checkpoint `read_file` accepts unless told otherwise (8 GiB)."""
+MAX_DEPTH = 64
+"""Deepest nesting of lists and dicts a checkpoint may hold (a trainer's state needs about 8 levels)."""
 
 
 class ForeignArray(NamedTuple):
@@ -46,12 +49,17 @@ class ForeignArray(NamedTuple):
     array: np.ndarray
 
 
-def encode(obj: Any, to_host: Callable[[Any], tuple[np.ndarray, str] | None]) -> bytes:
+def encode(obj: Any, to_host: Callable[[Any], tuple[np.ndarray, str] | None], max_depth: int = MAX_DEPTH) -> bytes:
     """msgpack bytes of ``obj``: dicts, lists, tuples, scalars, strings, None and arrays.
 
     ``to_host`` turns any non-NumPy array (torch, jax, …) into ``(numpy array, library
-    name)``, or returns None for objects that are not arrays.
+    name)``, or returns None for objects that are not arrays. A state nested deeper than
+    ``max_depth`` is refused here, since `decode` would refuse the file.
     """
+    deepest = _deeper_than(obj, max_depth)
+    if deepest:
+        raise CheckpointError(f"cannot store the state: the value at {deepest} nests deeper than {max_depth} levels",
+                              "Flatten the state dict (a checkpoint holds at most that many levels).")
 
     def default(value: Any) -> Any:
         if isinstance(value, np.generic):
@@ -105,13 +113,36 @@ def decode(payload: bytes) -> Any:
         return arr if library == "numpy" else ForeignArray(library, arr)
 
     try:
-        return msgpack.unpackb(payload, raw=False, ext_hook=ext_hook, strict_map_key=False,
-                               max_bin_len=limit, max_str_len=limit, max_array_len=limit,
-                               max_map_len=limit, max_ext_len=limit)
+        doc = msgpack.unpackb(payload, raw=False, ext_hook=ext_hook, strict_map_key=False,
+                              max_bin_len=limit, max_str_len=limit, max_array_len=limit,
+                              max_map_len=limit, max_ext_len=limit)
     except CheckpointError:
         raise
     except Exception as exc:  # msgpack raises several types for malformed input
         raise CheckpointError(f"checkpoint payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    deepest = _deeper_than(doc, MAX_DEPTH)
+    if deepest:
+        raise CheckpointError(f"the value at {deepest} nests deeper than {MAX_DEPTH} levels",
+                              "A checkpoint written by this library is never that deep: load an earlier one.")
+    return doc
+
+
+def _deeper_than(obj: Any, limit: int) -> str | None:
+    """Where ``obj`` (dicts, lists, tuples) nests deeper than ``limit`` levels, or None; walks without recursion."""
+    stack: list[tuple[Any, int, str]] = [(obj, 0, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, dict):
+            children: list[tuple[Any, str]] = [(k, where) for k in value]
+            children += [(v, f"{where}[{k!r}]" if depth < 3 else where) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            children = [(v, where) for v in value]
+        else:
+            continue
+        if depth >= limit:
+            return where or "the top level"
+        stack.extend((child, depth + 1, at) for child, at in children)
+    return None
 
 
 def write_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
@@ -170,4 +201,7 @@ def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) 
         raise CheckpointError(f"{path}: cannot read ({exc})") from exc
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
-    return decode(payload)
+    try:
+        return decode(payload)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc.message}", exc.recovery) from exc

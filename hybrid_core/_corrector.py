@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._statecheck import fields, integer, matrix, real, reals, sequence
+
 __all__ = ["Residual", "ResidualCorrector", "ResidualStore"]
 
 
@@ -52,11 +54,26 @@ class ResidualStore:
         """Kept items and the total count."""
         return {"capacity": self._items.maxlen, "items": [list(r) for r in self._items], "total": self.total}
 
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[list[Residual], int]:
+        """(items, total) as `load_state_dict` would keep them; `ValueError` naming the field if malformed.
+
+        The store keeps its own capacity (the newest items that fit); the saved one is only checked.
+        """
+        fields(state, ("capacity", "items", "total"), what="residual store")
+        capacity = integer(state["capacity"], "capacity", 1)
+        items = []
+        for i, r in enumerate(sequence(state["items"], "items", capacity)):
+            step, context, *values = sequence(r, f"items[{i}]", 5, 5)
+            items.append(Residual(integer(step, f"items[{i}].step"), tuple(reals(context, f"items[{i}].context",
+                                                                                    finite=False)),
+                                  *(real(v, f"items[{i}]", finite=False) for v in values)))
+        total = integer(state["total"], "total", len(items))
+        return items[len(items) - (self._items.maxlen or 0):], total
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        self._items = deque((Residual(r[0], tuple(r[1]), *r[2:]) for r in state["items"]),
-                            maxlen=state["capacity"])
-        self.total = int(state["total"])
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
+        items, self.total = self.check_state_dict(state)
+        self._items = deque(items, maxlen=self._items.maxlen)
 
 
 class ResidualCorrector:
@@ -107,11 +124,24 @@ class ResidualCorrector:
                 "max_log_correction": self.max_log_correction, "w": self.w.tolist(), "p": self.p.tolist(),
                 "updates": self.updates}
 
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The attributes `load_state_dict` would set; `ValueError` naming the field if malformed (the
+        dimension must be this corrector's, the weights and covariance finite)."""
+        fields(state, ("dim", "forgetting", "prior", "max_log_correction", "w", "p", "updates"),
+               what="corrector state")
+        dim = integer(state["dim"], "dim", 1)
+        if dim != self.dim:
+            raise ValueError(f"dim={dim}: this corrector's context has {self.dim} entries")
+        forgetting = real(state["forgetting"], "forgetting", 0.0, 1.0)
+        prior = real(state["prior"], "prior", 0.0)
+        if forgetting == 0.0 or prior == 0.0:
+            raise ValueError("forgetting and prior must be > 0")
+        return {"forgetting": forgetting, "prior": prior,
+                "max_log_correction": real(state["max_log_correction"], "max_log_correction", 0.0),
+                "w": matrix(state["w"], "w", (dim,)), "p": matrix(state["p"], "p", (dim, dim)),
+                "updates": integer(state["updates"], "updates")}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        self.dim = int(state["dim"])
-        self.forgetting, self.prior = float(state["forgetting"]), float(state["prior"])
-        self.max_log_correction = float(state["max_log_correction"])
-        self.w = np.asarray(state["w"], dtype=np.float64)
-        self.p = np.asarray(state["p"], dtype=np.float64)
-        self.updates = int(state["updates"])
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
+        for name, value in self.check_state_dict(state).items():
+            setattr(self, name, value)

@@ -20,6 +20,8 @@ import numpy as np
 
 from ._config import HybridConfig
 from ._protocols import Array, Model, Prediction
+from ._statecheck import fields as state_fields
+from ._statecheck import flag, integer, matrix, optional, real, reals, sequence
 
 __all__ = ["Check", "CycleEnd", "LineSearch", "PredictionCycle", "corrected", "cycle_reward"]
 
@@ -246,27 +248,65 @@ class PredictionCycle:
         chosen = None if self.chosen is None else [self.chosen[0], self.chosen[1].tolist()]
         return {"run": run, "chosen": chosen, "horizon_scale": self.horizon_scale}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (`ValueError`/`TypeError`/`KeyError` on a malformed one)."""
-        run = state["run"]
-        if run is not None:
-            values = dict(run)
-            for name in ("prediction", "correct_prediction", "correct_raw"):
-                if values[name] is not None:
-                    loss, lower, upper, scale, conf = values[name]
-                    values[name] = Prediction(tuple(loss), tuple(lower), tuple(upper), tuple(scale), float(conf))
-            for name in ("context", "correct_context"):
-                if values[name] is not None:
-                    values[name] = np.asarray(values[name], dtype=np.float64)
-            values["direction"] = list(values["direction"])
-            run = CycleRun(**values)
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[CycleRun | None, tuple[int, np.ndarray] | None, float]:
+        """(run, chosen, horizon scale) as `load_state_dict` would set them; `ValueError` naming the field if
+        malformed. That the direction fits the model and the arms the bandit is checked by the trainer."""
+        state_fields(state, ("run", "chosen", "horizon_scale"), what="cycle state")
+        run = None if state["run"] is None else _run(state["run"])
         chosen = state["chosen"]
-        scale = float(state["horizon_scale"])
-        if not 0.0 < scale <= 1.0:
-            raise ValueError(f"horizon_scale={scale!r}: must be in (0, 1]")
-        self._run = run
-        self.chosen = None if chosen is None else (int(chosen[0]), np.asarray(chosen[1], dtype=np.float64))
-        self.horizon_scale = scale
+        if chosen is not None:
+            arm, context = sequence(chosen, "chosen", 2, 2)
+            chosen = (integer(arm, "chosen.arm"), _vector(context, "chosen.context"))
+        scale = real(state["horizon_scale"], "horizon_scale", 0.0, 1.0)
+        if scale == 0.0:
+            raise ValueError("horizon_scale=0.0: must be in (0, 1]")
+        return run, chosen, scale
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
+        self._run, self.chosen, self.horizon_scale = self.check_state_dict(state)
+
+
+_LONGEST = 100_000
+"""Bound on a saved forecast's length (the config's bound on a horizon)."""
+
+
+def _run(saved: Any) -> CycleRun:
+    """A `CycleRun` from its saved dict, every field checked."""
+    names = [f.name for f in fields(CycleRun)]
+    state_fields(saved, names, what="run")
+    applied = reals(saved["applied"], "run.applied")
+    return CycleRun(
+        arm=optional(integer, saved["arm"], "run.arm"), context=_vector(saved["context"], "run.context"),
+        direction=sequence(saved["direction"], "run.direction"),
+        prediction=_prediction(saved["prediction"], "run.prediction"),
+        entry_slope=real(saved["entry_slope"], "run.entry_slope", finite=False),
+        slope_stderr=real(saved["slope_stderr"], "run.slope_stderr", finite=False),
+        probe=flag(saved["probe"], "run.probe"),
+        applied=applied, good=integer(saved["good"], "run.good", 0, len(applied)),
+        steps=integer(saved["steps"], "run.steps"), forwards=integer(saved["forwards"], "run.forwards"),
+        correct_raw=optional(_prediction, saved["correct_raw"], "run.correct_raw"),
+        correct_prediction=optional(_prediction, saved["correct_prediction"], "run.correct_prediction"),
+        correct_context=optional(_vector, saved["correct_context"], "run.correct_context"),
+        best_fraction=optional(real, saved["best_fraction"], "run.best_fraction", 0.0, 1.0),
+        paired_gain=optional(real, saved["paired_gain"], "run.paired_gain", finite=False))
+
+
+def _prediction(saved: Any, name: str) -> Prediction:
+    """A `Prediction` from ``[loss, lower, upper, step_scale, confidence]``: four lists of one length >= 1
+    (finite step scales: they move the weights) and a confidence in [0, 1] or NaN."""
+    loss, lower, upper, scale, confidence = sequence(saved, name, 5, 5)
+    tracks = [reals(v, f"{name}.{n}", _LONGEST, 1, finite=n == "step_scale")
+              for v, n in ((loss, "loss"), (lower, "lower"), (upper, "upper"), (scale, "step_scale"))]
+    if len({len(t) for t in tracks}) != 1:
+        raise ValueError(f"{name}: loss, lower, upper and step_scale differ in length")
+    return Prediction(*(tuple(t) for t in tracks), real(confidence, f"{name}.confidence", 0.0, 1.0, finite=False))
+
+
+def _vector(saved: Any, name: str) -> np.ndarray:
+    """A 1-D float64 array of finite numbers from a list or a 1-D array."""
+    length = saved.shape[0] if isinstance(saved, np.ndarray) and saved.ndim == 1 else len(sequence(saved, name))
+    return matrix(saved, name, (length,))
 
 
 def corrected(prediction: Prediction, factor: float) -> Prediction:

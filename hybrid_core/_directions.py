@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._protocols import Array, Model, Optimizer
+from ._statecheck import fields, integer, sequence
 
 __all__ = ["ExtrapolateDirection", "LinefitDirection", "make_direction"]
 
@@ -26,8 +27,14 @@ class ExtrapolateDirection:
         """No state."""
         return {}
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """`ValueError` unless ``state`` is a dict (a linefit state, saved under another config, is ignored)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"directions state is a {type(state).__name__}, not a dict")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """No state."""
+        """No state (``state`` is checked only)."""
+        self.check_state_dict(state)
 
 
 class LinefitDirection:
@@ -81,10 +88,24 @@ class LinefitDirection:
         return {"count": self.count, "spacing": self.spacing,
                 "snapshots": [[s, list(arrs)] for s, arrs in self._snapshots]}
 
+    def check_state_dict(self, state: dict[str, Any]) -> list[tuple[int, list[Array]]]:
+        """The snapshots `load_state_dict` would keep (the newest ``count``); `ValueError` naming the field if
+        malformed. Steps must increase; that the arrays fit the model is checked by the trainer."""
+        fields(state, ("count", "spacing", "snapshots"), what="linefit state")
+        saved_count = integer(state["count"], "count", 1)
+        integer(state["spacing"], "spacing", 1)
+        snapshots = []
+        for i, item in enumerate(sequence(state["snapshots"], "snapshots", saved_count)):
+            step, arrays = sequence(item, f"snapshots[{i}]", 2, 2)
+            snapshots.append((integer(step, f"snapshots[{i}].step"), sequence(arrays, f"snapshots[{i}].arrays")))
+        steps = [s for s, _ in snapshots]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"snapshot steps {steps} do not increase")
+        return snapshots[len(snapshots) - self.count:] if len(snapshots) > self.count else snapshots
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        self.count, self.spacing = int(state["count"]), int(state["spacing"])
-        self._snapshots = [(int(s), list(arrs)) for s, arrs in state["snapshots"]]
+        """Restore the snapshots of what `state_dict` returned (this direction keeps its own count and spacing)."""
+        self._snapshots = self.check_state_dict(state)
 
 
 def make_direction(name: str, count: int, spacing: int) -> ExtrapolateDirection | LinefitDirection:

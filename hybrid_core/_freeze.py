@@ -47,6 +47,7 @@ from ._config import HybridConfig
 from ._errors import ModelError
 from ._inplace import abs_sums
 from ._protocols import Array, Model, Optimizer
+from ._statecheck import fields, integer, optional, real, sequence, text
 
 __all__ = ["STALL_Z", "LayerFreeze", "autofreeze_decision", "stall_z"]
 
@@ -304,45 +305,68 @@ class LayerFreeze:
                 "losses": [[s, v] for s, v in sorted(self._losses.items())],
                 "probation": None if self._probation is None else dict(self._probation), "alarm": self._alarm}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned and set the model's trainable groups to match (`ValueError` if
-        it does not fit this model)."""
-        groups = [[int(i) for i in g] for g in state["groups"]]
-        if not self.enabled:
-            return  # off or unavailable here: nothing is frozen, whatever the file says
-        if not groups:  # saved with the strategy off: start it afresh, everything trainable
-            self._reset()
-            self._set(0)
-            return
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The attributes `load_state_dict` would set (None: start afresh); `ValueError` naming the field if
+        malformed or, with the strategy on here, not fitting this model's groups."""
+        fields(state, ("groups", "frozen", "froze_at", "drops", "boundary", "norms", "previous", "losses",
+                       "probation", "alarm"), what="freeze state")
+        groups = [[integer(i, f"groups[{g}]") for i in sequence(ids, f"groups[{g}]")]
+                  for g, ids in enumerate(sequence(state["groups"], "groups"))]
+        if not self.enabled or not groups:
+            return None  # off or unavailable here, or off in the file: nothing frozen, whatever the file says
         if groups != self.groups:
             raise ValueError("the saved parameter groups differ from this model's")
-        frozen = int(state["frozen"])
-        froze_at = [int(s) for s in state["froze_at"]]
-        if len(froze_at) != frozen or not 0 <= frozen < max(len(self.groups), 1):
-            raise ValueError(f"frozen={frozen} does not fit {len(self.groups)} groups and {len(froze_at)} steps")
-        self.drops = [[int(s), str(r)] for s, r in state["drops"]]
-        self.froze_at = froze_at
-        self._boundary = int(state["boundary"])
-        self._norms = {int(s): _none_to_nan(v) for s, v in state["norms"]}
-        self._previous = None if state["previous"] is None else _none_to_nan(state["previous"])
-        self._losses = {int(s): float(v) for s, v in state["losses"]}
+        n = len(groups)
+        frozen = integer(state["frozen"], "frozen", 0, n - 1)
+        froze_at = [integer(s, f"froze_at[{i}]") for i, s in enumerate(sequence(state["froze_at"], "froze_at",
+                                                                                   frozen, frozen))]
+        norms = {}
+        for i, item in enumerate(sequence(state["norms"], "norms")):
+            step, values = sequence(item, f"norms[{i}]", 2, 2)
+            norms[integer(step, f"norms[{i}].step")] = _norms(values, f"norms[{i}]", n)
         probation = state["probation"]
-        self._probation = None if probation is None else {
-            "start": int(probation["start"]), "until": int(probation["until"]), "from": int(probation["from"]),
-            "to": int(probation["to"]), "before": [[int(s), float(v)] for s, v in probation["before"]],
-            "z": None if probation["z"] is None else float(probation["z"])}
-        self._alarm = state["alarm"]
-        self._staged = []
-        self._set(frozen)
+        if probation is not None:
+            fields(probation, ("start", "until", "from", "to", "before", "z"), what="probation")
+            saved_before = sequence(probation["before"], "probation.before")
+            before = [sequence(p, f"probation.before[{i}]", 2, 2) for i, p in enumerate(saved_before)]
+            probation = {"start": integer(probation["start"], "probation.start"),
+                         "until": integer(probation["until"], "probation.until"),
+                         "from": integer(probation["from"], "probation.from", 0, frozen),
+                         "to": integer(probation["to"], "probation.to", 0, frozen),
+                         "before": [[integer(s, "probation.before.step"),
+                                     real(v, "probation.before.loss", finite=False)] for s, v in before],
+                         "z": optional(real, probation["z"], "probation.z", finite=False)}
+            if probation["from"] >= probation["to"]:
+                raise ValueError("probation.from must be below probation.to")
+        drops = [sequence(d, f"drops[{i}]", 2, 2) for i, d in enumerate(sequence(state["drops"], "drops"))]
+        losses = [sequence(v, f"losses[{i}]", 2, 2) for i, v in enumerate(sequence(state["losses"], "losses"))]
+        return {"frozen": frozen, "froze_at": froze_at, "_boundary": integer(state["boundary"], "boundary"),
+                "drops": [[integer(s, "drops.step"), text(r, "drops.reason")] for s, r in drops],
+                "_norms": norms, "_previous": optional(_norms, state["previous"], "previous", n),
+                "_losses": {integer(s, "losses.step"): real(v, "losses.loss", finite=False) for s, v in losses},
+                "_probation": probation, "_alarm": optional(text, state["alarm"], "alarm")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned and set the model's trainable groups to match (`ValueError`
+        naming the field, and no change, if it does not fit this model)."""
+        parsed = self.check_state_dict(state)
+        if not self.enabled:
+            return
+        self._reset()
+        for name, value in (parsed or {}).items():
+            setattr(self, name, value)
+        self._set(self.frozen)
+
+
+def _norms(values: Any, name: str, groups: int) -> list[float]:
+    """One norm per group as kept (a frozen group's None as NaN)."""
+    return [math.nan if v is None else real(v, f"{name}[{g}]") for g, v in enumerate(sequence(values, name,
+                                                                                              groups, groups))]
 
 
 def _nan_to_none(values: Sequence[float]) -> list[float | None]:
     """Norms as saved: a group that was frozen (NaN) as None, so equal states compare equal."""
     return [None if math.isnan(v) else v for v in values]
-
-
-def _none_to_nan(values: Sequence[Any]) -> list[float]:
-    return [math.nan if v is None else float(v) for v in values]
 
 
 def _why_unavailable(model: Model, optimizer: Optimizer) -> str | None:

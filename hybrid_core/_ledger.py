@@ -22,6 +22,7 @@ from ._checks import has_method
 from ._errors import CheckpointError
 from ._phase import PhaseState
 from ._protocols import Array, Model, Optimizer
+from ._statecheck import fields, integer
 
 __all__ = ["Ledger", "Pending"]
 
@@ -119,12 +120,14 @@ class Ledger:
         """The host-read count (a checkpoint is written with nothing pending)."""
         return {"host_syncs": self.host_syncs}
 
+    def check_state_dict(self, state: dict[str, Any]) -> int:
+        """The host-read count `load_state_dict` would set; `ValueError` naming the field if malformed."""
+        fields(state, ("host_syncs",), what="ledger state")
+        return integer(state["host_syncs"], "host_syncs")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
-        count = state["host_syncs"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"host_syncs={count!r}: must be an integer >= 0")
-        self.host_syncs = count
+        self.host_syncs = self.check_state_dict(state)
         self.pending = []
 
 

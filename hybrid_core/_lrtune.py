@@ -30,9 +30,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_compat
+
 from ._config import HybridConfig
 from ._inplace import abs_sum, copy_into, dot, scale_add_
 from ._protocols import Array, Optimizer
+from ._statecheck import all_finite, fields, flag, integer, optional, real, sequence, text
 
 __all__ = ["LRTuner"]
 
@@ -189,30 +192,57 @@ class LRTuner:
                 "d_max": self._d_max, "k": self._k, "searching": self._searching, "flat": self._flat,
                 "x0": self._x0, "s": self._s, "r": self._r, "d_hat_max": self._d_hat_max}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned and set the optimizer's rate to match (`ValueError` if malformed)."""
-        multiplier, ceiling, base = float(state["multiplier"]), float(state["ceiling"]), float(state["base_lr"])
-        enabled, reason = bool(state["enabled"]), state["reason"]
-        if enabled and not (math.isfinite(multiplier) and multiplier > 0 and ceiling > 0
-                            and math.isfinite(base) and base > 0):
-            raise ValueError("learning-rate multiplier, ceiling and base rate must be positive")
-        if reason is not None and not isinstance(reason, str):
-            raise ValueError("reason must be a string or None")
-        for key in ("x0", "s"):
-            if state[key] is not None and not isinstance(state[key], list):
-                raise ValueError(f"{key} must be a list of arrays")
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The attributes `load_state_dict` would set; `ValueError` naming the field if malformed. That the
+        accumulators ``x0`` and ``s`` fit the model is checked by the trainer."""
+        fields(state, ("enabled", "reason", "base_lr", "multiplier", "ceiling", "history", "backoffs", "d_max", "k",
+                       "searching", "x0", "s", "r"), ("flat", "d_hat_max"), what="learning-rate state")
+        enabled = flag(state["enabled"], "enabled")
+        multiplier = real(state["multiplier"], "multiplier", finite=enabled)
+        ceiling = real(state["ceiling"], "ceiling", finite=False)
+        base = real(state["base_lr"], "base_lr", finite=enabled)
+        if enabled and not (1.0 <= multiplier <= ceiling and math.isfinite(base) and base > 0):
+            raise ValueError(f"multiplier={multiplier!r}, ceiling={ceiling!r}, base_lr={base!r}: the rate is only "
+                             "ever raised (1 <= multiplier <= ceiling) from a finite base rate > 0")
+        history = []
+        for i, item in enumerate(sequence(state["history"], "history")):
+            step, value, why = sequence(item, f"history[{i}]", 3, 3)
+            history.append([integer(step, f"history[{i}].step"), real(value, f"history[{i}].multiplier", finite=False),
+                            text(why, f"history[{i}].why")])
         # Off here (config, optimizer) stays off whatever the file says; off in the file stays off.
-        if self._off is None:
-            self.enabled, self.reason = enabled, reason
-        self.base_lr, self.multiplier, self.ceiling = base, multiplier, ceiling
-        self.history = [list(h) for h in state["history"]]
-        self.backoffs, self._d_max, self._k = int(state["backoffs"]), float(state["d_max"]), int(state["k"])
-        self._searching = bool(state["searching"]) and self.enabled
-        self._flat = int(state.get("flat", 0))
-        self._x0, self._s, self._r = state["x0"], state["s"], state["r"]
-        self._d_hat_max = state.get("d_hat_max")
+        mine = self._off is None
+        return {"enabled": enabled if mine else self.enabled,
+                "reason": optional(text, state["reason"], "reason") if mine else self.reason,
+                "base_lr": base, "multiplier": multiplier, "ceiling": ceiling, "history": history,
+                "backoffs": integer(state["backoffs"], "backoffs"),
+                "_d_max": real(state["d_max"], "d_max", finite=False),
+                "_k": integer(state["k"], "k"),
+                "_searching": flag(state["searching"], "searching") and enabled and mine,
+                "_flat": integer(state.get("flat", 0), "flat"),
+                "_x0": optional(sequence, state["x0"], "x0"), "_s": optional(sequence, state["s"], "s"),
+                "_r": optional(_scalar, state["r"], "r"), "_d_hat_max": optional(_scalar, state.get("d_hat_max"),
+                                                                                 "d_hat_max")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned and set the optimizer's rate to match (`ValueError` naming the
+        field, and no change, if malformed)."""
+        for name, value in self.check_state_dict(state).items():
+            setattr(self, name, value)
         if self.enabled:
             self._optimizer.lr = self.lr
+
+
+def _scalar(value: Any, name: str) -> Array | float:
+    """``value`` if it is a finite number, or a finite array of one element (an accumulator kept on the device)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return real(value, name)
+    try:
+        size = array_api_compat.size(value)
+    except (TypeError, AttributeError) as exc:
+        raise ValueError(f"{name} is a {type(value).__name__}, not an array") from exc
+    if size != 1 or not all_finite([value]):
+        raise ValueError(f"{name} must be one finite number (an array of shape {tuple(value.shape)} was saved)")
+    return value
 
 
 def _why_off(config: HybridConfig, optimizer: Optimizer) -> str | None:

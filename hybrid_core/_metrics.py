@@ -6,10 +6,11 @@ import json
 import math
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from ._phase import Phase
+from ._statecheck import fields, flag, integer, optional, real, sequence
 
 __all__ = ["Decision", "MetricsCollector", "StepRecord"]
 
@@ -130,17 +131,71 @@ class MetricsCollector:
             "arm_reward_sum": {str(k): v for k, v in self._arm_reward_sum.items()},
         }
 
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The attributes `load_state_dict` would set; `ValueError` naming the field if malformed.
+
+        The collector keeps its own bounds on records and decisions (the newest that fit are kept);
+        the saved ``max_records`` is only checked.
+        """
+        fields(state, ("max_records", "records", "steps", "backward", "phase_steps", "phase_seconds", "events",
+                       "decisions", "arm_pulls", "arm_reward_sum"), what="metrics state")
+        most = integer(state["max_records"], "max_records")
+        records = [_record(r, f"records[{i}]") for i, r in enumerate(sequence(state["records"], "records", most))]
+        decisions = [_decision(d, f"decisions[{i}]")
+                     for i, d in enumerate(sequence(state["decisions"], "decisions", max(most, 1)))]
+        steps = integer(state["steps"], "steps")
+        phases = [p.value for p in Phase]
+        return {
+            "_records": deque(records, maxlen=self._records.maxlen),
+            "_steps": steps, "_backward": integer(state["backward"], "backward", 0, steps),
+            "_phase_steps": _table(state["phase_steps"], "phase_steps", phases, integer),
+            "_phase_seconds": _table(state["phase_seconds"], "phase_seconds", phases, real, finite=False),
+            "_events": _table(state["events"], "events", None, integer),
+            "_decisions": deque(decisions, maxlen=self._decisions.maxlen),
+            "_arm_pulls": {int(k): v for k, v in _table(state["arm_pulls"], "arm_pulls", _ARM, integer).items()},
+            "_arm_reward_sum": {int(k): v for k, v in _table(state["arm_reward_sum"], "arm_reward_sum", _ARM,
+                                                             real).items()},
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        self._records = deque((StepRecord(*r) for r in state["records"]), maxlen=state["max_records"])
-        self._steps = int(state["steps"])
-        self._backward = int(state["backward"])
-        self._phase_steps = {k: int(v) for k, v in state["phase_steps"].items()}
-        self._phase_seconds = {k: float(v) for k, v in state["phase_seconds"].items()}
-        self._events = {k: int(v) for k, v in state["events"].items()}
-        self._decisions = deque((Decision(*d) for d in state["decisions"]), maxlen=self._decisions.maxlen)
-        self._arm_pulls = {int(k): int(v) for k, v in state["arm_pulls"].items()}
-        self._arm_reward_sum = {int(k): float(v) for k, v in state["arm_reward_sum"].items()}
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
+        for name, value in self.check_state_dict(state).items():
+            setattr(self, name, value)
+
+
+_ARM = "an arm"
+
+
+def _table(value: Any, name: str, keys: list[str] | str | None, read: Callable[..., Any], **kwargs: Any
+           ) -> dict[str, Any]:
+    """A dict of strings to values read by ``read``: with exactly ``keys``, any string keys (None), or arms."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is a {type(value).__name__}, not a dict")
+    if isinstance(keys, list):
+        fields(value, keys, what=name)
+    for k in value:
+        if not isinstance(k, str) or (keys == _ARM and not k.isdigit()):
+            raise ValueError(f"{name} has the key {k!r}; expected {'an arm' if keys == _ARM else 'a string'}")
+    return {k: read(v, f"{name}[{k!r}]", **kwargs) for k, v in value.items()}
+
+
+def _record(value: Any, name: str) -> StepRecord:
+    r = sequence(value, name, len(StepRecord._fields), 7)
+    if r[1] not in [p.value for p in Phase]:
+        raise ValueError(f"{name}.phase={r[1]!r}: not a phase")
+    loss, predicted = (optional(real, v, f"{name}.{n}", finite=False)
+                       for v, n in ((r[2], "loss"), (r[3], "predicted_loss")))
+    tail = [flag(r[7], f"{name}.skipped")] if len(r) > 7 else []
+    tail += [optional(real, r[8], f"{name}.lr")] if len(r) > 8 else []
+    return StepRecord(integer(r[0], f"{name}.step"), r[1], loss, predicted, flag(r[4], f"{name}.backward"),
+                      real(r[5], f"{name}.wall_seconds", finite=False),
+                      real(r[6], f"{name}.confidence", finite=False), *tail)
+
+
+def _decision(value: Any, name: str) -> Decision:
+    step, horizon, reward = sequence(value, name, 3, 3)
+    return Decision(integer(step, f"{name}.step"), integer(horizon, f"{name}.horizon"),
+                    optional(real, reward, f"{name}.reward", finite=False))
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:

@@ -1,16 +1,18 @@
 """Checkpoints of named parts: ``{part name: part.state_dict()}`` in one msgpack file (see `_codec`).
 
 Nothing here knows the trainer: a checkpoint is a format tag, the library version, the
-config as a plain dict, and the parts' states. `restore_parts` loads them in order and,
-if any part refuses its state, puts the earlier ones back, so a failed load leaves the
-objects as they were.
+config as a plain dict, and the parts' states. `restore_parts` loads them all or none: it
+decodes and checks every part's state before it changes anything, then applies them, and
+puts every part back from a copy if one still refuses, so a failed load leaves the objects
+as they were.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -23,10 +25,11 @@ from ._codec import DEFAULT_MAX_BYTES, ForeignArray, encode, read_file, write_at
 from ._errors import CheckpointError, HybridError
 from ._ledger import copies
 from ._protocols import Model
+from ._statecheck import arrays_like, fields
 from ._version import __version__ as _version
 
-__all__ = ["TRAINER_FORMAT", "CheckpointPolicy", "ModelState", "Part", "checkpoint_path", "newest_checkpoint",
-           "read_checkpoint", "restore_parts", "write_checkpoint"]
+__all__ = ["TRAINER_FORMAT", "CheckpointPolicy", "ModelState", "Part", "checkpoint_path", "copied_state",
+           "newest_checkpoint", "read_checkpoint", "restore_parts", "write_checkpoint"]
 
 TRAINER_FORMAT = 2
 """Layout of the trainer's state inside a checkpoint file. 1: before the trainer was a composition
@@ -36,7 +39,12 @@ _NAME = re.compile(r"^step-(\d{9,})\.ckpt$")
 
 
 class Part(Protocol):
-    """Anything with a state of its own."""
+    """Anything with a state of its own.
+
+    A part may also offer ``check_state_dict(state)``: raise (naming the field) exactly when
+    ``load_state_dict(state)`` would refuse ``state``, and change nothing. `restore_parts` calls it
+    for every part before it loads any.
+    """
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -67,23 +75,35 @@ class ModelState:
         extra = model.state_dict() if has_method(model, "state_dict") else None
         return {"params": list(model.parameters()), "extra": extra}
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse (naming the field) what `load_state_dict` would refuse; change nothing."""
+        self._parsed(state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Set the parameters exactly (θ − θ is 0, 0 + θ_saved is θ_saved) after checking shapes and dtypes."""
-        params = self.model.parameters()
-        saved = list(state["params"])
-        if len(saved) != len(params):
-            raise CheckpointError(f"the checkpoint holds {len(saved)} parameters, the model has {len(params)}")
-        for i, (s, p) in enumerate(zip(saved, params)):
-            if tuple(s.shape) != tuple(p.shape) or s.dtype != p.dtype:
-                raise CheckpointError(f"parameter {i}: checkpoint has {tuple(s.shape)} {s.dtype}, "
-                                      f"model has {tuple(p.shape)} {p.dtype}")
-        if state["extra"] is not None and has_method(self.model, "load_state_dict"):
-            self.model.load_state_dict(state["extra"])
+        """Set the parameters exactly (θ − θ is 0, 0 + θ_saved is θ_saved) after checking count, library,
+        device, shapes, dtypes and that every value is finite."""
+        saved, extra = self._parsed(state)
+        if extra is not None and has_method(self.model, "load_state_dict"):
+            self.model.load_state_dict(extra)
         if has_method(self.model, "set_parameters"):
             self.model.set_parameters(saved)
         else:
+            params = self.model.parameters()
             self.model.apply_update(copies(params), -1.0)
             self.model.apply_update(saved, 1.0)
+
+    def _parsed(self, state: Any) -> tuple[list[Any], Any]:
+        fields(state, ("params", "extra"), what="model state")
+        try:
+            saved = arrays_like(state["params"], "params", self.model.parameters())
+        except ValueError as exc:
+            raise CheckpointError(f"{exc}", "Load a checkpoint saved from this model (same architecture and "
+                                  "dtype), from before the run diverged.") from exc
+        extra = state["extra"]
+        validate = getattr(self.model, "check_state_dict", None)
+        if extra is not None and callable(validate):
+            validate(extra)
+        return saved, extra
 
 
 def write_checkpoint(path: str | os.PathLike[str], config: Mapping[str, Any], parts: Mapping[str, Part],
@@ -100,7 +120,7 @@ def read_checkpoint(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_B
     if not isinstance(raw, dict):
         raise CheckpointError(f"{os.fspath(path)}: the file does not hold a trainer state")
     found = raw.get("trainer_format", 1)
-    if found != TRAINER_FORMAT:
+    if isinstance(found, bool) or not isinstance(found, int) or found != TRAINER_FORMAT:
         written = raw.get("library_version", "an unknown version")
         raise CheckpointError(
             f"{os.fspath(path)}: trainer-state format {found!r} (written by hybrid-predict-trainer "
@@ -110,14 +130,25 @@ def read_checkpoint(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_B
         )
     if not isinstance(raw.get("parts"), dict) or not isinstance(raw.get("config"), dict):
         raise CheckpointError(f"{os.fspath(path)}: the checkpoint lacks its parts or config")
+    strange = [k for k in ("library_version", "dynamics_type") if k in raw and not isinstance(raw[k], str)]
+    if strange:
+        raise CheckpointError(f"{os.fspath(path)}: the checkpoint's {', '.join(map(repr, strange))} must be text")
     return raw
 
 
 def restore_parts(parts: Mapping[str, Part], saved: Mapping[str, Any], xp: Any, device: Any,
-                  where: str = "", optional: tuple[str, ...] = ()) -> None:
-    """Load each part's saved state in the order of ``parts``; on any failure put the loaded ones back.
+                  where: str = "", optional: tuple[str, ...] = (),
+                  check: Callable[[Mapping[str, Any]], None] | None = None) -> None:
+    """Load every part's saved state, all of them or none: `CheckpointError` naming the part otherwise.
 
-    Arrays are turned back into ``xp`` arrays on ``device`` (or into the library they were saved from).
+    1. Decode: arrays become ``xp`` arrays on ``device`` (or arrays of the library they were saved from).
+    2. Validate, before anything changes: each part that has ``check_state_dict(state)`` checks its state,
+       then ``check(states)`` checks that the parts fit together (and fit the model).
+    3. Apply in the order of ``parts``. As a safety net for parts whose ``load_state_dict`` refuses what
+       no check caught (a user's optimizer or dynamics model), every part's state is copied first (arrays
+       copied, not referenced) and, if any ``load_state_dict`` raises, loaded back into every part already
+       touched, the failing one included, last to first.
+
     Parts named in ``optional`` (added to the format later) keep their fresh state when absent.
     """
     parts = {name: part for name, part in parts.items() if name in saved or name not in optional}
@@ -125,22 +156,83 @@ def restore_parts(parts: Mapping[str, Part], saved: Mapping[str, Any], xp: Any, 
     if missing:
         raise CheckpointError(f"{where}the checkpoint lacks the parts {', '.join(missing)}")
     live = _Converter(library_name(xp), xp, device)
-    done: list[tuple[Part, dict[str, Any]]] = []
+    states = {name: _refused_as_checkpoint_error(where, name, live, saved[name]) for name in parts}
+    for name, part in parts.items():
+        validate = getattr(part, "check_state_dict", None)
+        if callable(validate):
+            _refused_as_checkpoint_error(where, name, validate, states[name])
+    if check is not None:
+        try:
+            check(states)
+        except HybridError as exc:
+            raise CheckpointError(f"{where}{exc.message}", exc.recovery or _RECOVERY) from exc
+        except Exception as exc:
+            raise CheckpointError(f"{where}the parts do not fit together ({type(exc).__name__}: {exc})",
+                                  _RECOVERY) from exc
+    backups = {name: copied_state(part.state_dict()) for name, part in parts.items()}
+    touched: list[str] = []
+    for name, part in parts.items():
+        touched.append(name)
+        try:
+            part.load_state_dict(states[name])
+        except BaseException as exc:
+            failed = _put_back(parts, backups, touched)
+            if not isinstance(exc, Exception):
+                raise
+            error = _as_checkpoint_error(where, name, exc)
+            if failed:
+                raise CheckpointError(f"{error.message}; putting back {', '.join(failed)} failed too, so the "
+                                      "trainer may be inconsistent", "Build the trainer afresh.") from exc
+            raise error from exc
+
+
+def copied_state(value: Any) -> Any:
+    """A deep copy of a state dict: containers rebuilt, arrays copied (JAX arrays are immutable: kept)."""
+    if isinstance(value, Mapping):
+        return {k: copied_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copied_state(v) for v in value]
+    if isinstance(value, tuple):
+        items = [copied_state(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if value is None or isinstance(value, (str, bytes, bool, int, float, complex)):
+        return value
+    if isinstance(value, np.ndarray):
+        return value.copy()
     try:
-        for name, part in parts.items():
-            backup = part.state_dict()
-            try:
-                part.load_state_dict(live(saved[name]))
-            except HybridError as exc:
-                raise CheckpointError(f"{where}part {name!r}: {exc.message}", exc.recovery) from exc
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-                raise CheckpointError(f"{where}part {name!r} is not a valid state "
-                                      f"({type(exc).__name__}: {exc})") from exc
-            done.append((part, backup))
-    except BaseException:
-        for part, backup in reversed(done):
-            part.load_state_dict(backup)
-        raise
+        array_api_compat.array_namespace(value)
+    except TypeError:
+        return copy.deepcopy(value)
+    return copies([value])[0]
+
+
+_RECOVERY = "Load an earlier checkpoint; the live trainer was left unchanged."
+
+
+def _refused_as_checkpoint_error(where: str, name: str, fn: Callable[[Any], Any], state: Any) -> Any:
+    try:
+        return fn(state)
+    except Exception as exc:
+        raise _as_checkpoint_error(where, name, exc) from exc
+
+
+def _as_checkpoint_error(where: str, name: str, exc: Exception) -> CheckpointError:
+    if isinstance(exc, HybridError):
+        return CheckpointError(f"{where}part {name!r}: {exc.message}", exc.recovery or _RECOVERY)
+    if type(exc) is ValueError:  # the readers of `_statecheck` name the field
+        return CheckpointError(f"{where}part {name!r}: {exc}", _RECOVERY)
+    return CheckpointError(f"{where}part {name!r} is not a valid state ({type(exc).__name__}: {exc})", _RECOVERY)
+
+
+def _put_back(parts: Mapping[str, Part], backups: Mapping[str, Any], touched: list[str]) -> list[str]:
+    """Load the copies taken before into the touched parts, last first; the names of those that refused."""
+    failed = []
+    for name in reversed(touched):
+        try:
+            parts[name].load_state_dict(copied_state(backups[name]))
+        except Exception:
+            failed.append(name)
+    return failed
 
 
 def newest_checkpoint(directory: str | os.PathLike[str]) -> list[Path]:

@@ -21,6 +21,7 @@ import math
 from typing import NamedTuple
 
 from ._config import HybridConfig
+from ._statecheck import fields, flag, integer
 
 __all__ = ["Phase", "PhaseMachine", "PhaseState", "Signals", "initial_phase_state", "next_phase", "phase_bound"]
 
@@ -127,10 +128,15 @@ class PhaseMachine:
         return {"phase": ps.phase.value, "steps_in_phase": ps.steps_in_phase, "horizon": ps.horizon,
                 "probe": ps.probe}
 
+    def check_state_dict(self, state: dict[str, object]) -> PhaseState:
+        """The `PhaseState` `load_state_dict` would set; `ValueError` naming the field if malformed."""
+        fields(state, ("phase", "steps_in_phase", "horizon", "probe"), what="phase state")
+        names = [p.value for p in Phase]
+        if state["phase"] not in names:
+            raise ValueError(f"phase={state['phase']!r}: must be one of {', '.join(names)}")
+        return PhaseState(Phase(state["phase"]), integer(state["steps_in_phase"], "steps_in_phase"),
+                          integer(state["horizon"], "horizon"), flag(state["probe"], "probe"))
+
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore what `state_dict` returned (`ValueError` on a malformed state)."""
-        steps, horizon, probe = state["steps_in_phase"], state["horizon"], state["probe"]
-        if not (isinstance(steps, int) and isinstance(horizon, int) and isinstance(probe, bool)
-                and steps >= 0 and horizon >= 0):
-            raise ValueError("phase state needs integers >= 0 for steps_in_phase and horizon, a bool probe")
-        self.state = PhaseState(Phase(state["phase"]), steps, horizon, probe)
+        self.state = self.check_state_dict(state)

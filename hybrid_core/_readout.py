@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from ._config import HybridConfig
 from ._errors import ConfigError
 from ._inplace import copy_into, lerp_
 from ._protocols import Array, Model
+from ._statecheck import arrays_like, fields, integer, optional, real, reals, sequence
 
 __all__ = ["COMPARISONS", "READOUTS", "ReadOut"]
 
@@ -220,31 +221,38 @@ class ReadOut:
                 "ema_step": self._ema_step, "diffs": {k: list(d) for k, d in self._diffs.items()},
                 "chosen": self.chosen, "turn": self._turn}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (`ValueError` if it does not fit this model or config)."""
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The attributes `load_state_dict` would set; `ValueError` naming the field if malformed or not fitting
+        this model (count, library, shapes, dtypes, finite values) or this config (snapshots kept, read-outs)."""
+        fields(state, ("kinds", "snapshots", "ema", "ema_norm", "ema_step", "diffs", "chosen"), ("turn",),
+               what="read-out state")
         params = self._model.parameters()
-        snapshots = [(int(s), list(p)) for s, p in state["snapshots"]]
-        ema = None if state["ema"] is None else list(state["ema"])
-        for arrays in [p for _, p in snapshots] + ([ema] if ema is not None else []):
-            _check_like(arrays, params)
-        if len(snapshots) > self._count:
-            raise ValueError(f"{len(snapshots)} snapshots saved, this config keeps {self._count}")
-        diffs = {k: [float(x) for x in v] for k, v in state["diffs"].items()}
+        for i, kind in enumerate(sequence(state["kinds"], "kinds", len(READOUTS))):
+            if kind not in READOUTS:
+                raise ValueError(f"kinds[{i}]={kind!r}: not one of {', '.join(READOUTS)}")
+        snapshots = []
+        for i, item in enumerate(sequence(state["snapshots"], "snapshots", self._count)):
+            step, arrays = sequence(item, f"snapshots[{i}]", 2, 2)
+            snapshots.append((integer(step, f"snapshots[{i}].step"), arrays_like(arrays, f"snapshots[{i}]", params)))
+        diffs = state["diffs"]
+        if not isinstance(diffs, dict) or any(k not in READOUTS for k in diffs):
+            raise ValueError(f"diffs must map read-outs ({', '.join(READOUTS)}) to lists of numbers")
         chosen = state["chosen"]
         if chosen != "raw" and chosen not in self.kinds:
             raise ValueError(f"chosen read-out {chosen!r} is not kept by this config")
-        norm = float(state["ema_norm"])
-        if not 0.0 <= norm <= 1.0:
-            raise ValueError(f"ema_norm={norm}: must be in [0, 1]")
-        self._snapshots = deque(snapshots, maxlen=self._count)
-        self._ema, self._ema_norm, self._ema_step = ema, norm, int(state["ema_step"])
-        self._diffs = {k: deque(diffs.get(k, []), maxlen=COMPARISONS) for k in self.kinds}
-        self.chosen = chosen
-        self._turn = int(state.get("turn", 0))
+        return {"_snapshots": deque(snapshots, maxlen=self._count),
+                "_ema": optional(arrays_like, state["ema"], "ema", params),
+                "_ema_norm": real(state["ema_norm"], "ema_norm", 0.0, 1.0),
+                "_ema_step": integer(state["ema_step"], "ema_step"),
+                "_diffs": {k: deque(reals(diffs.get(k, []), f"diffs[{k!r}]", COMPARISONS, finite=False),
+                                    maxlen=COMPARISONS) for k in self.kinds},
+                "chosen": chosen, "_turn": integer(state.get("turn", 0), "turn")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if it does not fit
+        this model or config)."""
+        for name, value in self.check_state_dict(state).items():
+            setattr(self, name, value)
         self._staged, self._cache, self._free = [], {}, []
 
 
-def _check_like(arrays: Sequence[Array], params: Sequence[Array]) -> None:
-    if len(arrays) != len(params) or any(tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype
-                                         for a, p in zip(arrays, params)):
-        raise ValueError("a saved read-out does not match the model's parameters (count, shapes, dtypes)")

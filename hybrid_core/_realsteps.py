@@ -41,6 +41,7 @@ from ._phase import PhaseMachine, PhaseState
 from ._protocols import Array, FusedStep, Model, Optimizer
 from ._readout import ReadOut
 from ._recorder import Recorded, Recorder
+from ._statecheck import arrays_like, fields, optional
 from .kernels import fused_stats
 
 __all__ = ["RealSteps"]
@@ -292,16 +293,15 @@ class RealSteps:
         """The eager path's last update (None on the lagged paths)."""
         return {"last_update": None if self._last_update is None else list(self._last_update)}
 
+    def check_state_dict(self, state: dict[str, Any]) -> list[Any] | None:
+        """The last update `load_state_dict` would keep; `ValueError` unless it is None or finite arrays
+        lining up with the parameters."""
+        fields(state, ("last_update",), what="real-steps state")
+        return optional(arrays_like, state["last_update"], "last_update", self._model.parameters())
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (`ValueError` if the arrays do not match the parameters)."""
-        update = state["last_update"]
-        if update is not None:
-            params = self._model.parameters()
-            if not isinstance(update, list) or len(update) != len(params) or any(
-                    tuple(u.shape) != tuple(q.shape) for u, q in zip(update, params)):
-                raise ValueError("last_update does not match the model's parameters")
-            update = list(update)
-        self._last_update = update
+        self._last_update = self.check_state_dict(state)
 
 
 _NO_HOOK: Mapping[str, Any] = MappingProxyType({})

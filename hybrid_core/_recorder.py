@@ -26,6 +26,7 @@ from ._monitor import DivergenceMonitor, Level
 from ._phase import Phase, PhaseState
 from ._protocols import DynamicsModel, Outcome
 from ._state import Measured, TrainingState
+from ._statecheck import fields, flag, real
 
 __all__ = ["Recorded", "Recorder"]
 
@@ -128,10 +129,12 @@ class Recorder:
         """The confidence last read and the unconsumed divergence signal."""
         return {"confidence": self.confidence, "diverging": self.diverging}
 
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[float, bool]:
+        """(confidence in [0, 1] or NaN, diverging) as `load_state_dict` would set them; `ValueError` if malformed."""
+        fields(state, ("confidence", "diverging"), what="recorder state")
+        return real(state["confidence"], "confidence", 0.0, 1.0, finite=False), flag(state["diverging"], "diverging")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (`ValueError` on a malformed state)."""
-        confidence, diverging = float(state["confidence"]), state["diverging"]
-        if not (0.0 <= confidence <= 1.0 or math.isnan(confidence)) or not isinstance(diverging, bool):
-            raise ValueError("recorder state needs a confidence in [0, 1] and a bool diverging")
-        self.confidence, self.diverging = confidence, diverging
+        self.confidence, self.diverging = self.check_state_dict(state)
         self._features = None

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._statecheck import fields, flag, integer, real, reals
+
 __all__ = ["Measured", "RingBuffer", "TrainingState"]
 
 _FAST, _SLOW = 0.1, 0.01
@@ -52,13 +54,24 @@ class RingBuffer:
         """The values (oldest first) and capacity."""
         return {"capacity": self.capacity, "values": self.last().tolist()}
 
+    def check_state_dict(self, state: dict[str, Any], what: str = "ring buffer") -> list[float]:
+        """The values `load_state_dict` would keep; `ValueError` naming the field if ``state`` is malformed.
+
+        The saved capacity is only checked (an integer >= 1, at least the number of values): the buffer
+        keeps its own capacity, so a file never decides how much memory is allocated.
+        """
+        fields(state, ("capacity", "values"), what=what)
+        capacity = integer(state["capacity"], f"{what}.capacity", 1)
+        values = reals(state["values"], f"{what}.values", max_len=capacity, finite=False)
+        return values[-self.capacity:]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        values = list(state["values"])
-        self._data = np.zeros(int(state["capacity"]), dtype=np.float64)
+        """Restore the newest values of what `state_dict` returned (as many as this buffer's capacity)."""
+        values = self.check_state_dict(state)
+        self._data[:] = 0.0
         self._next = self._size = 0
-        for v in values[-self.capacity:]:
-            self.append(float(v))
+        for v in values:
+            self.append(v)
 
 
 class Measured(NamedTuple):
@@ -233,16 +246,32 @@ class TrainingState:
             out[key] = value.state_dict() if isinstance(value, RingBuffer) else value
         return out
 
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The values `load_state_dict` would set; `ValueError` naming the field if ``state`` is malformed.
+
+        Each field must have the type it has here: counts are integers >= 0, flags bools, statistics
+        numbers (NaN and ±Inf allowed: a minimum starts at Inf, averages at NaN), histories ring buffers.
+        """
+        fields(state, vars(self), what="training state")
+        out: dict[str, Any] = {}
+        for key, current in vars(self).items():
+            value = state[key]
+            if isinstance(current, RingBuffer):
+                out[key] = current.check_state_dict(value, key)
+            elif isinstance(current, bool):
+                out[key] = flag(value, key)
+            elif isinstance(current, int):
+                out[key] = integer(value, key)
+            else:
+                out[key] = real(value, key, finite=False)
+        return out
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (`ValueError` naming the fields if they differ)."""
-        if not isinstance(state, dict) or set(state) != set(vars(self)):
-            got = set(state) if isinstance(state, dict) else set()
-            raise ValueError(f"training state fields differ: missing {sorted(set(vars(self)) - got)}, "
-                             f"unknown {sorted(got - set(vars(self)))}")
-        for key, value in state.items():
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
+        for key, value in self.check_state_dict(state).items():
             current = getattr(self, key)
             if isinstance(current, RingBuffer):
-                current.load_state_dict(value)
+                current.load_state_dict({"capacity": current.capacity, "values": value})
             else:
                 setattr(self, key, value)
 

@@ -30,6 +30,7 @@ from ._loop import fit as run_fit
 from ._lrtune import LRTuner
 from ._metrics import MetricsCollector, StepRecord
 from ._monitor import DivergenceMonitor, Level
+from ._partcheck import check_parts_fit
 from ._persist import (
     CheckpointPolicy,
     ModelState,
@@ -374,15 +375,16 @@ class HybridTrainer:
         """A trainer restored from ``path`` around ``model`` and ``optimizer`` (their states are overwritten).
 
         The run then continues exactly as if it had never stopped (bit for bit on deterministic
-        CPU backends). A truncated, corrupted, foreign, older-format or newer file raises
-        `CheckpointError`; a part that refuses its state puts the earlier ones back. Without
+        CPU backends). A truncated, corrupted, foreign, older-format or newer file, or a part whose
+        state does not check out, raises `CheckpointError` and leaves ``model`` and ``optimizer`` bit for
+        bit as they were (every part's state is checked before any is applied). Without
         ``dynamics``, a file saved with one of the library's dynamics models (`TrendDynamics`, or
         `RSSMDynamics`, the default of earlier versions) gets a fresh one of that kind to load into.
         """
         raw = read_checkpoint(path, max_bytes)
         try:
             config = HybridConfig.from_dict(raw["config"])
-        except (ConfigError, TypeError, KeyError) as exc:
+        except Exception as exc:  # anything a malformed dict makes the config's checks raise
             raise CheckpointError(f"{os.fspath(path)}: the saved config is not valid ({exc})") from exc
         if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
             dynamics = RSSMDynamics(seed=config.seed)
@@ -400,7 +402,7 @@ class HybridTrainer:
         self._restore_parts(path, raw)
         mine = self.config.to_dict()
         return sorted(k for k, v in raw["config"].items()
-                      if mine.get(k) != (tuple(v) if isinstance(v, list) else v))
+                      if _differs(mine.get(k), tuple(v) if isinstance(v, list) else v))
 
     def _restore_parts(self, path: str | os.PathLike[str], raw: dict[str, Any]) -> None:
         saved_dyn = raw.get("dynamics_type")
@@ -409,10 +411,19 @@ class HybridTrainer:
                                   f"not {type(self.dynamics).__name__}", f"Pass dynamics={saved_dyn}(...) to load it.")
         self.flush()
         device = array_api_compat.device(self.model.parameters()[0])
+        params, config, dim = self.model.parameters(), self.config, self.bandit.dim
         restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
-                      optional=("readout", "lr", "freeze"))
+                      optional=("readout", "lr", "freeze"), check=lambda s: check_parts_fit(s, params, config, dim))
         self.ledger.verify(self.model, self.optimizer)
 
     def __repr__(self) -> str:
         return (f"HybridTrainer(step={self.steps_done}, phase={self.phase.value}, "
                 f"backend={library_name(self._xp)})")
+
+
+def _differs(mine: Any, saved: Any) -> bool:
+    """Whether a saved config value differs from this trainer's (a value that cannot be compared does)."""
+    try:
+        return bool(mine != saved)
+    except Exception:
+        return True

@@ -331,6 +331,10 @@ class RSSMDynamics:
         """Config, weights, Adam moments, carried GRU states, normaliser stats, RNG state, rows, scores."""
         return _rssm_state.dump(self)
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """`CheckpointError` exactly when `load_state_dict` would refuse ``state``; changes nothing."""
+        _rssm_state.check(self, state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; on a mismatch raise `CheckpointError` and change nothing."""
         _rssm_state.load(self, state)

@@ -24,7 +24,7 @@ from ._normalizer import RunningNormalizer, RunningScale
 # modules form no import loop even for type checkers.
 RSSMModel = Any
 
-__all__ = ["FORMAT", "dump", "load"]
+__all__ = ["FORMAT", "check", "dump", "load"]
 
 FORMAT = "RSSMDynamics/3"
 """The state format; states of earlier formats are refused (their layout differs)."""
@@ -63,14 +63,20 @@ def dump(model: RSSMModel) -> dict[str, Any]:
     }
 
 
-def load(model: RSSMModel, state: dict[str, Any]) -> None:
-    """Replace ``model``'s state with ``state`` (as `dump` made it), or raise `CheckpointError` first."""
+def check(model: RSSMModel, state: dict[str, Any]) -> dict[str, Any]:
+    """The attributes `load` would set from ``state``; `CheckpointError` if it is malformed (nothing changes)."""
     try:
-        parts = _read(model, state)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        return _read(model, state)
+    except CheckpointError:
+        raise
+    except Exception as exc:
         raise CheckpointError(f"RSSMDynamics state is malformed ({type(exc).__name__}: {exc})",
                               "Load a state_dict() saved by RSSMDynamics with the same sizes.") from exc
-    for name, value in parts.items():
+
+
+def load(model: RSSMModel, state: dict[str, Any]) -> None:
+    """Replace ``model``'s state with ``state`` (as `dump` made it), or raise `CheckpointError` first."""
+    for name, value in check(model, state).items():
         setattr(model, name, value)
 
 
@@ -96,10 +102,17 @@ def _read(model: RSSMModel, state: dict[str, Any]) -> dict[str, Any]:
            for a in [flat, *([adam.exp_avg, adam.exp_avg_sq] if adam.step_count else [])]):
         raise CheckpointError("state weights have the wrong shape", "Load a state saved with the same sizes.")
     h_run = as_xp(state["h_run"])
+    if len(state["h_before"]) > model._rows.maxlen:
+        raise CheckpointError(f"state holds {len(state['h_before'])} GRU states, more than {model._rows.maxlen}",
+                              "Load an unmodified state_dict().")
     h_before = [as_xp(h) for h in state["h_before"]]
     state_shape = tuple(model._h_run.shape)
     if any(tuple(h.shape) != state_shape for h in [h_run, *h_before]):
         raise CheckpointError("state GRU states have the wrong shape", "Load a state saved with the same sizes.")
+    arrays = [flat, h_run, *h_before, *([adam.exp_avg, adam.exp_avg_sq] if adam.step_count else [])]
+    if not all(np.all(np.isfinite(to_numpy(a))) for a in arrays):
+        raise CheckpointError("state weights, Adam moments or GRU states hold NaN or Inf",
+                              "Load an earlier checkpoint.")
     rows = _read_rows(state["rows"], len(h_before), config)
     unscored = [(float(a), float(b)) for a, b in state["unscored"]]
     if len(unscored) > min(len(h_before), config["train_every"]):

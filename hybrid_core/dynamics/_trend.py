@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ConfigError
+from .._errors import CheckpointError, ConfigError
 from .._protocols import Outcome, Prediction
+from .._statecheck import fields, integer, real, reals
 
 __all__ = ["TrendDynamics"]
 
@@ -138,12 +139,25 @@ class TrendDynamics:
             "confidence": self._confidence,
         }
 
+    def check_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The attributes `load_state_dict` would set; `CheckpointError` naming the field if malformed (every
+        number finite, the forecast error NaN until scored, at most ``lookahead`` pending forecasts)."""
+        try:
+            fields(state, ("level", "trend", "resid_var", "seen", "forecast_err", "pending", "confidence"),
+                   what="TrendDynamics state")
+            error = real(state["forecast_err"], "forecast_err", 0.0, finite=False)
+            if math.isinf(error):
+                raise ValueError("forecast_err is infinite")
+            return {"_level": real(state["level"], "level"), "_trend": real(state["trend"], "trend"),
+                    "_resid_var": real(state["resid_var"], "resid_var", 0.0), "_seen": integer(state["seen"], "seen"),
+                    "_forecast_err": error,
+                    "_pending": deque(reals(state["pending"], "pending", self.lookahead), maxlen=self.lookahead),
+                    "_confidence": real(state["confidence"], "confidence", 0.0, 1.0)}
+        except ValueError as exc:
+            raise CheckpointError(f"TrendDynamics state: {exc}",
+                                  "Load a state_dict() saved by TrendDynamics with the same lookahead.") from exc
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        self._level = float(state["level"])
-        self._trend = float(state["trend"])
-        self._resid_var = float(state["resid_var"])
-        self._seen = int(state["seen"])
-        self._forecast_err = float(state["forecast_err"])
-        self._pending = deque((float(v) for v in state["pending"]), maxlen=self.lookahead)
-        self._confidence = float(state["confidence"])
+        """Restore what `state_dict` returned (`CheckpointError`, and no change, if malformed)."""
+        for name, value in self.check_state_dict(state).items():
+            setattr(self, name, value)

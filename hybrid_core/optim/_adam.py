@@ -109,14 +109,20 @@ class _AdamFamily:
         return common.export_state(type(self).__name__, self._lr, self._step, self._hyper(),
                                    {"exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq})
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict` output; on any mismatch raise `CheckpointError` and change nothing."""
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(step, values) as `load_state_dict` would set them; `CheckpointError` on any mismatch (keys, hyper-
+        parameters, buffers that do not line up with the parameters or hold NaN/Inf), nothing changed."""
         kind = type(self).__name__
         step, v = common.read_state(state, kind, _HYPER, _BUFFERS, self._xp, self._model.parameters())
         problems = _problems(v["lr"], (v["beta1"], v["beta2"]), v["eps"], v["weight_decay"])
         if problems:
             raise CheckpointError(f"optimizer state has invalid hyper-parameters: {'; '.join(problems)}")
         common.require_buffers(v, {"exp_avg": step > 0, "exp_avg_sq": step > 0}, step)
+        return step, v
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output; on any mismatch raise `CheckpointError` and change nothing."""
+        step, v = self.check_state_dict(state)
         self._lr, self._eps, self._weight_decay = float(v["lr"]), float(v["eps"]), float(v["weight_decay"])
         self._betas, self._step = (float(v["beta1"]), float(v["beta2"])), step
         self._exp_avg, self._exp_avg_sq, self._last_update = v["exp_avg"], v["exp_avg_sq"], None

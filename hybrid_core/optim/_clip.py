@@ -87,8 +87,9 @@ class ClipGradNorm:
         return {"kind": "ClipGradNorm", "max_norm": self._max_norm, "eps": self._eps,
                 "inner": self._inner.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict` output; on a mismatch raise `CheckpointError` and change nothing here."""
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """`CheckpointError` exactly when `load_state_dict` would refuse ``state`` (the wrapped optimizer's part
+        included, if it offers ``check_state_dict``); changes nothing."""
         if not isinstance(state, Mapping) or set(state) != {"kind", "max_norm", "eps", "inner"} or (
                 state["kind"] != "ClipGradNorm"):
             raise CheckpointError("optimizer state is not a ClipGradNorm state",
@@ -96,6 +97,14 @@ class ClipGradNorm:
         max_norm, eps = state["max_norm"], state["eps"]
         if common.positive("max_norm", max_norm) or common.positive("eps", eps):
             raise CheckpointError(f"ClipGradNorm state has max_norm={max_norm!r}, eps={eps!r}; both must be > 0")
+        inner = getattr(self._inner, "check_state_dict", None)
+        if callable(inner):
+            inner(state["inner"])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output; on a mismatch raise `CheckpointError` and change nothing here."""
+        self.check_state_dict(state)
+        max_norm, eps = state["max_norm"], state["eps"]
         self._inner.load_state_dict(state["inner"])
         self._max_norm, self._eps, self._last_norm = float(max_norm), float(eps), None
 

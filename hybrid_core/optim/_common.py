@@ -11,6 +11,7 @@ from typing import Any
 from .._backend import namespace_of
 from .._errors import BackendError, BatchError, CheckpointError, ConfigError, ModelError
 from .._protocols import Model
+from .._statecheck import first_nonfinite
 from ..models._checks import check_like_parameters
 
 __all__ = [
@@ -131,6 +132,10 @@ def read_state(state: Any, kind: str, hyper: Sequence[str], buffers: Sequence[st
             values[name] = None if buf is None else check_like_parameters(xp, params, buf, name)
         except (BatchError, BackendError) as exc:
             raise CheckpointError(f"optimizer buffer {exc.message}", exc.recovery) from exc
+        bad = None if values[name] is None else first_nonfinite(values[name])
+        if bad is not None:
+            raise CheckpointError(f"optimizer buffer {name!r}[{bad}] holds NaN or Inf",
+                                  "Load an earlier checkpoint, saved before the run diverged.")
     return int(step), values
 
 

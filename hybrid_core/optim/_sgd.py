@@ -97,14 +97,20 @@ class SGD:
         return common.export_state("SGD", self._lr, self._step, self._hyper(),
                                    {"momentum_buffer": self._buffer, "last_grad": self._last_grad})
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict` output; on any mismatch raise `CheckpointError` and change nothing."""
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(step, values) as `load_state_dict` would set them; `CheckpointError` on any mismatch (keys, hyper-
+        parameters, buffers that do not line up with the parameters or hold NaN/Inf), nothing changed."""
         step, v = common.read_state(state, "SGD", _HYPER, _BUFFERS, self._xp, self._model.parameters())
         problems = _problems(v["lr"], v["momentum"], v["weight_decay"], v["nesterov"])
         if problems:
             raise CheckpointError(f"optimizer state has invalid hyper-parameters: {'; '.join(problems)}")
         needed = {"last_grad": step > 0, "momentum_buffer": step > 0 and v["momentum"] > 0}
         common.require_buffers(v, needed, step)
+        return step, v
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output; on any mismatch raise `CheckpointError` and change nothing."""
+        step, v = self.check_state_dict(state)
         self._lr, self._momentum = float(v["lr"]), float(v["momentum"])
         self._weight_decay, self._nesterov, self._step = float(v["weight_decay"]), v["nesterov"], step
         self._buffer, self._last_grad, self._last_update = v["momentum_buffer"], v["last_grad"], None
