@@ -23,10 +23,11 @@ from ._errors import CheckpointError
 __all__ = ["RUN_ID", "CheckpointFile", "checkpoint_path", "make_directory", "new_run_id", "newest_checkpoint",
            "prune_run", "run_id_problem", "scan_directory"]
 
-RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-"""What a run id may be: 1 to 64 letters, digits, ``_`` or ``-`` (it goes into file names)."""
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a run id may be (with ``fullmatch``): 1 to 64 ASCII letters, digits, ``_`` or ``-`` (it goes into file
+names)."""
 
-_NAME = re.compile(r"^step-(\d{9,})(?:-([A-Za-z0-9_-]{1,64}))?\.ckpt$")
+_NAME = re.compile(r"step-([0-9]{9,})(?:-([A-Za-z0-9_-]{1,64}))?\.ckpt")  # used with fullmatch
 
 _WRITE_HINT = "Check the directory's permissions and free space; the run's earlier checkpoints are intact."
 
@@ -47,7 +48,7 @@ def new_run_id() -> str:
 
 def run_id_problem(value: object) -> str | None:
     """Why ``value`` is not a valid run id, or None if it is one."""
-    if not isinstance(value, str) or not RUN_ID.match(value):
+    if not isinstance(value, str) or not RUN_ID.fullmatch(value):
         return f"run_id={value!r}: must be 1 to 64 letters, digits, '_' or '-'"
     return None
 
@@ -69,7 +70,7 @@ def scan_directory(directory: str | os.PathLike[str]) -> list[CheckpointFile]:
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                match = _NAME.match(entry.name)
+                match = _NAME.fullmatch(entry.name)
                 if match is None:
                     continue
                 path = folder / entry.name

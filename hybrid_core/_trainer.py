@@ -377,8 +377,10 @@ class HybridTrainer:
         run gets the batches it would have seen). Stops after ``steps`` steps, when the
         iterable ends, or when a callback returns True. ``progress`` shows a progress
         line on stderr (default: when stderr is a terminal). ``checkpoint`` saves the
-        whole trainer every ``checkpoint.every`` steps, keeps the newest
-        ``checkpoint.keep`` files, and first resumes from the newest good one.
+        whole trainer every ``checkpoint.every`` steps, keeps the run's newest
+        ``checkpoint.keep`` files, and first resumes the run from its newest good one
+        (see `CheckpointPolicy`); a failed save ends `fit` with `CheckpointError`, the
+        trainer at the step it reached.
         """
         return run_fit(self, batches, steps, progress, callbacks, checkpoint)
 
