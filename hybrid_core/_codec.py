@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Callable
@@ -148,22 +149,30 @@ def _deeper_than(obj: Any, limit: int) -> str | None:
 def write_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
     """Write header + ``payload`` to ``path`` via a temporary file, fsync and rename.
 
-    A crash at any point leaves either the old file or the new one, never a mix.
+    A crash at any point leaves either the old file or the new one, never a mix. Any `OSError`
+    (no permission, a directory at ``path``, a full disk) raises `CheckpointError` naming ``path``;
+    the temporary file is removed and a file already at ``path`` is left as it was.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({type(exc).__name__}: {exc})",
+                                  "Check the path (a directory there?), its permissions and the free disk space; "
+                                  "a checkpoint already at this path is intact.") from exc
         raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -177,11 +186,18 @@ def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) 
     """Read, verify (magic, version, length, checksum) and decode a checkpoint."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read: refuse it before opening
+            raise CheckpointError(f"{path}: not a regular file", "Pass the path of a checkpoint file.")
+        size = info.st_size
         if size > max_bytes:
             raise CheckpointError(f"{path}: {size} bytes exceeds the limit of {max_bytes}",
                                   "Pass a larger max_bytes if this file is trusted.")
-        with open(path, "rb") as f:
+        # O_NONBLOCK: should a FIFO appear at the path after the stat, opening it does not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CheckpointError(f"{path}: not a regular file", "Pass the path of a checkpoint file.")
             head = f.read(_HEADER.size)
             if len(head) < _HEADER.size:
                 raise CheckpointError(f"{path}: truncated header ({len(head)} bytes)")
@@ -197,8 +213,10 @@ def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) 
                 raise CheckpointError(f"{path}: header promises {length} payload bytes, file holds "
                                       f"{size - _HEADER.size} (truncated or padded)")
             payload = f.read(length)
+    except CheckpointError:
+        raise
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+        raise CheckpointError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
     try:

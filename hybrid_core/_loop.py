@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from ._errors import CheckpointError, ConfigError
 from ._metrics import MetricsCollector
-from ._persist import CheckpointPolicy, checkpoint_path, newest_checkpoint
+from ._persist import CheckpointPolicy
 from ._progress import Progress
 from ._result import StepResult
+from ._rundir import checkpoint_path, make_directory, prune_run, scan_directory
 
-__all__ = ["Callback", "Trainer", "fit", "resume"]
+__all__ = ["Callback", "Trainer", "fit", "resume", "start_run"]
 
 
 class Trainer(Protocol):
@@ -26,13 +28,19 @@ class Trainer(Protocol):
     @property
     def steps_done(self) -> int: ...
 
+    @property
+    def run_id(self) -> str: ...
+
+    @run_id.setter
+    def run_id(self, value: str) -> None: ...
+
     def step(self, batch: Any) -> StepResult: ...
 
     def flush(self) -> None: ...
 
     def save(self, path: str | os.PathLike[str]) -> None: ...
 
-    def restore(self, path: str | os.PathLike[str]) -> list[str]: ...
+    def restore(self, path: str | os.PathLike[str], max_bytes: int = ..., run_id: str | None = None) -> None: ...
 
 
 Callback = Callable[[Any, StepResult], "bool | None"]
@@ -44,8 +52,10 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
     """`HybridTrainer.fit` (see there)."""
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ConfigError(f"steps={steps!r}: must be an integer >= 0 or None")
-    if checkpoint is not None and checkpoint.resume:
-        resume(trainer, checkpoint.directory)
+    if checkpoint is not None:
+        if not isinstance(checkpoint, CheckpointPolicy):
+            raise ConfigError(f"checkpoint must be a CheckpointPolicy or None, got {type(checkpoint).__name__}")
+        start_run(trainer, checkpoint)
     if callable(batches) and not isinstance(batches, Iterable):
         if steps is None:
             raise ConfigError("steps is required when batches is a function of the step index")
@@ -76,26 +86,54 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
     return trainer.summary()
 
 
-def resume(trainer: Trainer, directory: str | os.PathLike[str]) -> None:
-    """Restore ``trainer`` from the newest checkpoint in ``directory`` that loads (others are skipped, said so)."""
-    for path in newest_checkpoint(directory):
-        try:
-            changed = trainer.restore(path)
-        except CheckpointError as err:
-            print(f"hybrid_core: skipping unreadable checkpoint {path}: {err.message}", file=sys.stderr)
+def start_run(trainer: Trainer, policy: CheckpointPolicy) -> None:
+    """Before `fit` steps: resume the policy's run from its directory (or refuse to overwrite it), take its id."""
+    run = policy.run_id or trainer.run_id
+    if policy.resume:
+        resume(trainer, policy.directory, run)
+    else:
+        ahead = [f for f in scan_directory(policy.directory) if f.run_id == run and f.step > trainer.steps_done]
+        if ahead:
+            raise ConfigError(f"resume=False, but run {run} already has checkpoints in {policy.directory} up to "
+                              f"step {ahead[0].step} (the trainer is at step {trainer.steps_done})",
+                              "Pass resume=True to continue that run, another run_id to start a new one, "
+                              "or remove its files.")
+    trainer.run_id = run
+
+
+def resume(trainer: Trainer, directory: str | os.PathLike[str], run_id: str | None = None) -> bool:
+    """Restore ``trainer`` from the newest good checkpoint of run ``run_id`` in ``directory`` ahead of it.
+
+    ``run_id`` defaults to the trainer's. Files that do not load are skipped (said on stderr),
+    so are files of other runs and files without a run id (a warning lists those runs when the
+    directory holds no file of this run); a `ConfigError` (the file's settings differ) propagates.
+    Returns whether a checkpoint was restored.
+    """
+    run = trainer.run_id if run_id is None else run_id
+    found = scan_directory(directory)
+    for f in found:
+        if f.run_id != run or f.step <= trainer.steps_done:
             continue
-        if changed:
-            print(f"hybrid_core: resumed from {path} with this run's config, which differs from the saved "
-                  f"one in {', '.join(changed)}", file=sys.stderr)
+        try:
+            trainer.restore(f.path, run_id=run)
+        except CheckpointError as err:
+            print(f"hybrid_core: skipping checkpoint {f.path}: {err.message}", file=sys.stderr)
+            continue
         trainer.metrics.count("resumed")
-        return
+        return True
+    others = sorted({f.run_id or "(no run id)" for f in found if f.run_id != run})
+    if others and not any(f.run_id == run for f in found):
+        warnings.warn(f"hybrid_core: {os.fspath(directory)} holds checkpoints of other runs ({', '.join(others)}); "
+                      f"run {run} does not resume them. Pass CheckpointPolicy(run_id=...) to continue one of "
+                      "those runs, or HybridTrainer.load(path, ...) for a file without a run id.", stacklevel=4)
+    return False
 
 
 def _auto_save(trainer: Trainer, policy: CheckpointPolicy) -> None:
-    os.makedirs(policy.directory, exist_ok=True)
-    trainer.save(checkpoint_path(policy.directory, trainer.steps_done))
-    for old in newest_checkpoint(policy.directory)[policy.keep:]:
-        old.unlink(missing_ok=True)
+    make_directory(policy.directory)
+    step = trainer.steps_done
+    trainer.save(checkpoint_path(policy.directory, step, trainer.run_id))
+    prune_run(policy.directory, trainer.run_id, step, policy.keep)
     trainer.metrics.count("checkpoints_saved")
 
 

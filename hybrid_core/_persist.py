@@ -10,11 +10,11 @@ as they were.
 from __future__ import annotations
 
 import copy
+import numbers
 import os
-import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import array_api_compat
 import numpy as np
@@ -22,9 +22,10 @@ import numpy as np
 from ._backend import from_numpy, library_name, namespace_for, to_numpy
 from ._checks import has_method
 from ._codec import DEFAULT_MAX_BYTES, ForeignArray, encode, read_file, write_atomic
-from ._errors import CheckpointError, HybridError
+from ._errors import CheckpointError, ConfigError, HybridError
 from ._ledger import copies
 from ._protocols import Model
+from ._rundir import checkpoint_path, newest_checkpoint, run_id_problem
 from ._statecheck import arrays_like, fields
 from ._version import __version__ as _version
 
@@ -34,9 +35,6 @@ __all__ = ["TRAINER_FORMAT", "CheckpointPolicy", "ModelState", "Part", "checkpoi
 TRAINER_FORMAT = 2
 """Layout of the trainer's state inside a checkpoint file. 1: before the trainer was a composition
 of parts (refused with `CheckpointError`); 2: ``{"parts": {name: state_dict}}``."""
-
-_NAME = re.compile(r"^step-(\d{9,})\.ckpt$")
-
 
 class Part(Protocol):
     """Anything with a state of its own.
@@ -51,16 +49,45 @@ class Part(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class CheckpointPolicy(NamedTuple):
+@dataclass(frozen=True)
+class CheckpointPolicy:
     """Automatic checkpoints for `HybridTrainer.fit`: every ``every`` steps into ``directory``, keep ``keep``.
 
-    With ``resume`` (the default) `fit` first restores the newest good checkpoint there.
+    The files belong to one run: ``run_id`` if given, else the trainer's own `HybridTrainer.run_id`
+    (a fresh id for a new trainer, the file's id for a loaded one). With ``resume`` (the default)
+    `fit` first restores the newest good checkpoint *of that run* that is ahead of the trainer;
+    files of other runs in the directory are never resumed or removed. Naming another run's
+    ``run_id`` is how a new process continues it (the trainer then takes that id). ``every`` and
+    ``keep`` are integers >= 1; anything else raises `ConfigError` here.
     """
 
     directory: str | os.PathLike[str]
     every: int = 1000
     keep: int = 3
     resume: bool = True
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        try:
+            folder = os.fspath(self.directory)
+        except TypeError:
+            folder = None
+        if not isinstance(folder, str) or not folder:
+            problems.append(f"directory={self.directory!r}: must be a non-empty str or os.PathLike path")
+        for name in ("every", "keep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                problems.append(f"{name}={value!r}: must be an integer >= 1")
+            else:
+                object.__setattr__(self, name, int(value))
+        if not isinstance(self.resume, bool):
+            problems.append(f"resume={self.resume!r}: must be True or False")
+        if self.run_id is not None and (problem := run_id_problem(self.run_id)) is not None:
+            problems.append(problem)
+        if problems:
+            raise ConfigError(problems, "CheckpointPolicy(directory, every=N >= 1, keep=K >= 1, resume=True|False, "
+                                        "run_id=None or a name).")
 
 
 class ModelState:
@@ -233,20 +260,6 @@ def _put_back(parts: Mapping[str, Part], backups: Mapping[str, Any], touched: li
         except Exception:
             failed.append(name)
     return failed
-
-
-def newest_checkpoint(directory: str | os.PathLike[str]) -> list[Path]:
-    """The ``step-*.ckpt`` files in ``directory``, newest first."""
-    folder = Path(directory)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
-    """Where the automatic checkpoint of ``step`` goes."""
-    return Path(directory) / f"step-{step:09d}.ckpt"
 
 
 def _host(value: Any) -> tuple[np.ndarray, str] | None:

@@ -35,7 +35,6 @@ from ._persist import (
     CheckpointPolicy,
     ModelState,
     Part,
-    read_checkpoint,
     restore_parts,
     write_checkpoint,
 )
@@ -45,8 +44,10 @@ from ._readout import ReadOut
 from ._realsteps import RealSteps
 from ._recorder import Recorder
 from ._result import StepResult
+from ._rundir import new_run_id, run_id_problem
+from ._runinfo import load_trainer, restore_trainer, start_lr
 from ._state import TrainingState
-from .dynamics import RSSMDynamics, TrendDynamics
+from .dynamics import TrendDynamics
 
 __all__ = ["HybridTrainer", "StepResult"]
 
@@ -121,6 +122,9 @@ class HybridTrainer:
         self.real_steps = RealSteps(config, model, optimizer, self.ledger, self.recorder, self.directions,
                                     self.phases, self.metrics, self._xp, self.readout, self.lr_tuner, self.freeze)
         self.ledger.verify(model, optimizer)
+        self._run_id = new_run_id()
+        self.run_lr = start_lr(optimizer)
+        """The optimizer's learning rate when the run started (None if not a readable number); kept in checkpoints."""
 
     # -- public views --------------------------------------------------------------------------
 
@@ -148,6 +152,21 @@ class HybridTrainer:
     def steps_done(self) -> int:
         """Steps taken so far, read or still pending."""
         return self.state.step + len(self.ledger.pending)
+
+    @property
+    def run_id(self) -> str:
+        """The id of the run this trainer continues: fresh for a new trainer, the file's after `load`/`restore`.
+
+        Written into every checkpoint (and into the names of automatic ones); set it, or pass
+        ``CheckpointPolicy(run_id=...)``, to give a run a name a new process can resume by.
+        """
+        return self._run_id
+
+    @run_id.setter
+    def run_id(self, value: str) -> None:
+        if (problem := run_id_problem(value)) is not None:
+            raise ConfigError(problem)
+        self._run_id = value
 
     @property
     def idle(self) -> bool:
@@ -359,50 +378,52 @@ class HybridTrainer:
         run gets the batches it would have seen). Stops after ``steps`` steps, when the
         iterable ends, or when a callback returns True. ``progress`` shows a progress
         line on stderr (default: when stderr is a terminal). ``checkpoint`` saves the
-        whole trainer every ``checkpoint.every`` steps, keeps the newest
-        ``checkpoint.keep`` files, and first resumes from the newest good one.
+        whole trainer every ``checkpoint.every`` steps, keeps the run's newest
+        ``checkpoint.keep`` files, and first resumes the run from its newest good one
+        (see `CheckpointPolicy`); a failed save ends `fit` with `CheckpointError`, the
+        trainer at the step it reached.
         """
         return run_fit(self, batches, steps, progress, callbacks, checkpoint)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the whole trainer (every part's state) to ``path`` atomically; pending steps are read first."""
+        """Write the whole trainer (every part's state) to ``path`` atomically; pending steps are read first.
+
+        The file records the run: its `run_id` and the learning rate it started with. Any
+        `OSError` while writing raises `CheckpointError` naming ``path``; a file already there is
+        left intact and so is the trainer (it can keep training or save elsewhere).
+        """
         self.flush()
-        write_checkpoint(path, self.config.to_dict(), self.parts(), {"dynamics_type": type(self.dynamics).__name__})
+        write_checkpoint(path, self.config.to_dict(), self.parts(),
+                         {"dynamics_type": type(self.dynamics).__name__, "run": {"id": self.run_id, "lr": self.run_lr}})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: Model, optimizer: Optimizer,
-             dynamics: DynamicsModel | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> HybridTrainer:
+             dynamics: DynamicsModel | None = None, max_bytes: int = DEFAULT_MAX_BYTES, *,
+             config: HybridConfig | None = None) -> HybridTrainer:
         """A trainer restored from ``path`` around ``model`` and ``optimizer`` (their states are overwritten).
 
         The run then continues exactly as if it had never stopped (bit for bit on deterministic
-        CPU backends). A truncated, corrupted, foreign, older-format or newer file, or a part whose
-        state does not check out, raises `CheckpointError` and leaves ``model`` and ``optimizer`` bit for
-        bit as they were (every part's state is checked before any is applied). Without
-        ``dynamics``, a file saved with one of the library's dynamics models (`TrendDynamics`, or
-        `RSSMDynamics`, the default of earlier versions) gets a fresh one of that kind to load into.
+        CPU backends), under the file's `run_id`. ``config`` (keyword) None takes the saved config; a
+        given ``config`` must equal it, and ``optimizer``'s learning rate must equal the one the run
+        started with: any difference raises `ConfigError` listing the fields, before anything is
+        changed (set ``optimizer.lr`` after loading to change the rate). A truncated, corrupted,
+        foreign, older-format or newer file, or a part whose state does not check out, raises
+        `CheckpointError` and leaves ``model`` and ``optimizer`` bit for bit as they were (every part's
+        state is checked before any is applied). Without ``dynamics``, a file saved with one of the
+        library's dynamics models (`TrendDynamics`, or `RSSMDynamics`, the default of earlier
+        versions) gets a fresh one of that kind to load into.
         """
-        raw = read_checkpoint(path, max_bytes)
-        try:
-            config = HybridConfig.from_dict(raw["config"])
-        except Exception as exc:  # anything a malformed dict makes the config's checks raise
-            raise CheckpointError(f"{os.fspath(path)}: the saved config is not valid ({exc})") from exc
-        if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
-            dynamics = RSSMDynamics(seed=config.seed)
-        trainer = cls(model, optimizer, config, dynamics)
-        trainer._restore_parts(path, raw)
-        return trainer
+        return load_trainer(cls, path, model, optimizer, config, dynamics, max_bytes)
 
-    def restore(self, path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
-        """Load the checkpoint at ``path`` into this trainer, keeping this trainer's config.
+    def restore(self, path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES,
+                run_id: str | None = None) -> None:
+        """Load the checkpoint at ``path`` into this trainer, which then continues that file's run.
 
-        Returns the config fields whose saved values differ from this trainer's. Raises
-        `CheckpointError` (and changes nothing) when the file or a part's state is refused.
+        The file's config must equal this trainer's and its starting learning rate this run's,
+        else `ConfigError` lists the differences. With ``run_id``, a file of another run (or one
+        without a run id) is refused with `CheckpointError`. On any refusal nothing changes.
         """
-        raw = read_checkpoint(path, max_bytes)
-        self._restore_parts(path, raw)
-        mine = self.config.to_dict()
-        return sorted(k for k, v in raw["config"].items()
-                      if _differs(mine.get(k), tuple(v) if isinstance(v, list) else v))
+        restore_trainer(self, path, max_bytes, run_id)
 
     def _restore_parts(self, path: str | os.PathLike[str], raw: dict[str, Any]) -> None:
         saved_dyn = raw.get("dynamics_type")
@@ -419,11 +440,3 @@ class HybridTrainer:
     def __repr__(self) -> str:
         return (f"HybridTrainer(step={self.steps_done}, phase={self.phase.value}, "
                 f"backend={library_name(self._xp)})")
-
-
-def _differs(mine: Any, saved: Any) -> bool:
-    """Whether a saved config value differs from this trainer's (a value that cannot be compared does)."""
-    try:
-        return bool(mine != saved)
-    except Exception:
-        return True

@@ -112,7 +112,7 @@ def test_size_limit_and_foreign_model(tmp_path):
         HybridTrainer.load(path, model, trainer.optimizer, max_bytes=100)
     other = MLP([6, 7, 3], dtype=np.float64)
     with pytest.raises(CheckpointError, match="parameter 0"):
-        HybridTrainer.load(path, other, Adam(other))
+        HybridTrainer.load(path, other, Adam(other, lr=0.01))  # the run's rate: only the model differs
 
 
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
@@ -155,18 +155,19 @@ def test_write_atomic_round_trip_and_no_pickle(tmp_path):
 def test_auto_checkpoints_keep_the_newest_and_resume(tmp_path):
     rng = np.random.default_rng(0)
     data = [(rng.normal(size=(8, 6)), rng.integers(0, 3, size=8)) for _ in range(100)]
-    policy = CheckpointPolicy(tmp_path / "ckpts", every=10, keep=2)
+    policy = CheckpointPolicy(tmp_path / "ckpts", every=10, keep=2, run_id="digits")
     trainer, _ = _trainer()
     assert trainer.steps_done == 30
     trainer.fit(lambda i: data[i % 100], 25, progress=False, checkpoint=policy)  # steps 30..54
+    assert trainer.run_id == "digits"
     files = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
-    assert files == ["step-000000040.ckpt", "step-000000050.ckpt"]
+    assert files == ["step-000000040-digits.ckpt", "step-000000050-digits.ckpt"]
     newest = tmp_path / "ckpts" / files[-1]
     newest.write_bytes(newest.read_bytes()[:-10])  # damage the newest: resume falls back to the older one
     fresh_model = MLP([6, 5, 3], dtype=np.float64, seed=5)
     fresh = HybridTrainer(fresh_model, Adam(fresh_model, lr=0.01), trainer.config)
-    fresh.fit(lambda i: data[i % 100], 0, progress=False, checkpoint=policy)
-    assert fresh.state.step == int(files[0][5:14])
+    fresh.fit(lambda i: data[i % 100], 0, progress=False, checkpoint=policy)  # a new process: the run named
+    assert fresh.state.step == 40 and fresh.run_id == "digits"
 
 
 def test_a_refused_component_state_puts_the_earlier_ones_back(tmp_path):

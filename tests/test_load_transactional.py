@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hybrid_core import CheckpointError, CheckpointPolicy, HybridConfig, HybridError, HybridTrainer
+from hybrid_core import CheckpointError, CheckpointPolicy, ConfigError, HybridConfig, HybridError, HybridTrainer
 from hybrid_core._codec import decode, encode, read_file, write_atomic
 from hybrid_core._persist import _host
 from hybrid_core.models import MLP
@@ -163,7 +163,7 @@ def _mutated(value, how, draw):
 @st.composite
 def mutations(draw):
     """A path into the source document (mostly inside one part) and what to do there."""
-    doc_keys = ["trainer_format", "library_version", "config", "dynamics_type", "parts"]
+    doc_keys = ["trainer_format", "library_version", "config", "dynamics_type", "run", "parts"]
     path = ["parts", draw(st.sampled_from(sorted(world().source["parts"])))] if draw(st.integers(0, 9)) else [
         draw(st.sampled_from(doc_keys))]
     node = world().source
@@ -218,7 +218,7 @@ def check_mutation(mutation, data, via_load):
         else:
             runner = w.target
             w.target.restore(file)
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:  # ConfigError: a changed config or starting rate
         event(f"{how}: refused")
         assert err.message and err.recovery
         assert params_bytes(w.target) == params, (path, how)
@@ -290,10 +290,12 @@ def test_a_deeply_nested_document_is_a_checkpoint_error_and_resume_falls_back(tm
     assert fingerprint(w.target) == before and params_bytes(w.target) == params
     folder = tmp_path / "ckpts"
     folder.mkdir()
-    write(folder / "step-000000010.ckpt", w.fresh_source())
-    write(folder / "step-000000020.ckpt", _with(w.fresh_source(), ["parts", "metrics", "records"], deep))
+    run = w.source["run"]["id"]
+    write(folder / f"step-000000010-{run}.ckpt", w.fresh_source())
+    write(folder / f"step-000000020-{run}.ckpt", _with(w.fresh_source(), ["parts", "metrics", "records"], deep))
     resumed = trained(seed=4, until_predict=False, steps=3)
-    resumed.fit(lambda i: batch(5, i), 0, progress=False, checkpoint=CheckpointPolicy(folder, every=1000))
+    resumed.fit(lambda i: batch(5, i), 0, progress=False,
+                checkpoint=CheckpointPolicy(folder, every=1000, run_id=run))
     assert resumed.steps_done == w.source["parts"]["state"]["step"]
     assert [p.tobytes() for p in resumed.model.parameters()] == [p.tobytes() for p in
                                                                  w.source["parts"]["model"]["params"]]

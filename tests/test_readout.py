@@ -177,7 +177,7 @@ def test_a_saved_read_out_for_another_model_is_refused_and_nothing_changes(tmp_p
         fresh.readout.load_state_dict(state)
     assert not fresh.readout.available("lawa")
     with pytest.raises(CheckpointError):
-        HybridTrainer.load(tmp_path / "r.ckpt", MLP([6, 4, 3], dtype=np.float64), Adam(MLP([6, 4, 3]), lr=0.1))
+        HybridTrainer.load(tmp_path / "r.ckpt", MLP([6, 4, 3], dtype=np.float64), Adam(MLP([6, 4, 3]), lr=0.05))
 
 
 def test_paired_comparisons_choose_the_read_out_only_when_it_does_better():

@@ -1,0 +1,128 @@
+"""What a checkpoint says about its run: the run id, the learning rate it started with, its config.
+
+`load` and `restore` check these against what the caller passed *before* anything is restored:
+a differing config or starting learning rate is a `ConfigError` listing the differences (nothing
+is replaced silently), a file of another run is refused with `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from ._codec import DEFAULT_MAX_BYTES
+from ._config import HybridConfig
+from ._errors import CheckpointError, ConfigError, HybridError
+from ._persist import read_checkpoint
+from ._protocols import DynamicsModel, Model, Optimizer
+from ._rundir import run_id_problem
+from .dynamics import RSSMDynamics
+
+if TYPE_CHECKING:
+    from ._trainer import HybridTrainer
+
+__all__ = ["SavedRun", "load_trainer", "require_same_start", "restore_trainer", "saved_config", "saved_run",
+           "start_lr"]
+
+T = TypeVar("T", bound="HybridTrainer")
+
+
+class SavedRun(NamedTuple):
+    """The ``"run"`` record of a checkpoint (both None in a file written before runs had ids)."""
+
+    id: str | None
+    lr: float | None
+    """The optimizer's learning rate when the run started (None when it was not a readable number)."""
+
+
+def start_lr(optimizer: Optimizer) -> float | None:
+    """The optimizer's learning rate as a finite float, or None (not readable, or a schedule on the device)."""
+    if getattr(optimizer, "lr_on_device", False) is True:
+        return None  # a schedule: the rate moves with the step, and reading it is a device read
+    try:
+        lr = float(optimizer.lr)
+    except (AttributeError, TypeError, ValueError, HybridError):
+        return None
+    return lr if math.isfinite(lr) else None
+
+
+def saved_run(path: str | os.PathLike[str], raw: dict[str, Any]) -> SavedRun:
+    """The run record of the checkpoint document ``raw``; `CheckpointError` if it is malformed."""
+    run = raw.get("run")
+    if run is None:
+        return SavedRun(None, None)
+    if not isinstance(run, dict) or run_id_problem(run.get("id")) is not None:
+        raise CheckpointError(f"{os.fspath(path)}: the checkpoint's run record is malformed ({run!r:.200})")
+    lr = run.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)):
+        raise CheckpointError(f"{os.fspath(path)}: the checkpoint's starting learning rate {lr!r} is not a number")
+    return SavedRun(run["id"], None if lr is None else float(lr))
+
+
+def saved_config(path: str | os.PathLike[str], raw: dict[str, Any]) -> HybridConfig:
+    """The config stored in the checkpoint document ``raw``; `CheckpointError` if it is not a valid one."""
+    try:
+        return HybridConfig.from_dict(raw["config"])
+    except (ConfigError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{os.fspath(path)}: the saved config is not valid ({exc})") from exc
+
+
+def require_same_start(path: str | os.PathLike[str], saved: HybridConfig, mine: HybridConfig,
+                       saved_lr: float | None, my_lr: float | None) -> None:
+    """`ConfigError` listing every config field and the learning rate in which the caller differs from the file.
+
+    The learning rates are compared only when both are known (a file from before run records
+    holds none; a scheduled rate on the device is not compared).
+    """
+    theirs, ours = saved.to_dict(), mine.to_dict()
+    problems = [f"{name}: the checkpoint has {theirs[name]!r}, this run {ours[name]!r}"
+                for name in theirs if theirs[name] != ours[name]]
+    if saved_lr is not None and my_lr is not None and saved_lr != my_lr:
+        problems.append(f"learning rate: the checkpoint's run started with {saved_lr!r}, this one with {my_lr!r}")
+    if problems:
+        raise ConfigError(
+            problems,
+            f"{os.fspath(path)} was saved with these settings. Resume with them (HybridTrainer.load(..., "
+            "config=None) takes the file's config; build the optimizer with the run's starting learning rate, "
+            "then set optimizer.lr to change it), or start a new run (another run_id or directory).",
+        )
+
+
+def load_trainer(cls: type[T], path: str | os.PathLike[str], model: Model, optimizer: Optimizer,
+                 config: HybridConfig | None, dynamics: DynamicsModel | None,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> T:
+    """`HybridTrainer.load` (see there): every check before the trainer is built and the parts restored."""
+    if config is not None and not isinstance(config, HybridConfig):
+        raise ConfigError(f"config must be a HybridConfig or None, got {type(config).__name__}")
+    raw = read_checkpoint(path, max_bytes)
+    saved = saved_config(path, raw)
+    run = saved_run(path, raw)
+    require_same_start(path, saved, saved if config is None else config, run.lr, start_lr(optimizer))
+    if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
+        dynamics = RSSMDynamics(seed=saved.seed)
+    trainer = cls(model, optimizer, saved if config is None else config, dynamics)
+    trainer._restore_parts(path, raw)
+    _adopt(trainer, run)
+    return trainer
+
+
+def restore_trainer(trainer: HybridTrainer, path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES,
+                    run_id: str | None = None) -> None:
+    """`HybridTrainer.restore` (see there)."""
+    raw = read_checkpoint(path, max_bytes)
+    run = saved_run(path, raw)
+    if run_id is not None and run.id != run_id:
+        raise CheckpointError(f"{os.fspath(path)}: written by run {run.id or '(no id)'}, not by run {run_id}",
+                              "Pass the file's run_id to resume that run.")
+    require_same_start(path, saved_config(path, raw), trainer.config, run.lr, trainer.run_lr)
+    trainer._restore_parts(path, raw)
+    _adopt(trainer, run)
+
+
+def _adopt(trainer: HybridTrainer, run: SavedRun) -> None:
+    """Continue the loaded run: its id and starting rate (a file without a run record keeps the trainer's)."""
+    if run.id is not None:
+        trainer.run_id = run.id
+    if run.lr is not None:
+        trainer.run_lr = run.lr
