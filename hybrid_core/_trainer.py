@@ -13,6 +13,7 @@ import array_api_compat
 
 from ._backend import library_name, namespace_of
 from ._bandit import LinUCBBandit
+from ._batchcheck import BatchCheck
 from ._cadence import Cadence
 from ._checks import call_model, check_loss_and_grads, has_method, require_protocol
 from ._codec import DEFAULT_MAX_BYTES
@@ -109,6 +110,7 @@ class HybridTrainer:
         self.cadence = Cadence(config)
         self.ledger = Ledger(self._xp)
         self.readout = ReadOut(config, model)
+        self.batch_check = BatchCheck()
         self._probe: tuple[int, list[str]] | None = None
         self.lr_tuner = LRTuner(config, optimizer)
         tuner = self.lr_tuner
@@ -118,7 +120,8 @@ class HybridTrainer:
                                  sum(int(array_api_compat.size(p)) for p in params),
                                  lambda: tuner.lr if tuner.enabled else None)
         self.real_steps = RealSteps(config, model, optimizer, self.ledger, self.recorder, self.directions,
-                                    self.phases, self.metrics, self._xp, self.readout, self.lr_tuner, self.freeze)
+                                    self.phases, self.metrics, self._xp, self.readout, self.lr_tuner, self.freeze,
+                                    self.cycle)
         self.ledger.verify(model, optimizer)
 
     # -- public views --------------------------------------------------------------------------
@@ -193,6 +196,7 @@ class HybridTrainer:
         start = time.perf_counter()
         current = self.phases.state
         index = self.steps_done
+        self.batch_check.before_step(batch, index, current.phase.value)
         if current.phase is Phase.PREDICT:
             result, signals = self._predicted_step(batch, current, index)
         else:
@@ -220,7 +224,7 @@ class HybridTrainer:
             self.metrics.count("readout_forwards", len(probe))
             self._probe = (index, list(probe))
             self.real_steps.extra = [self._xp.reshape(v, (1,)) for v in probe.values()]
-        if current.phase is Phase.CORRECT and current.steps_in_phase == 0 and self.cycle.active:
+        if current.phase is Phase.CORRECT and current.steps_in_phase == 0 and self.cycle.search_due:
             search = self.cycle.line_search(self.model, batch, self._forward, self.ledger.read_arrays)
             if search is not None:
                 self.metrics.count("line_searches")
@@ -232,6 +236,7 @@ class HybridTrainer:
             # replay across them, so the point reached becomes the verified one.
             self.ledger.verify(self.model, self.optimizer)
         settled = self.real_steps.run(index, current, batch, measure, measure and not self.cadence.idle(index))
+        self.batch_check.accepted(batch)
         if settled is None:
             return (StepResult(index, current.phase, None, None, True, self.recorder.confidence),
                     Signals(self.recorder.confidence, 0, False, False))
@@ -322,6 +327,7 @@ class HybridTrainer:
         predicted, loss = prediction.loss[k], None
         if self.cycle.check_due(k):
             loss = self.ledger.read_arrays([self._forward(batch)])[0]
+            self.batch_check.accepted(batch, widen=True)
             self.metrics.count("checks")
             verdict = self.monitor.assess(self.state, loss, None)
             check = self.cycle.check(self.model, k, loss, verdict.level >= Level.FORCE_FULL)
@@ -338,6 +344,8 @@ class HybridTrainer:
                 self.state.record_predicted()
                 return (StepResult(index, Phase.PREDICT, loss, predicted, False, confidence),
                         Signals(confidence, 0, True, False))
+        elif self.batch_check.unchecked(batch, index, self._forward):
+            self.metrics.count("batch_check_forwards")
         self.cycle.advance(self.model, k)
         self.state.record_predicted()
         return StepResult(index, Phase.PREDICT, loss, predicted, False, confidence), Signals(confidence)
