@@ -28,37 +28,60 @@ _MAX_DEPTH = 8
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(getattr(x, "shape", None), tuple) and hasattr(x, "dtype")
+    return isinstance(getattr(x, "shape", None), tuple)
 
 
-def _leading(batch: Any, out: list[tuple[str, tuple[int, ...]]], path: str, depth: int) -> None:
-    """(path, shape) of every array with at least one axis in ``batch``, within the walk's bounds."""
+def _samples(batch: Any, depth: int) -> bool | None:
+    """True as soon as an array with a non-empty first axis is found; False if arrays with an axis were found
+    and all are empty along it; None if there are none (within the walk's bounds)."""
+    shape = getattr(batch, "shape", None)
+    if isinstance(shape, tuple):
+        return bool(shape[0]) if shape else None
+    if depth >= _MAX_DEPTH:
+        return None
+    if isinstance(batch, (tuple, list)):
+        items: Any = batch
+    elif isinstance(batch, Mapping):
+        items = batch.values()
+    else:
+        return None
+    if len(items) > _MAX_ITEMS:
+        return None
+    found = None
+    for item in items:
+        has = _samples(item, depth + 1)
+        if has:
+            return True
+        found = found if has is None else False
+    return found
+
+
+def _shapes(batch: Any, out: list[str], path: str, depth: int) -> None:
+    """``path has shape …`` for every array with an axis in ``batch`` (for the message)."""
     if _is_array(batch):
-        if len(batch.shape):
-            out.append((path, tuple(batch.shape)))
-    elif depth < _MAX_DEPTH and isinstance(batch, Mapping) and len(batch) <= _MAX_ITEMS:
-        for key, value in batch.items():
-            _leading(value, out, f"{path}[{key!r}]", depth + 1)
-    elif depth < _MAX_DEPTH and isinstance(batch, (tuple, list)) and len(batch) <= _MAX_ITEMS:
-        for i, value in enumerate(batch):
-            _leading(value, out, f"{path}[{i}]", depth + 1)
+        if batch.shape:
+            out.append(f"{path} has shape {tuple(batch.shape)}")
+    elif depth < _MAX_DEPTH and isinstance(batch, (tuple, list, Mapping)) and len(batch) <= _MAX_ITEMS:
+        pairs = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
+        for key, value in pairs:
+            _shapes(value, out, f"{path}[{key!r}]", depth + 1)
 
 
 def zero_samples(batch: Any) -> str | None:
     """None, or a description of the arrays when ``batch`` holds arrays with an axis and every one of them
     has length 0 along its first axis (a batch of no samples)."""
-    found: list[tuple[str, tuple[int, ...]]] = []
-    _leading(batch, found, "batch", 0)
-    if not found or any(shape[0] for _, shape in found):
+    if _samples(batch, 0) is not False:
         return None
-    return ", ".join(f"{path} has shape {shape}" for path, shape in found[:4]) + (", …" if len(found) > 4 else "")
+    found: list[str] = []
+    _shapes(batch, found, "batch", 0)
+    return ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
 
 
 def describe(batch: Any, depth: int = 0) -> Any:
     """The structure of ``batch`` as nested tuples (hashable, comparable); see the module docstring."""
     if _is_array(batch):
         shape = tuple(batch.shape)
-        return ("array", type(batch), batch.dtype, (_ANY, *shape[1:]) if shape else ())
+        return ("array", type(batch), getattr(batch, "dtype", None), (_ANY, *shape[1:]) if shape else ())
     if depth >= _MAX_DEPTH:
         return _ANY
     if isinstance(batch, Mapping):
@@ -77,7 +100,7 @@ def merge(a: Any, b: Any) -> Any:
     """A structure both ``a`` and ``b`` conform to, with wildcards where they differ."""
     if a == b:
         return a
-    if a == _ANY or b == _ANY or a[0] != b[0] or a[1] is not b[1]:
+    if a is _ANY or b is _ANY or a[0] != b[0] or a[1] is not b[1]:
         return _ANY
     kind = a[0]
     if kind == "array":
@@ -85,11 +108,11 @@ def merge(a: Any, b: Any) -> Any:
             return _ANY
         return ("array", a[1], a[2], tuple(x if x == y else _ANY for x, y in zip(a[3], b[3])))
     if kind == "map":
-        if a[2] != b[2] or a[2] == _ANY:
+        if a[2] is _ANY or a[2] != b[2]:
             return ("map", a[1], _ANY, ())
         return ("map", a[1], a[2], tuple(merge(x, y) for x, y in zip(a[3], b[3])))
     if kind == "seq":
-        if a[2] == _ANY or b[2] == _ANY or len(a[2]) != len(b[2]):
+        if a[2] is _ANY or b[2] is _ANY or len(a[2]) != len(b[2]):
             return ("seq", a[1], _ANY)
         return ("seq", a[1], tuple(merge(x, y) for x, y in zip(a[2], b[2])))
     return _ANY
@@ -99,34 +122,52 @@ def _name(kind: type) -> str:
     return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
 
 
-def difference(batch: Any, ref: Any, path: str = "batch") -> str | None:
+def difference(batch: Any, ref: Any) -> str | None:
     """None if ``batch`` conforms to the structure ``ref``, else where and how it first differs."""
-    if ref == _ANY:
+    found = _difference(batch, ref)
+    if found is None:
+        return None
+    keys, what = found
+    return "batch" + "".join(f"[{k!r}]" for k in reversed(keys)) + " " + what
+
+
+def _difference(batch: Any, ref: Any) -> tuple[list[Any], str] | None:
+    """(the keys leading to the first difference, innermost first; what differs) or None."""
+    if ref is _ANY:
         return None
     kind, expected = ref[0], ref[1]
     if type(batch) is not expected:
-        return f"{path} is a {_name(type(batch))} where accepted batches had a {_name(expected)}"
+        return [], f"is a {_name(type(batch))} where accepted batches had a {_name(expected)}"
     if kind == "array":
-        if batch.dtype != ref[2]:
-            return f"{path} has dtype {batch.dtype} where accepted batches had {ref[2]}"
-        shape, dims = tuple(batch.shape), ref[3]
-        if len(shape) != len(dims) or any(d != _ANY and d != s for d, s in zip(dims, shape)):
-            return f"{path} has shape {shape} where accepted batches had ({', '.join(map(str, dims))})"
+        dtype = getattr(batch, "dtype", None)
+        if dtype != ref[2]:
+            return [], f"has dtype {dtype} where accepted batches had {ref[2]}"
+        shape, dims = batch.shape, ref[3]
+        if len(shape) != len(dims) or any(d is not _ANY and d != n for d, n in zip(dims, shape)):
+            return [], f"has shape {tuple(shape)} where accepted batches had ({', '.join(map(str, dims))})"
         return None
     if kind == "map":
-        if ref[2] == _ANY:
+        if ref[2] is _ANY:
             return None
         keys = sorted(batch, key=repr)
         if tuple(map(repr, keys)) != ref[2]:
-            return f"{path} has keys {', '.join(map(repr, keys))} where accepted batches had {', '.join(ref[2])}"
-        return next((d for k, r in zip(keys, ref[3]) if (d := difference(batch[k], r, f"{path}[{k!r}]"))), None)
-    if kind == "seq":
-        if ref[2] == _ANY:
+            return [], f"has keys {', '.join(map(repr, keys))} where accepted batches had {', '.join(ref[2])}"
+        pairs: Any = ((k, batch[k]) for k in keys)
+        children = ref[3]
+    elif kind == "seq":
+        children = ref[2]
+        if children is _ANY:
             return None
-        if len(batch) != len(ref[2]):
-            return f"{path} has {len(batch)} items where accepted batches had {len(ref[2])}"
-        return next((d for i, (v, r) in enumerate(zip(batch, ref[2])) if (d := difference(v, r, f"{path}[{i}]"))),
-                    None)
+        if len(batch) != len(children):
+            return [], f"has {len(batch)} items where accepted batches had {len(children)}"
+        pairs = enumerate(batch)
+    else:
+        return None
+    for (key, value), child in zip(pairs, children):
+        found = _difference(value, child)
+        if found is not None:
+            found[0].append(key)
+            return found
     return None
 
 

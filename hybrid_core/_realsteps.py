@@ -300,7 +300,6 @@ class RealSteps:
         undone = self._cycle.undo_search(self._model) if first_correct else None
         run = self._cycle.run
         if undone is not None:
-            self._ledger.verify(self._model, self._optimizer)  # the point before the search is the one to keep
             where += " (CORRECT's line search undone" + (")" if undone else
                                                          ", exact up to rounding: the model has no set_parameters)")
         elif first_correct and run is not None and run.best_fraction is not None:

@@ -179,6 +179,19 @@ def test_a_bad_batch_at_the_first_correct_step_does_not_steer_the_line_search(re
     assert trainer.metrics.summary()["events"]["nonfinite_in_predict"] == 1  # the failed search saw only NaN
 
 
+@pytest.mark.parametrize("read_every", [1, 8])
+def test_a_search_can_be_taken_back_until_its_step_is_read_and_is_never_repeated(read_every):
+    trainer, model = _trainer(read_every=read_every)
+    for b in DATA[:FIRST_CORRECT + 1]:
+        trainer.step(b)
+    assert not trainer.cycle.search_due and trainer.cycle.run.best_fraction is not None
+    trainer.flush()  # read_every=8: step 20 is read only now
+    before = _params(model)
+    assert trainer.cycle.undo_search(model) is None  # read finite: the copy is gone, nothing moves
+    _assert_same(before, model.parameters())
+    assert not trainer.cycle.search_due
+
+
 @pytest.mark.parametrize("failing_call", [2, 3])
 def test_the_line_search_is_atomic_when_a_forward_pass_raises(failing_call):
     """The search moves the weights between its forward passes; a pass that raises leaves them where the
@@ -228,6 +241,9 @@ def test_a_skipped_first_correct_step_keeps_its_completed_search(read_every):
     trainer.step(DATA[FIRST_CORRECT])
     trainer.flush()  # read_every=8: read (and replayed) while the step is still bad
     model.bad_grad = False
+    before = _params(model)
+    assert trainer.cycle.undo_search(model) is None and not trainer.cycle.search_due  # nothing left to take back
+    _assert_same(before, model.parameters())
     for b in DATA[FIRST_CORRECT + 1:FIRST_CORRECT + 8]:
         trainer.step(b)
     trainer.flush()
