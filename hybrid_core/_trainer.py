@@ -191,7 +191,9 @@ class HybridTrainer:
     def step(self, batch: Any) -> StepResult:
         """Run one step in the current phase and advance the phase machine.
 
-        A real step's ``loss`` is ``None`` until it is read (see `flush`).
+        A real step's ``loss`` is ``None`` until it is read (see `flush`). A step that raises leaves the
+        trainer where its message says (docs/architecture.md, "When a step fails"); a batch with zero
+        samples raises `BatchError` before anything runs.
         """
         start = time.perf_counter()
         current = self.phases.state

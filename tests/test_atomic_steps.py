@@ -253,6 +253,23 @@ def test_a_skipped_first_correct_step_keeps_its_completed_search(read_every):
     assert all(np.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_first_correct_step_not_skipped_because_of_the_search_says_so():
+    """Skipping needs finite weights. Should the search alone have left them non-finite (forced here: the check
+    answers 'not finite', then 'finite' once the search is undone), the step is not skipped, the search is taken
+    back, and the message says why it raised although on_nonfinite='skip'."""
+    trainer, model = _trainer(read_every=1, on_nonfinite="skip")
+    for b in DATA[:FIRST_CORRECT]:
+        trainer.step(b)
+    before = _params(model)
+    trainer.real_steps._weights_finite = iter([False, True]).__next__
+    model.bad_grad = True
+    with pytest.raises(DivergenceError, match=r"\(CORRECT's line search undone\); it was not skipped because the "
+                                              "line search had left the weights non-finite"):
+        trainer.step(DATA[FIRST_CORRECT])
+    _assert_same(before, model.parameters())
+    assert trainer.cycle.search_due
+
+
 # -- on_nonfinite="skip" gives up ---------------------------------------------------------------------------
 
 
@@ -344,7 +361,7 @@ def test_raise_says_when_the_weights_themselves_are_not_finite():
     for b in DATA[:6]:
         trainer.step(b)
     model.params[0] = model.params[0] * np.inf  # from outside: a bad load, a broken optimizer
-    with pytest.raises(DivergenceError, match="weights themselves are not finite"):
+    with pytest.raises(DivergenceError, match="weights themselves are not finite"), np.errstate(invalid="ignore"):
         trainer.step(DATA[6])
     model.params[0] = np.ones_like(model.params[0])
     with pytest.raises(DivergenceError) as info:
