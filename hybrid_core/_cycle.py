@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._checks import has_method
 from ._config import HybridConfig
+from ._ledger import copies
 from ._protocols import Array, Model, Prediction
 from ._statecheck import fields as state_fields
 from ._statecheck import flag, integer, matrix, optional, real, reals, sequence
@@ -71,6 +73,16 @@ class LineSearch(NamedTuple):
     finite: bool
 
 
+class _SearchStart(NamedTuple):
+    """What CORRECT's line search changed, kept until the first CORRECT step is read (see `undo_search`)."""
+
+    params: list[Array] | None
+    """Copies of the weights the search started from (None: the model has no ``set_parameters``)."""
+    moved: float
+    """The scale the search applied along the direction (undone by ``apply_update`` without a copy)."""
+    forwards: int
+
+
 class CycleEnd(NamedTuple):
     """A finished cycle: the arm it was run for and its reward."""
 
@@ -89,6 +101,7 @@ class PredictionCycle:
         """(arm, context) the bandit chose for the PREDICT phase about to start."""
         self.horizon_scale = 1.0
         """Shrinks the next horizon after the monitor saw a spike; a cycle that pays resets it."""
+        self._search: _SearchStart | None = None
 
     @property
     def active(self) -> bool:
@@ -168,12 +181,23 @@ class PredictionCycle:
         run.correct_raw, run.correct_context = raw, context
         run.correct_prediction = corrected(raw, factor)
 
+    @property
+    def search_due(self) -> bool:
+        """Whether CORRECT's line search is still to run (a cycle is active and has not searched yet)."""
+        run = self._run
+        return run is not None and run.best_fraction is None and run.paired_gain is None
+
     def line_search(self, model: Model, batch: Any, forward: Callable[[Any], Array],
                     read: Callable[[list[Array]], list[float]]) -> LineSearch | None:
         """Roll back the fraction of the PREDICT displacement that fits ``batch`` best (forward passes only).
 
         0 (keep everything) and 1 (back to the entry point) are always measured: their paired
         difference on one batch is what the reward is made of. None when nothing is applied.
+
+        Atomic: if a forward pass or the read raises, the weights are put back where the search
+        found them (bit for bit through ``set_parameters``, else by one more ``apply_update``) and
+        the cycle is unchanged. A search that completes can still be taken back with `undo_search`
+        until the first CORRECT step is read (`keep_search`).
         """
         run = self._require()
         total = math.fsum(run.applied)
@@ -181,22 +205,48 @@ class PredictionCycle:
             run.paired_gain = 0.0
             return None
         fractions = sorted({0.0, 1.0, *self._config.correction_fractions})
+        start = copies(model.parameters()) if has_method(model, "set_parameters") else None
         losses, at = [], 0.0
-        for f in fractions:
-            model.apply_update(run.direction, -(f - at) * total)
-            at = f
-            losses.append(forward(batch))
-        values = read(losses)
-        run.forwards += len(fractions)
+        try:
+            for f in fractions:
+                model.apply_update(run.direction, -(f - at) * total)
+                at = f
+                losses.append(forward(batch))
+            values = read(losses)
+        except BaseException:
+            _put_back(model, run.direction, start, at * total)
+            raise
         finite = [(v, f) for v, f in zip(values, fractions) if math.isfinite(v)]
         best = min(finite)[1] if finite else 1.0
         model.apply_update(run.direction, -(best - at) * total)
+        self._search = _SearchStart(start, best * total, run.forwards)
+        run.forwards += len(fractions)
         run.best_fraction = best
         entry, predicted_end = values[-1], values[0]
         if math.isfinite(entry) and entry > 0:
             run.paired_gain = (math.log(entry) - math.log(predicted_end)
                                if math.isfinite(predicted_end) and predicted_end > 0 else -math.inf)
         return LineSearch(best, len(fractions), bool(finite))
+
+    def undo_search(self, model: Model) -> bool | None:
+        """Take back the line search of a first CORRECT step that failed: the weights where the search found
+        them and the cycle as before it (so the next step searches again).
+
+        True when the weights are back bit for bit (a copy through ``set_parameters``), False when one
+        more ``apply_update`` undid the move (exact up to rounding), None when there is nothing to undo
+        (no search ran, or its step was already read).
+        """
+        search, self._search = self._search, None
+        run = self._run
+        if search is None or run is None:
+            return None
+        _put_back(model, run.direction, search.params, search.moved)
+        run.forwards, run.best_fraction, run.paired_gain = search.forwards, None, None
+        return search.params is not None
+
+    def keep_search(self) -> None:
+        """The first CORRECT step was read (or skipped): its line search stays; drop the copy kept to undo it."""
+        self._search = None
 
     def step_scale_seen(self) -> float | None:
         """The step scale CORRECT's line search found best (what the first CORRECT step teaches the
@@ -218,6 +268,7 @@ class PredictionCycle:
     def finish(self) -> CycleEnd | None:
         """End the cycle and price it (None if none was running)."""
         run, self._run = self._run, None
+        self._search = None
         if run is None:
             return None
         reward = cycle_reward(run, self._config.forward_cost, self._config.predict_step_cost)
@@ -265,6 +316,7 @@ class PredictionCycle:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
         self._run, self.chosen, self.horizon_scale = self.check_state_dict(state)
+        self._search = None
 
 
 _LONGEST = 100_000
@@ -307,6 +359,14 @@ def _vector(saved: Any, name: str) -> np.ndarray:
     """A 1-D float64 array of finite numbers from a list or a 1-D array."""
     length = saved.shape[0] if isinstance(saved, np.ndarray) and saved.ndim == 1 else len(sequence(saved, name))
     return matrix(saved, name, (length,))
+
+
+def _put_back(model: Model, direction: list[Array], params: list[Array] | None, moved: float) -> None:
+    """Undo a move of ``moved`` along ``-direction``: from the copy ``params`` when there is one."""
+    if params is not None:
+        model.set_parameters(params)
+    elif moved:
+        model.apply_update(direction, moved)
 
 
 def corrected(prediction: Prediction, factor: float) -> Prediction:

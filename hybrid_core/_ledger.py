@@ -19,7 +19,7 @@ import array_api_compat
 
 from ._backend import to_host_floats
 from ._checks import has_method
-from ._errors import CheckpointError
+from ._errors import CheckpointError, DivergenceError
 from ._phase import PhaseState
 from ._protocols import Array, Model, Optimizer
 from ._statecheck import fields, integer
@@ -109,7 +109,13 @@ class Ledger:
             raise CheckpointError("there is no verified point to go back to")
         kept = (None, []) if older else (self._older, self.older_settled)
         params, opt_state, model_state = point
-        optimizer.load_state_dict(opt_state)
+        try:
+            optimizer.load_state_dict(opt_state)
+        except CheckpointError as exc:  # an optimizer that checks its state found its own copy non-finite
+            raise DivergenceError(
+                f"the last verified point cannot be put back: its optimizer state is not usable ({exc.message})",
+                "The optimizer's state went non-finite before the point was verified (its loss read finite); "
+                "load an earlier checkpoint and lower the learning rate.") from exc
         if model_state is not None:
             model.load_state_dict(model_state)
         model.set_parameters(params)

@@ -31,17 +31,18 @@ from typing import Any
 
 from ._checks import call_model, check_loss_and_grads, has_method
 from ._config import HybridConfig
+from ._cycle import PredictionCycle
 from ._directions import ExtrapolateDirection, LinefitDirection
 from ._errors import DivergenceError
 from ._freeze import LayerFreeze
 from ._ledger import Ledger, Pending
 from ._lrtune import LRTuner
 from ._metrics import MetricsCollector
-from ._phase import PhaseMachine, PhaseState
+from ._phase import Phase, PhaseMachine, PhaseState
 from ._protocols import Array, FusedStep, Model, Optimizer
 from ._readout import ReadOut
 from ._recorder import Recorded, Recorder
-from ._statecheck import arrays_like, fields, optional
+from ._statecheck import arrays_like, fields, integer, optional
 from .kernels import fused_stats
 
 __all__ = ["RealSteps"]
@@ -55,8 +56,9 @@ class RealSteps:
 
     def __init__(self, config: HybridConfig, model: Model, optimizer: Optimizer, ledger: Ledger,
                  recorder: Recorder, directions: ExtrapolateDirection | LinefitDirection, phases: PhaseMachine,
-                 metrics: MetricsCollector, xp: Any, readout: ReadOut, tuner: LRTuner, freeze: LayerFreeze) -> None:
-        self._config, self._model, self._optimizer = config, model, optimizer
+                 metrics: MetricsCollector, xp: Any, readout: ReadOut, tuner: LRTuner, freeze: LayerFreeze,
+                 cycle: PredictionCycle) -> None:
+        self._config, self._model, self._optimizer, self._cycle = config, model, optimizer, cycle
         self._ledger, self._recorder, self._directions = ledger, recorder, directions
         self._phases, self._metrics, self._xp = phases, metrics, xp
         self._readout, self._tuner, self._freeze = readout, tuner, freeze
@@ -73,6 +75,8 @@ class RealSteps:
         self._last_update: list[Array] | None = None
         """The eager path's previous update (its statistics pair this step's gradient with it)."""
         self._checked = False
+        self.skips = 0
+        """Real steps skipped in a row for a non-finite value (``on_nonfinite="skip"``; a recorded step resets it)."""
 
     def run(self, step: int, phase: PhaseState, batch: Any, measure: bool,
             statistics: bool) -> list[Recorded] | None:
@@ -145,6 +149,7 @@ class RealSteps:
             return out
         pending, ledger.pending = ledger.pending, []
         out = [self._recorder.record(p, v) for p, v in zip(pending, values)]
+        self.skips = 0
         self.extra_records = out if extra else self.extra_records
         self._readout.commit()
         if due:
@@ -268,6 +273,7 @@ class RealSteps:
         if not record:
             return []
         out = [self._recorder.record(p, [*stats, self.read_lr()])]
+        self.skips = 0
         if extra:
             self.extra_records = out
         self._freeze_read(p.step, out, norms, decide=not replaying)
@@ -277,31 +283,75 @@ class RealSteps:
         return out
 
     def _nonfinite(self, p: Pending, values: list[float], later: int) -> None:
+        """Step ``p`` read a non-finite value before its update: skip it, or put the trainer back before it
+        and raise `DivergenceError` saying exactly where it is."""
         what = f"loss {values[0]}" + (f" and {int(values[5])} non-finite gradient entries" if values[5] else "")
-        if self._config.on_nonfinite == "raise":
-            self._phases.state = p.phase
-            undone = f"; the {later} later step(s) were undone" if later else ""
+        first_correct = p.phase.phase is Phase.CORRECT and p.phase.steps_in_phase == 0
+        cfg = self._config
+        skip = cfg.on_nonfinite == "skip"
+        limited = skip and self.skips >= cfg.max_consecutive_skips
+        if skip and not limited and self._weights_finite():
+            self.skips += 1
+            if first_correct:
+                self._cycle.keep_search()  # the search completed on this batch; only the update is skipped
+            self._recorder.record_skipped(p, values[0])
+            return
+        self._phases.state = p.phase
+        where = f"the trainer is back at the state before step {p.step}"
+        undone = self._cycle.undo_search(self._model) if first_correct else None
+        run = self._cycle.run
+        if undone is not None:
+            where += " (CORRECT's line search undone" + (")" if undone else
+                                                         ", exact up to rounding: the model has no set_parameters)")
+        elif first_correct and run is not None and run.best_fraction is not None:
+            where += " after CORRECT's line search, which stays (a retry does not search again)"
+        if later:
+            where += f"; the {later} later step(s) were undone"
+        if not self._weights_finite():
             raise DivergenceError(
-                f"step {p.step} ({p.phase.phase.value}): {what}; the trainer is back at the state before "
-                f"step {p.step}{undone}",
-                "Lower the learning rate or clip gradients; HybridConfig(on_nonfinite='skip') skips such "
-                "batches instead. The trainer can continue with another batch.",
+                f"step {p.step} ({p.phase.phase.value}): {what}; {where}, but its weights themselves are not finite "
+                "(an update or move before this step made them so), so skipping or retrying batches cannot help",
+                "Load an earlier checkpoint (or re-initialise), then lower the learning rate or clip gradients.",
             )
-        self._recorder.record_skipped(p, values[0])
+        if limited:
+            raise DivergenceError(
+                f"step {p.step} ({p.phase.phase.value}): {what} after {self.skips} batches in a row were skipped "
+                f"for non-finite values (HybridConfig.max_consecutive_skips={cfg.max_consecutive_skips}): giving "
+                f"up; {where}",
+                "Check the data for NaN/Inf and the model for overflow, or lower the learning rate; raise "
+                "max_consecutive_skips if such long runs of bad batches are expected. The trainer can continue "
+                "with another batch.",
+            )
+        if skip:  # the weights were not finite before CORRECT's line search was undone, and are now
+            where += "; it was not skipped because the line search had left the weights non-finite"
+        raise DivergenceError(
+            f"step {p.step} ({p.phase.phase.value}): {what}; {where}",
+            "Lower the learning rate or clip gradients; HybridConfig(on_nonfinite='skip') skips such "
+            "batches instead. The trainer can continue with another batch.",
+        )
+
+    def _weights_finite(self) -> bool:
+        """Whether every parameter is finite (one host read; only on the way to skipping or raising)."""
+        xp = self._xp
+        flags = [xp.reshape(xp.astype(xp.all(xp.isfinite(p)), p.dtype), (1,)) for p in self._model.parameters()]
+        return all(v == 1.0 for v in self._ledger.read_arrays(flags))
 
     def state_dict(self) -> dict[str, Any]:
-        """The eager path's last update (None on the lagged paths)."""
-        return {"last_update": None if self._last_update is None else list(self._last_update)}
+        """The eager path's last update (None on the lagged paths) and the skips in a row."""
+        return {"last_update": None if self._last_update is None else list(self._last_update),
+                "consecutive_skips": self.skips}
 
-    def check_state_dict(self, state: dict[str, Any]) -> list[Any] | None:
-        """The last update `load_state_dict` would keep; `ValueError` unless it is None or finite arrays
-        lining up with the parameters."""
-        fields(state, ("last_update",), what="real-steps state")
-        return optional(arrays_like, state["last_update"], "last_update", self._model.parameters())
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[list[Any] | None, int]:
+        """(last update, skips in a row) as `load_state_dict` would keep them; `ValueError` unless the update
+        is None or finite arrays lining up with the parameters and the skips a count (a state saved before
+        ``consecutive_skips`` existed counts none)."""
+        fields(state, ("last_update",), ("consecutive_skips",), what="real-steps state")
+        update = optional(arrays_like, state["last_update"], "last_update", self._model.parameters())
+        return update, integer(state.get("consecutive_skips", 0), "consecutive_skips")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (`ValueError` if the arrays do not match the parameters)."""
-        self._last_update = self.check_state_dict(state)
+        """Restore what `state_dict` returned (`ValueError` naming the field, and no change, if malformed)."""
+        self._last_update, self.skips = self.check_state_dict(state)
 
 
 _NO_HOOK: Mapping[str, Any] = MappingProxyType({})

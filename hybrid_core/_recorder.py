@@ -106,6 +106,7 @@ class Recorder:
                 state.record_prediction_error(predicted, loss)
             if p.phase.steps_in_phase == 0:
                 step_scale = cycle.step_scale_seen()
+                cycle.keep_search()  # read finite: its line search can no longer be taken back
         if feeding:
             self._dynamics.observe(features, Outcome(loss, step_scale))
             self.confidence = float(self._dynamics.confidence())

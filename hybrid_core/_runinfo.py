@@ -64,7 +64,7 @@ def saved_config(path: str | os.PathLike[str], raw: dict[str, Any]) -> HybridCon
     """The config stored in the checkpoint document ``raw``; `CheckpointError` if it is not a valid one."""
     try:
         return HybridConfig.from_dict(raw["config"])
-    except (ConfigError, TypeError, KeyError) as exc:
+    except Exception as exc:  # anything a malformed dict makes the config's checks raise
         raise CheckpointError(f"{os.fspath(path)}: the saved config is not valid ({exc})") from exc
 
 

@@ -13,6 +13,7 @@ import array_api_compat
 
 from ._backend import library_name, namespace_of
 from ._bandit import LinUCBBandit
+from ._batchcheck import BatchCheck
 from ._cadence import Cadence
 from ._checks import call_model, check_loss_and_grads, has_method, require_protocol
 from ._codec import DEFAULT_MAX_BYTES
@@ -111,6 +112,7 @@ class HybridTrainer:
         self.cadence = Cadence(config)
         self.ledger = Ledger(self._xp)
         self.readout = ReadOut(config, model)
+        self.batch_check = BatchCheck()
         self._probe: tuple[int, list[str]] | None = None
         self.lr_tuner = LRTuner(config, optimizer)
         tuner = self.lr_tuner
@@ -120,7 +122,8 @@ class HybridTrainer:
                                  sum(int(array_api_compat.size(p)) for p in params),
                                  lambda: tuner.lr if tuner.enabled else None)
         self.real_steps = RealSteps(config, model, optimizer, self.ledger, self.recorder, self.directions,
-                                    self.phases, self.metrics, self._xp, self.readout, self.lr_tuner, self.freeze)
+                                    self.phases, self.metrics, self._xp, self.readout, self.lr_tuner, self.freeze,
+                                    self.cycle)
         self.ledger.verify(model, optimizer)
         self._run_id = new_run_id()
         self.run_lr = start_lr(optimizer)
@@ -208,11 +211,14 @@ class HybridTrainer:
     def step(self, batch: Any) -> StepResult:
         """Run one step in the current phase and advance the phase machine.
 
-        A real step's ``loss`` is ``None`` until it is read (see `flush`).
+        A real step's ``loss`` is ``None`` until it is read (see `flush`). A step that raises leaves the
+        trainer where its message says (docs/architecture.md, "When a step fails"); a batch with zero
+        samples raises `BatchError` before anything runs.
         """
         start = time.perf_counter()
         current = self.phases.state
         index = self.steps_done
+        self.batch_check.before_step(batch, index, current.phase.value)
         if current.phase is Phase.PREDICT:
             result, signals = self._predicted_step(batch, current, index)
         else:
@@ -240,7 +246,7 @@ class HybridTrainer:
             self.metrics.count("readout_forwards", len(probe))
             self._probe = (index, list(probe))
             self.real_steps.extra = [self._xp.reshape(v, (1,)) for v in probe.values()]
-        if current.phase is Phase.CORRECT and current.steps_in_phase == 0 and self.cycle.active:
+        if current.phase is Phase.CORRECT and current.steps_in_phase == 0 and self.cycle.search_due:
             search = self.cycle.line_search(self.model, batch, self._forward, self.ledger.read_arrays)
             if search is not None:
                 self.metrics.count("line_searches")
@@ -252,6 +258,7 @@ class HybridTrainer:
             # replay across them, so the point reached becomes the verified one.
             self.ledger.verify(self.model, self.optimizer)
         settled = self.real_steps.run(index, current, batch, measure, measure and not self.cadence.idle(index))
+        self.batch_check.accepted(batch)
         if settled is None:
             return (StepResult(index, current.phase, None, None, True, self.recorder.confidence),
                     Signals(self.recorder.confidence, 0, False, False))
@@ -342,6 +349,7 @@ class HybridTrainer:
         predicted, loss = prediction.loss[k], None
         if self.cycle.check_due(k):
             loss = self.ledger.read_arrays([self._forward(batch)])[0]
+            self.batch_check.accepted(batch, widen=True)
             self.metrics.count("checks")
             verdict = self.monitor.assess(self.state, loss, None)
             check = self.cycle.check(self.model, k, loss, verdict.level >= Level.FORCE_FULL)
@@ -358,6 +366,8 @@ class HybridTrainer:
                 self.state.record_predicted()
                 return (StepResult(index, Phase.PREDICT, loss, predicted, False, confidence),
                         Signals(confidence, 0, True, False))
+        elif self.batch_check.unchecked(batch, index, self._forward):
+            self.metrics.count("batch_check_forwards")
         self.cycle.advance(self.model, k)
         self.state.record_predicted()
         return StepResult(index, Phase.PREDICT, loss, predicted, False, confidence), Signals(confidence)

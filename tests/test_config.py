@@ -22,6 +22,7 @@ INVALID = {
     "divergence_sigma": (0.0, "(0.0,"),
     "direction": ("sideways", "'extrapolate'"),
     "on_nonfinite": ("ignore", "'raise', 'skip'"),
+    "max_consecutive_skips": (0, "[1,"),
     "linefit_snapshots": (1, "[2,"),
     "linefit_spacing": (0, "[1,"),
     "horizon_arms": ((5, 10), "including 0"),
