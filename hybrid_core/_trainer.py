@@ -44,6 +44,7 @@ from ._readout import ReadOut
 from ._realsteps import RealSteps
 from ._recorder import Recorder
 from ._result import StepResult
+from ._rng import GlobalRandomState
 from ._state import TrainingState
 from .dynamics import RSSMDynamics, TrendDynamics
 
@@ -108,6 +109,7 @@ class HybridTrainer:
         self.cycle = PredictionCycle(config)
         self.cadence = Cadence(config)
         self.ledger = Ledger(self._xp)
+        self.rng = GlobalRandomState()
         self.readout = ReadOut(config, model)
         self._probe: tuple[int, list[str]] | None = None
         self.lr_tuner = LRTuner(config, optimizer)
@@ -160,7 +162,7 @@ class HybridTrainer:
                 "recorder": self.recorder, "real_steps": self.real_steps, "bandit": self.bandit,
                 "residuals": self.residuals, "corrector": self.corrector, "directions": self.directions,
                 "metrics": self.metrics, "ledger": self.ledger, "readout": self.readout, "lr": self.lr_tuner,
-                "freeze": self.freeze}
+                "freeze": self.freeze, "rng": self.rng}
 
     def summary(self) -> dict[str, Any]:
         """The metrics summary plus what the read-out chose, the learning-rate recommendation and layer freezing."""
@@ -410,7 +412,7 @@ class HybridTrainer:
         self.flush()
         device = array_api_compat.device(self.model.parameters()[0])
         restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
-                      optional=("readout", "lr", "freeze"))
+                      optional=("readout", "lr", "freeze", "rng"))
         self.ledger.verify(self.model, self.optimizer)
 
     def __repr__(self) -> str:
