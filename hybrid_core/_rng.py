@@ -16,6 +16,7 @@ which also changes what any other code in the process draws next. Saving only re
 from __future__ import annotations
 
 import importlib
+import math
 import random
 import sys
 import warnings
@@ -79,8 +80,8 @@ def _python_state(saved: dict[str, Any]) -> tuple[Any, ...]:
     if not isinstance(internal, np.ndarray) or internal.dtype != np.uint32 or internal.ndim != 1:
         raise CheckpointError(f"internal must be a 1-D uint32 array, not {type(internal).__name__}")
     gauss = saved["gauss_next"]
-    if gauss is not None and not isinstance(gauss, float):
-        raise CheckpointError(f"gauss_next must be a float or None, not {type(gauss).__name__}")
+    if gauss is not None and not (isinstance(gauss, float) and math.isfinite(gauss)):
+        raise CheckpointError(f"gauss_next must be a finite float or None, not {gauss!r}")
     candidate = (saved["version"], tuple(int(v) for v in internal), gauss)
     random.Random().setstate(candidate)  # Python's own checks, on a scratch generator
     return candidate
@@ -95,8 +96,30 @@ def _numpy_state(saved: dict[str, Any]) -> dict[str, Any]:
             f"saved from a {saved.get('bit_generator')!r} global generator, this process's is "
             f"{type(current).__name__!r}",
             f"Call np.random.set_bit_generator(np.random.{saved.get('bit_generator')}()) before loading.")
+    _like(saved, np.random.get_state(legacy=False), "")
+    if saved["bit_generator"] == "MT19937":  # what np.random.seed makes; NumPy itself lets these through
+        key, pos = saved["state"]["key"], saved["state"]["pos"]
+        if key.shape != (624,) or not 0 <= pos <= 624 or saved["has_gauss"] not in (0, 1):
+            raise CheckpointError(f"not an MT19937 state: key of shape {key.shape}, pos {pos}, "
+                                  f"has_gauss {saved['has_gauss']}")
     np.random.RandomState(type(current)()).set_state(saved)  # NumPy's own checks, on a scratch generator
     return saved
+
+
+def _like(saved: Any, current: Any, where: str) -> None:
+    """``saved`` has the layout of ``current``: the same keys, array shapes and dtypes, scalar types; finite floats."""
+    if isinstance(current, dict):
+        if not isinstance(saved, dict) or set(saved) != set(current):
+            found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise CheckpointError(f"{where or 'the state'} holds {found}, expected {sorted(current)}")
+        for key, value in current.items():
+            _like(saved[key], value, f"{where}.{key}" if where else str(key))
+    elif isinstance(current, np.ndarray):
+        if not isinstance(saved, np.ndarray) or saved.dtype != current.dtype or saved.shape != current.shape:
+            found = f"{saved.dtype} {saved.shape}" if isinstance(saved, np.ndarray) else type(saved).__name__
+            raise CheckpointError(f"{where} is {found}, expected {current.dtype} {current.shape}")
+    elif type(saved) is not type(current) or (isinstance(saved, float) and not math.isfinite(saved)):
+        raise CheckpointError(f"{where} is {saved!r}, expected a finite {type(current).__name__}")
 
 
 def _torch_state(torch: Any) -> dict[str, Any]:
