@@ -185,6 +185,42 @@ def test_a_malformed_random_state_is_refused_and_changes_no_generator(data, how,
     # Or it loaded: then it was a valid state (say, another float for the cached Gaussian).
 
 
+def _set(path, value):
+    def damage(state):
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        if value is KeyError:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+        return state
+
+    return damage
+
+
+@pytest.mark.parametrize("damage", [
+    _set(("python", "gauss_next"), float("nan")),
+    _set(("numpy", "gauss"), float("inf")),
+    _set(("numpy", "gauss"), KeyError),
+    _set(("numpy", "has_gauss"), 2),
+    _set(("numpy", "has_gauss"), KeyError),
+    _set(("numpy", "state", "pos"), -1),
+    _set(("numpy", "state", "pos"), 625),
+    _set(("numpy", "state", "key"), lambda key: np.concatenate([key, key])),
+    _set(("numpy", "extra"), 1),
+], ids=["python NaN gauss", "numpy Inf gauss", "numpy no gauss", "has_gauss 2", "no has_gauss", "pos -1",
+        "pos 625", "key of 1248", "extra key"])
+def test_states_python_or_numpy_would_take_are_refused_when_damaged(damage):
+    """Python and NumPy accept these (a NaN Gaussian, a longer MT19937 key, pos −1, …); the part does not."""
+    part = GlobalRandomState()
+    _seed(13)
+    before = part.state_dict()
+    with pytest.raises(CheckpointError, match=r"random state (python|numpy)"):
+        part.load_state_dict(damage(part.state_dict()))
+    assert _same(part.state_dict(), before)
+
+
 def test_a_refused_state_names_the_generator_and_field():
     part = GlobalRandomState()
     state = part.state_dict()
