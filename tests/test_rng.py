@@ -403,10 +403,16 @@ def test_a_refused_rng_part_leaves_the_model_and_the_generators_unchanged(tmp_pa
     write_checkpoint(tmp_path / "bad.ckpt", trainer.config.to_dict(), parts,
                      {"dynamics_type": type(trainer.dynamics).__name__})
     other, model = _trainer(seed=1)
+    other.step((np.ones((8, 6)), np.zeros(8, dtype=np.int64)))
+    other.flush()
     params = [p.copy() for p in model.parameters()]
+    moments = [m.copy() for m in other.optimizer.state_dict()["exp_avg"]]
+    steps = (other.state.step, other.optimizer.state_dict()["step"])
     _seed(41)
     before = GlobalRandomState().state_dict()
     with pytest.raises(CheckpointError, match=r"'rng'.*random state python"):
         other.restore(tmp_path / "bad.ckpt")
     assert all(np.array_equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(np.array_equal(a, b) for a, b in zip(moments, other.optimizer.state_dict()["exp_avg"]))
+    assert (other.state.step, other.optimizer.state_dict()["step"]) == steps == (13, 13)
     assert _same(GlobalRandomState().state_dict(), before)
