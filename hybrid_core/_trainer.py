@@ -45,6 +45,7 @@ from ._readout import ReadOut
 from ._realsteps import RealSteps
 from ._recorder import Recorder
 from ._result import StepResult
+from ._rng import GlobalRandomState
 from ._rundir import new_run_id, run_id_problem
 from ._runinfo import load_trainer, restore_trainer, start_lr
 from ._state import TrainingState
@@ -111,6 +112,7 @@ class HybridTrainer:
         self.cycle = PredictionCycle(config)
         self.cadence = Cadence(config)
         self.ledger = Ledger(self._xp)
+        self.rng = GlobalRandomState()
         self.readout = ReadOut(config, model)
         self.batch_check = BatchCheck()
         self._probe: tuple[int, list[str]] | None = None
@@ -183,7 +185,7 @@ class HybridTrainer:
                 "recorder": self.recorder, "real_steps": self.real_steps, "bandit": self.bandit,
                 "residuals": self.residuals, "corrector": self.corrector, "directions": self.directions,
                 "metrics": self.metrics, "ledger": self.ledger, "readout": self.readout, "lr": self.lr_tuner,
-                "freeze": self.freeze}
+                "freeze": self.freeze, "rng": self.rng}
 
     def summary(self) -> dict[str, Any]:
         """The metrics summary plus what the read-out chose, the learning-rate recommendation and layer freezing."""
@@ -444,7 +446,8 @@ class HybridTrainer:
         device = array_api_compat.device(self.model.parameters()[0])
         params, config, dim = self.model.parameters(), self.config, self.bandit.dim
         restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
-                      optional=("readout", "lr", "freeze"), check=lambda s: check_parts_fit(s, params, config, dim))
+                      optional=("readout", "lr", "freeze", "rng"),
+                      check=lambda s: check_parts_fit(s, params, config, dim))
         self.ledger.verify(self.model, self.optimizer)
 
     def __repr__(self) -> str:

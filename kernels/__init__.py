@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 
-from hybrid_core._errors import ModelError
+from hybrid_core._errors import BackendError, ModelError
 
 from . import _catalog  # noqa: F401  (registers every implementation)
 from ._registry import CHOICES, ENV_VAR, OPS, REGISTRY, Kernel, select
@@ -71,7 +71,7 @@ def fused_axpy(params: Sequence[Any], direction: Sequence[Any], scale: float) ->
         return []
     first = params[0]
     impl = select("fused_axpy", array_api_compat.array_namespace(first), array_api_compat.device(first), first.dtype)
-    return impl.load()(params, direction, scale)
+    return _run(impl, "fused_axpy", [*params, *direction], params, direction, scale)
 
 
 def fused_axpy_(params: Sequence[Any], direction: Sequence[Any], scale: float) -> Sequence[Any]:
@@ -107,14 +107,41 @@ def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) 
     if updates is not None:
         _same_shapes(grads, updates, "updates")
     impl = select("fused_stats", array_api_compat.array_namespace(loss), array_api_compat.device(loss), loss.dtype)
-    return impl.load()(loss, grads, updates)
+    return _run(impl, "fused_stats", [loss, *grads, *(updates or ())], loss, grads, updates)
 
 
 def gru_ensemble_rollout(w_x: Any, w_h: Any, b_x: Any, b_h: Any, h0: Any, x: Any) -> Any:
     """All hidden states (E, T, H) of E GRUs run over x (E, T, D) from h0 (see `reference.gru_ensemble_rollout`)."""
     _gru_shapes(w_x, w_h, b_x, b_h, h0, x)
     impl = select("gru_ensemble_rollout", array_api_compat.array_namespace(x), array_api_compat.device(x), x.dtype)
-    return impl.load()(w_x, w_h, b_x, b_h, h0, x)
+    return _run(impl, "gru_ensemble_rollout", [w_x, w_h, b_x, b_h, h0, x], w_x, w_h, b_x, b_h, h0, x)
+
+
+def _run(impl: type[Kernel], op: str, arrays: Sequence[Any], *args: Any) -> Any:
+    """``impl``'s function on ``args``; JAX's error for arrays committed to different devices → `BackendError`.
+
+    The placement is looked at only after a failure, so a call that works costs nothing extra.
+    """
+    try:
+        return impl.load()(*args)
+    except ValueError as exc:
+        placements = _committed_placements(arrays)
+        if len(placements) < 2:
+            raise
+        found = "; ".join(sorted(placements))
+        raise BackendError(f"{op} got JAX arrays committed to different devices: {found}",
+                           "Lay them out alike: jax.device_put(x, params[0].sharding) for the odd ones (a "
+                           "batch sharded over the parameters' devices is fine; a subset of them is not).") from exc
+
+
+def _committed_placements(arrays: Sequence[Any]) -> set[str]:
+    """The distinct device sets of the committed JAX arrays among ``arrays`` (described as text)."""
+    found = set()
+    for a in arrays:
+        devices = getattr(a, "devices", None)
+        if getattr(a, "committed", False) and callable(devices):
+            found.add("{" + ", ".join(sorted(str(d) for d in devices())) + "}")
+    return found
 
 
 def _flat_pair(params: Sequence[Any], direction: Sequence[Any]) -> Any:

@@ -163,18 +163,49 @@ def select(op: str, xp: ModuleType | str, device: Any, dtype: Any = None, *,
 
 
 def device_kind(backend: str, device: Any) -> str:
-    """The kind of ``device`` ('cpu', 'cuda', 'gpu', 'tpu', ...) as its library names it."""
+    """The kind of ``device`` ('cpu', 'cuda', 'gpu', 'tpu', ...) as its library names it.
+
+    For JAX, ``device`` may also be a ``jax.sharding.Sharding`` (what ``array_api_compat.device``
+    gives for an array laid out over several devices, e.g. a ``NamedSharding`` over a ``Mesh``): its
+    kind is the one platform of all its devices. A sharding over devices of several platforms, or a
+    device whose kind cannot be told, raises `BackendError`.
+    """
     if isinstance(device, str):
         return device.split(":")[0].lower()
     if device is None or backend in ("numpy", "array_api_strict"):
         return "cuda" if backend == "cupy" else "cpu"
     if backend == "torch":
-        return str(device.type)
+        kind = getattr(device, "type", None)
+        if not isinstance(kind, str):
+            raise BackendError(f"cannot tell the kind of the torch device {device!r}",
+                               "Put the tensors on a torch.device (cpu, cuda, ...).")
+        return kind
     if backend == "jax":
-        return str(device.platform)
+        return _jax_platform(device)
     if backend == "cupy":
         return "cuda"
     return str(device).split(":")[0].lower()
+
+
+def _jax_platform(device: Any) -> str:
+    """The platform of a JAX device, or the one platform of every device of a sharding."""
+    platform = getattr(device, "platform", None)
+    if isinstance(platform, str):
+        return platform
+    try:
+        platforms = {getattr(d, "platform", None) for d in device.device_set}  # a jax.sharding.Sharding
+    except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+        raise BackendError(f"cannot tell where jax arrays placed by {device!r} live ({type(exc).__name__}: {exc})",
+                           _SHARDING_HINT) from exc
+    if len(platforms) == 1 and isinstance(only := next(iter(platforms)), str):
+        return only
+    found = ", ".join(sorted(str(p) for p in platforms)) or "no devices"
+    raise BackendError(f"jax arrays placed by {device!r} span {found}: the kernels need one platform",
+                       _SHARDING_HINT)
+
+
+_SHARDING_HINT = ("Place the arrays on one device or with a jax.sharding.Sharding over devices of one platform "
+                  "(e.g. NamedSharding(Mesh(jax.devices(), ...), spec)).")
 
 
 def dtype_name(dtype: Any) -> str | None:
