@@ -182,10 +182,10 @@ class TorchOptimizer:
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One real step as torch users write it: ``zero_grad``, ``loss.backward()``, ``optimizer.step()``.
 
-        Nothing is read to the host. Only with ``measure`` are the batch's devices checked, Δθ
-        measured in the reused buffer and the statistics ``[loss, Σg², Σu², Σg·u, max|g|,
-        non-finite count, lr]`` computed (one device vector); otherwise the step costs what the
-        plain loop costs. The batch goes through `TorchModel.prepare` (moved to the model's device) and
+        Nothing is read to the host. The batch's library and devices are checked on every step (a walk
+        over its leaves, no tensor op). Only with ``measure`` is Δθ measured in the reused buffer and the
+        statistics ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]`` computed (one device vector);
+        otherwise the step costs what the plain loop costs. The batch goes through `TorchModel.prepare` (moved to the model's device) and
         `TorchModel.backward` (autocast, micro-batches); with a scaler see the class docstring: a skipped step
         returns ``(loss, None)`` even when measured. A model that is not a `TorchModel` takes the unfused path.
         ``before_update``, if given, is called with the gradients (zeros for parameters without one) after the
@@ -200,7 +200,7 @@ class TorchOptimizer:
                 before_update(list(grads))
             update = self.step(grads)
             return loss, (self._stats(loss, list(grads), update, lr) if measure else None)
-        batch = model.prepare(batch, check=measure)
+        batch = model.prepare(batch)
         params, scaler = self._params, self.scaler
         model.module.zero_grad(set_to_none=True)
         loss = model.backward(batch, None if scaler is None else scaler.scale)
