@@ -86,11 +86,24 @@ def test_a_batch_on_the_meta_device_is_a_clear_backend_error_and_changes_nothing
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _batch(1)
     for call in (model.loss, model.loss_and_grad, trainer.step):
-        with pytest.raises(BackendError, match="meta") as err:
+        with pytest.raises(BackendError, match="meta device \\(no data\\)" if move else "on meta but") as err:
             call((x.to("meta"), y))
         assert err.value.recovery
     assert trainer.steps_done == 1
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_a_tensor_torch_cannot_move_is_a_backend_error():
+    model = TorchModel(_net(device="meta"), _mse)
+    x, y = _batch(0)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no route to that device")
+
+    x.to = refuse
+    with pytest.raises(BackendError, match="cannot be moved to meta: no route") as err:
+        model.loss((x, y))
+    assert "yourself" in err.value.recovery
 
 
 # -- gradient accumulation ----------------------------------------------------------------------------------------
