@@ -185,12 +185,13 @@ class TorchOptimizer:
         Nothing is read to the host. The batch's library and devices are checked on every step (a walk
         over its leaves, no tensor op). Only with ``measure`` is Δθ measured in the reused buffer and the
         statistics ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]`` computed (one device vector);
-        otherwise the step costs what the plain loop costs. The batch goes through `TorchModel.prepare` (moved to the model's device) and
-        `TorchModel.backward` (autocast, micro-batches); with a scaler see the class docstring: a skipped step
-        returns ``(loss, None)`` even when measured. A model that is not a `TorchModel` takes the unfused path.
-        ``before_update``, if given, is called with the gradients (zeros for parameters without one) after the
-        backward pass and clipping, before the optimizer's update, while the parameters still hold their old
-        values (with a scaler: unscaled, and all zeros on a step the scaler will skip).
+        otherwise the step costs what the plain loop costs. The batch goes through `TorchModel.prepare`
+        (moved to the model's device) and `TorchModel.backward` (autocast, micro-batches); with a scaler see
+        the class docstring: a skipped step returns ``(loss, None)`` even when measured. A model that is not
+        a `TorchModel` takes the unfused path. ``before_update``, if given, is called with the gradients
+        (zeros for parameters without one) after the backward pass and clipping, before the optimizer's
+        update, while the parameters still hold their old values (with a scaler: unscaled, and all zeros on
+        a step the scaler will skip).
         """
         model = self.model
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses (a scheduler moves it after)

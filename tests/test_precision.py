@@ -235,8 +235,9 @@ def test_the_loss_is_scaled_before_backward_and_the_gradients_unscaled_before_cl
     for step in range(3):
         batch = (*_torch_batch(step), False)
         fed = []
-        _, plain_stats = plain.fused_step(batch, True, before_update=lambda g: fed.append(_snapshot(g)))
-        _, scaled_stats = scaled.fused_step(batch, True, before_update=lambda g: fed.append(_snapshot(g)))
+        feed = fed.append
+        _, plain_stats = plain.fused_step(batch, True, before_update=lambda g, feed=feed: feed(_snapshot(g)))
+        _, scaled_stats = scaled.fused_step(batch, True, before_update=lambda g, feed=feed: feed(_snapshot(g)))
         assert torch.equal(plain_stats, scaled_stats)
         assert all(torch.equal(a, b) for a, b in zip(*fed))  # the learning-rate feed gets the true gradients
     assert min(seen) > 1e3  # the backward pass really ran on the scaled loss
@@ -248,7 +249,7 @@ def test_float16_autocast_with_a_scaler_trains_and_skipped_steps_are_not_diverge
     model, opt, scaler = _scaled()
     trainer = HybridTrainer(model, opt, CONFIG)
     first_logits = []
-    model.module[0].register_forward_hook(lambda m, i, out: first_logits.append(out.dtype) if not first_logits else None)
+    model.module[0].register_forward_hook(lambda m, i, out: None if first_logits else first_logits.append(out.dtype))
     trainer.fit(lambda i: (*_torch_batch(i), i in poisoned), steps=150, progress=False)
     summary = trainer.summary()
     assert first_logits == [torch.float16]  # autocast ran the layer in float16
@@ -268,11 +269,11 @@ def test_float16_autocast_with_a_scaler_trains_and_skipped_steps_are_not_diverge
 
 
 def test_the_scaler_state_is_part_of_the_optimizer_state():
-    model, opt, scaler = _scaled()
+    _, opt, scaler = _scaled()
     opt.fused_step((*_torch_batch(0), True), False)
     state = opt.state_dict()
     assert state["scaler"] == {"state": scaler.state_dict(), "skipped_steps": 1}
-    other_model, other, other_scaler = _scaled(init_scale=4.0)
+    _, other, other_scaler = _scaled(init_scale=4.0)
     other.load_state_dict(state)
     assert other_scaler.get_scale() == 512.0 and other.skipped_steps == 1
     plain_model = _torch_model()
@@ -297,7 +298,7 @@ def test_bad_scaler_and_autocast_settings_are_config_errors():
     with pytest.raises(ConfigError, match="fused=True"):
         TorchOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2, fused=True),
                        scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(ConfigError, match="autocast=torch.float32"):
+    with pytest.raises(ConfigError, match=r"autocast=torch\.float32"):
         _torch_model(autocast=torch.float32)
     with pytest.raises(ConfigError, match="accumulate=0"):
         _torch_model(accumulate=0)
