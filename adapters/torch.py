@@ -170,8 +170,7 @@ class TorchOptimizer:
         if self._rule is sgd_next:  # only SGD's extrapolation needs them; others would pin their memory
             self._last_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self._steps = [s + (p.grad is not None) for s, p in zip(self._steps, params)]
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self._step_scheduler()
         return list(update)
 
     accepts_before_update = True
