@@ -279,7 +279,10 @@ class OptaxOptimizer:
         (a bfloat16 Adam moment times a float32 ``b1`` is float32 after the first step).
         """
         params = self.model.params
-        shapes = jax.eval_shape(lambda s, p: self.transformation.update(p, s, p)[1], self._state, params)
+        try:
+            shapes = jax.eval_shape(lambda s, p: self.transformation.update(p, s, p)[1], self._state, params)
+        except Exception:  # an update that needs more arguments (a loss value): the current dtypes only
+            return [None] * count
         dtypes = [np.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(shapes)]
         return dtypes if len(dtypes) == count else [None] * count
 

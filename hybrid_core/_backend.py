@@ -149,8 +149,10 @@ _LOW_PRECISION = frozenset({"bfloat16", "float16"})
 
 
 def dtype_name(x: Any) -> str:
-    """The short name of an array's dtype (``'float32'``, ``'bfloat16'``, ...), whatever its library."""
-    return str(x.dtype).rsplit(".", 1)[-1]
+    """The short name of an array's dtype (``'float32'``, ``'bfloat16'``, ...), whatever its library;
+    ``''`` for a value without a dtype (a Python number)."""
+    dtype = getattr(x, "dtype", None)
+    return "" if dtype is None else str(dtype).rsplit(".", 1)[-1]
 
 
 def is_low_precision(x: Any) -> bool:
