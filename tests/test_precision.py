@@ -2,6 +2,7 @@
 autocast with a GradScaler whose skipped steps are counted and never taken for divergence."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -290,11 +291,46 @@ def test_the_scaler_state_is_part_of_the_optimizer_state():
         other.load_state_dict(without)
 
 
+def test_a_skipped_first_step_does_not_make_the_scheduler_warn():
+    _, opt, _ = _scaled(scheduler=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.fused_step((*_torch_batch(0), True), True)
+    assert opt.skipped_steps == 1 and opt.scheduler.last_epoch == 1
+
+
+class _Wrapped:
+    """A `Model` around a TorchModel that is not one itself."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def parameters(self):
+        return self.inner.parameters()
+
+    def loss(self, batch):
+        return self.inner.loss(batch)
+
+    def loss_and_grad(self, batch):
+        return self.inner.loss_and_grad(batch)
+
+    def apply_update(self, update, scale):
+        self.inner.apply_update(update, scale)
+
+
 def test_bad_scaler_and_autocast_settings_are_config_errors():
     model = _torch_model()
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
     with pytest.raises(ConfigError, match="GradScaler"):
         TorchOptimizer(model, adam, scaler=object())
+    with pytest.raises(ConfigError, match="needs a TorchModel"):
+        TorchOptimizer(_Wrapped(model), adam, scaler=torch.amp.GradScaler("cpu"))
+    meta = TorchModel(torch.nn.Linear(2, 1).to("meta"), lambda m, b: m(b).sum())
+    with pytest.raises(ConfigError, match="built for 'cpu' but the model is on meta"):
+        TorchOptimizer(meta, torch.optim.SGD(meta.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(ConfigError, match="fused=True"):
         TorchOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2, fused=True),
                        scaler=torch.amp.GradScaler("cpu"))
