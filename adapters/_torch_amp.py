@@ -25,6 +25,9 @@ def scaler_problems(scaler: Any, optimizer: torch.optim.Optimizer, model: Any) -
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         problems.append("scaler: a fused=True torch optimizer skips inf steps on the device, where the adapter "
                         "cannot count them without a host read; build the optimizer without fused=True")
+    elif scaler.is_enabled() and any(p.dtype == torch.float16 for p in model.parameters()):
+        problems.append("scaler: torch cannot unscale float16 gradients; keep the parameters in float32 and "
+                        "pass autocast=torch.float16 to the TorchModel")
     kind = getattr(scaler, "_device", None)
     device = getattr(model, "device", None)
     if scaler.is_enabled() and isinstance(kind, str) and device is not None and kind != device.type:

@@ -328,6 +328,9 @@ def test_bad_scaler_and_autocast_settings_are_config_errors():
         TorchOptimizer(model, adam, scaler=object())
     with pytest.raises(ConfigError, match="needs a TorchModel"):
         TorchOptimizer(_Wrapped(model), adam, scaler=torch.amp.GradScaler("cpu"))
+    half = _torch_model(torch.float16)
+    with pytest.raises(ConfigError, match="cannot unscale float16 gradients"):
+        TorchOptimizer(half, torch.optim.SGD(half.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu"))
     meta = TorchModel(torch.nn.Linear(2, 1).to("meta"), lambda m, b: m(b).sum())
     with pytest.raises(ConfigError, match="built for 'cpu' but the model is on meta"):
         TorchOptimizer(meta, torch.optim.SGD(meta.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu"))
