@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
 
-from hybrid_core import BackendError, BatchError, HybridConfig, HybridTrainer  # noqa: E402
+from hybrid_core import BackendError, BatchError, ConfigError, HybridConfig, HybridTrainer  # noqa: E402
 from hybrid_core.adapters._torch_batch import split_batch  # noqa: E402
 from hybrid_core.adapters.torch import TorchModel, TorchOptimizer  # noqa: E402
 
@@ -68,6 +68,18 @@ def test_move_batch_moves_every_tensor_to_the_models_device_and_keeps_the_contai
     assert batch["x"].device.type == "cpu"  # the caller's batch is not changed
     _, grads = model.loss_and_grad(batch)
     assert {g.device.type for g in grads} == {"meta"}
+
+
+def test_a_module_on_several_devices_gets_no_move():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3).double(), torch.nn.Linear(3, 3).double().to("meta"))
+    seen = []
+    model = TorchModel(net, lambda m, b: seen.append(b) or m[0](b[0]).sum())
+    assert model.device is None
+    batch = _batch(0)
+    model.loss(batch)
+    assert seen[0] is batch
+    with pytest.raises(ConfigError, match="span several devices"):
+        TorchModel(net, _mse, autocast=torch.bfloat16)
 
 
 def test_without_move_batch_a_batch_on_another_device_is_a_backend_error():
