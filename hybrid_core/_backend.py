@@ -145,7 +145,7 @@ def from_numpy(xp: ModuleType, value: Any, *, dtype: Any = None, device: Any = N
 
 
 _LOW_PRECISION = frozenset({"bfloat16", "float16"})
-"""Floating dtypes narrower than float32: widened to float32 on the device before a host read."""
+"""Floating dtypes narrower than float32 (`widened` casts them to float32 on their device)."""
 
 
 def dtype_name(x: Any) -> str:
@@ -195,15 +195,14 @@ def to_host_floats(arrays: Sequence[Any]) -> list[float]:
 
     One synchronisation for the lot: JAX starts every copy before waiting (``jax.device_get``);
     device tensors of torch and CuPy are concatenated on the device and copied once; host
-    arrays (NumPy, CPU torch, array-api-strict) are read directly. bfloat16 and float16 arrays
-    are widened to float32 on their device first (`widened`), so they read like any other.
+    arrays (NumPy, CPU torch, array-api-strict) are read directly. A bfloat16 array is read as
+    float32 (see `to_numpy`; JAX hands it over as ``ml_dtypes.bfloat16``), so it reads like any other.
     """
     if not arrays:
         return []
     first = arrays[0]
     if isinstance(first, np.ndarray):  # NumPy: already on the host
         return np.concatenate([np.ravel(a) for a in arrays]).tolist()
-    arrays = [widened(a) for a in arrays]
     xp = array_api_compat.array_namespace(first)
     if array_api_compat.is_jax_namespace(xp):
         import jax

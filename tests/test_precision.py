@@ -66,6 +66,15 @@ def test_bfloat16_and_float16_read_to_the_host_exactly(values):
     assert got == [expected_bf[0], *expected_bf, *half.to(torch.float64).tolist()]
 
 
+def test_jax_bfloat16_reads_to_the_host_exactly():
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed")
+    values = jnp.asarray([1.5, -3.0e-20, 2.0**100, 7.0], dtype=jnp.bfloat16)
+    expected = [float(v) for v in np.asarray(values.astype(jnp.float32))]
+    host = to_numpy(values)
+    assert host.dtype == np.float32 and host.tolist() == expected
+    assert to_host_floats([values[0], values, jnp.asarray([0.25], dtype=jnp.float16)]) == [1.5, *expected, 0.25]
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(allow_nan=False, width=32), min_size=0, max_size=20))
 def test_bfloat16_arrays_round_trip_through_the_checkpoint_codec_bit_for_bit(values):
