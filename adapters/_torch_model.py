@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from hybrid_core._backend import namespace_of
-from hybrid_core._errors import BackendError, BatchError, ModelError
+from hybrid_core._errors import BackendError, BatchError, ConfigError, ModelError
 from hybrid_core.models._checks import check_like_parameters
 
 from ._batch import batch_leaves, library_of
+from ._torch_batch import split_batch, to_device
 
 __all__ = ["TorchModel", "module_groups", "train_mode"]
 
@@ -37,11 +38,33 @@ class TorchModel:
     model is updated), in ``module.parameters()`` order, fixed at construction.
 
     Modes: `loss_and_grad` runs in train mode (a module in eval mode is switched for the pass and
-    restored; a module already training keeps any submodule the user put in eval). `loss` runs in
-    the module's current mode unless ``eval_for_loss`` is set: then forward-only checks run in eval
-    mode, so dropout does not make them noisy and batch-norm does not fold the probe batches
-    (including the points of a line search, which are not on the training path) into its running
-    statistics. The previous mode of every submodule is restored afterwards.
+    restored; a module already training keeps any submodule the user put in eval). `loss`, the
+    forward-only pass of the trainer's checks and line searches, runs in eval mode by default
+    (``eval_for_loss=True``): the trainer compares those losses with each other and with its
+    predictions, so they must be repeatable — in train mode dropout draws a new mask on every call
+    (two checks of the same weights differ) and batch-norm would fold the probe batches (including
+    the points of a line search, which are not on the training path) into its running statistics.
+    ``eval_for_loss=False`` runs `loss` in the module's current mode instead. The previous mode of
+    every submodule is restored afterwards.
+
+    Devices: with ``move_batch=True`` (the default) every tensor of a batch (inside tuples, lists and
+    mappings) that is not on the model's device is moved there (``Tensor.to(device, non_blocking=True)``)
+    before the forward pass; a tensor already there is used as is (no copy). A module whose parameters
+    span several devices gets no move. ``move_batch=False`` leaves batches alone. Either way a tensor on
+    another device than the model's, or on the ``meta`` device, is a `BackendError`.
+
+    Precision: the parameters keep the dtype the module has (``module.to(torch.bfloat16)`` trains in
+    bfloat16). ``autocast=torch.bfloat16`` or ``torch.float16`` runs every forward pass under
+    ``torch.autocast(device_type, dtype)`` (mixed precision: float32 weights, low-precision matmuls);
+    float16 wants a ``torch.amp.GradScaler``, given to `TorchOptimizer` (``scaler=``).
+
+    Gradient accumulation: with ``accumulate=k`` each batch is cut along its first dimension into k
+    micro-batches (``torch.tensor_split``; tensors without a dimension go whole into each), the
+    forward and backward passes run one micro-batch at a time (activations of one micro-batch in
+    memory) and the gradients add up, each micro-batch's loss weighted by its share of the examples.
+    For a ``loss_fn`` that averages over the examples this is the loss and gradient of the whole batch
+    (up to rounding), so the optimizer takes one step per batch and the trainer counts steps as
+    optimizer steps. `loss` is computed the same way. Batch-norm then normalises per micro-batch.
 
     Layer freezing (`parameter_groups`, `set_trainable`): by default one group per top-level child of the
     module, in registration order (the root's own parameters, such as a positional embedding, join the
@@ -50,7 +73,8 @@ class TorchModel:
     """
 
     def __init__(self, module: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *,
-                 eval_for_loss: bool = False, groups: Sequence[Sequence[str]] | None = None) -> None:
+                 eval_for_loss: bool = True, groups: Sequence[Sequence[str]] | None = None,
+                 autocast: torch.dtype | None = None, move_batch: bool = True, accumulate: int = 1) -> None:
         if not isinstance(module, torch.nn.Module):
             raise ModelError(f"TorchModel needs a torch.nn.Module, got {type(module).__name__}")
         if not callable(loss_fn):
@@ -62,24 +86,42 @@ class TorchModel:
         if any(torch.is_complex(p) for p in params):
             raise ModelError("complex parameters are not supported",
                              "Split them into real and imaginary parts.")
+        devices = {p.device for p in params}
+        self._device = next(iter(devices)) if len(devices) == 1 else None
+        _check_options(autocast, accumulate, self._device, devices)
         self.module = module
         self.loss_fn = loss_fn
         self.eval_for_loss = bool(eval_for_loss)
+        self.move_batch = bool(move_batch)
+        self.autocast = autocast
+        self.accumulate = accumulate
         self._params = params
         self._xp = namespace_of(params, what="the module's parameters")
-        self._devices = {p.device for p in params}
+        self._devices = devices
         self._groups = module_groups(module, params, groups)
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of every parameter, or None when they span several."""
+        return self._device
 
     def parameters(self) -> list[torch.Tensor]:
         """The trainable parameter tensors themselves (live), in ``module.parameters()`` order."""
         return list(self._params)
 
     def loss(self, batch: Any) -> torch.Tensor:
-        """Forward pass under ``torch.no_grad()``: the loss as a tensor (no host read)."""
-        self._check_batch(batch)
+        """Forward pass under ``torch.no_grad()`` (eval mode by default): the loss as a tensor (no host read)."""
+        batch = self.prepare(batch)
         mode = train_mode(self.module, False) if self.eval_for_loss else contextlib.nullcontext()
+        total: torch.Tensor | None = None
         with torch.no_grad(), mode:
-            return self._scalar(self.loss_fn(self.module, batch)).detach()
+            for weight, micro in self._micro_batches(batch):
+                with self._autocast():
+                    part = self._scalar(self.loss_fn(self.module, micro))
+                part = part if weight == 1.0 else part * weight
+                total = part if total is None else total + part
+        assert total is not None
+        return total.detach()
 
     def loss_and_grad(self, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward and backward in train mode: the detached loss and ``p.grad`` of every parameter.
@@ -89,21 +131,51 @@ class TorchModel:
         (`set_trainable`) gets a zero gradient too, but its ``.grad`` stays ``None``, so that
         ``torch.optim`` leaves it and its state alone.
         """
-        self._check_batch(batch)
+        batch = self.prepare(batch)
         self.module.zero_grad(set_to_none=True)
-        mode = contextlib.nullcontext() if self.module.training else train_mode(self.module, True)
-        with torch.enable_grad(), mode:
-            loss = self._scalar(self.loss_fn(self.module, batch))
-            if not loss.requires_grad:
-                raise ModelError("the loss does not depend on any trainable parameter",
-                                 "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
-            loss.backward()
+        loss = self.backward(batch)
         grads = []
         for p in self._params:
             if p.grad is None and p.requires_grad:
                 p.grad = torch.zeros_like(p)
             grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
-        return loss.detach(), grads
+        return loss, grads
+
+    def prepare(self, batch: Any, check: bool = True) -> Any:
+        """``batch`` moved to the model's device (with ``move_batch``) and, with ``check``, its tensors'
+        library and device checked (`BackendError`)."""
+        if self.move_batch and self._device is not None:
+            batch = to_device(batch, self._device)
+        if check:
+            self._check_batch(batch)
+        return batch
+
+    def backward(self, batch: Any, scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Forward and backward passes in train mode over the micro-batches of a prepared ``batch``, adding
+        into ``p.grad`` (the caller zeroes them first); ``scale`` (a ``GradScaler.scale``) is applied to each
+        loss before its backward pass. Returns the detached loss of the whole batch."""
+        mode = contextlib.nullcontext() if self.module.training else train_mode(self.module, True)
+        total: torch.Tensor | None = None
+        with torch.enable_grad(), mode:
+            for weight, micro in self._micro_batches(batch):
+                with self._autocast():
+                    part = self._scalar(self.loss_fn(self.module, micro))
+                if not part.requires_grad:
+                    raise ModelError("the loss does not depend on any trainable parameter",
+                                     "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
+                part = part if weight == 1.0 else part * weight
+                (part if scale is None else scale(part)).backward()
+                total = part.detach() if total is None else total + part.detach()
+        assert total is not None
+        return total
+
+    def _micro_batches(self, batch: Any) -> list[tuple[float, Any]]:
+        return [(1.0, batch)] if self.accumulate == 1 else split_batch(batch, self.accumulate)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None or self._device is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device.type, dtype=self.autocast)
 
     def parameter_groups(self) -> list[list[int]]:
         """Indices into `parameters` by group, input side first (see the class docstring)."""
@@ -159,6 +231,22 @@ class TorchModel:
     def __repr__(self) -> str:
         return f"TorchModel({type(self.module).__name__}, {len(self._params)} parameter tensors)"
 
+
+
+def _check_options(autocast: Any, accumulate: Any, device: torch.device | None, devices: set[torch.device]) -> None:
+    problems = []
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or not 1 <= accumulate <= 1_000_000:
+        problems.append(f"accumulate={accumulate!r}: must be an integer >= 1 (micro-batches per optimizer step)")
+    if autocast is not None:
+        if autocast not in (torch.bfloat16, torch.float16):
+            problems.append(f"autocast={autocast!r}: must be None, torch.bfloat16 or torch.float16")
+        elif device is None:
+            problems.append(f"autocast: the parameters span several devices ({', '.join(sorted(map(str, devices)))})")
+        elif not torch.amp.is_autocast_available(device.type):
+            problems.append(f"autocast: torch has no autocast for {device.type} tensors")
+    if problems:
+        raise ConfigError(problems, "Use autocast=torch.bfloat16 (or float16 with a GradScaler) on one cpu or "
+                          "cuda device; accumulate is the number of micro-batches a batch is cut into.")
 
 
 def module_groups(module: torch.nn.Module, params: Sequence[torch.Tensor],

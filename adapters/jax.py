@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hybrid_core._backend import namespace_of
+from hybrid_core._backend import dtype_name, is_low_precision, namespace_of
 from hybrid_core._errors import BackendError, BatchError, CheckpointError, ConfigError, ModelError
 from hybrid_core.models._checks import check_like_parameters
 
 from ._batch import library_of
 from ._jax_model import JaxModel, _hashable, hold_frozen, value_and_flat_grad
-from ._optax_state import find_all, injected_holding, replace_node
+from ._optax_state import INJECTED, find_all, injected_holding, replace_node
 
 __all__ = ["JaxModel", "OptaxOptimizer"]
 
@@ -122,6 +122,7 @@ class OptaxOptimizer:
             raise ConfigError("the learning rate is not visible in this transformation's state", _LR_HINT)
         if lr is not None and not _positive(lr):
             raise ConfigError(f"lr={lr!r}: must be a finite number > 0")
+        _check_hyperparam_dtypes(state)
         self.model = model
         self.transformation = transformation
         self._state = state
@@ -260,9 +261,10 @@ class OptaxOptimizer:
         steps = state["steps"]
         if not isinstance(leaves, (list, tuple)) or len(leaves) != len(current):
             raise CheckpointError("the saved optax state has a different number of arrays", _STATE_HINT)
+        stepped = self._stepped_dtypes(len(current))
         for i, (saved, live) in enumerate(zip(leaves, current, strict=True)):
             if library_of(saved) not in ("jax", "numpy") or tuple(saved.shape) != tuple(jnp.shape(live)) or (
-                    np.dtype(saved.dtype) != np.dtype(live.dtype)):
+                    np.dtype(saved.dtype) not in (np.dtype(live.dtype), stepped[i])):
                 raise CheckpointError(f"optax state array {i} does not match: expected {jnp.shape(live)} "
                                       f"{live.dtype} (jax or numpy)", _STATE_HINT)
             host = np.asarray(saved)
@@ -282,6 +284,20 @@ class OptaxOptimizer:
         self._host_lr = None
         self._steps, self._last_update, self._last_grads = steps, last_update, last_grads
 
+    def _stepped_dtypes(self, count: int) -> list[Any]:
+        """The dtypes of the state's leaves after one more update (``jax.eval_shape``: nothing runs).
+
+        A saved state may hold these instead of the current ones: optax's update can widen a leaf
+        (a bfloat16 Adam moment times a float32 ``b1`` is float32 after the first step).
+        """
+        params = self.model.params
+        try:
+            shapes = jax.eval_shape(lambda s, p: self.transformation.update(p, s, p)[1], self._state, params)
+        except Exception:  # an update that needs more arguments (a loss value): the current dtypes only
+            return [None] * count
+        dtypes = [np.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(shapes)]
+        return dtypes if len(dtypes) == count else [None] * count
+
     def _arrays(self, value: Any, name: str) -> list[jax.Array] | None:
         if value is None:
             return None
@@ -299,6 +315,22 @@ class OptaxOptimizer:
 
     def __repr__(self) -> str:
         return f"OptaxOptimizer(rule={self._rule!r}, steps={self._steps})"
+
+
+def _check_hyperparam_dtypes(state: Any) -> None:
+    """`ConfigError` if ``optax.inject_hyperparams`` keeps a float hyperparameter in bfloat16 or float16.
+
+    Without ``hyperparam_dtype`` optax stores them in the parameters' dtype, and in bfloat16 Adam's
+    ``b2=0.999`` is 1.0, so its bias correction divides by zero at the first step (NaN everywhere).
+    """
+    for node in find_all(state, INJECTED):
+        low = sorted(k for k, v in node.hyperparams.items() if is_low_precision(v))
+        if low:
+            dtype = dtype_name(node.hyperparams[low[0]])
+            raise ConfigError(
+                f"optax.inject_hyperparams keeps {', '.join(low)} in {dtype} (the parameters' dtype), where they "
+                f"round: b2=0.999 is 1.0 in bfloat16 and Adam divides by zero",
+                "Build it with optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32).")
 
 
 def _positive(value: Any) -> bool:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,13 +15,16 @@ from hybrid_core._protocols import Model
 from hybrid_core.kernels import fused_stats
 from hybrid_core.models._checks import check_like_parameters
 
-from ._torch_model import TorchModel, train_mode
+from ._torch_amp import StepWatch, check_scaler_state, finite_or_zero, scaler_problems, scaler_state
+from ._torch_model import TorchModel
 from ._torch_rules import GroupView, rule_for, sgd_next
 from ._torch_state import check_scheduler, checked_steps
 
 __all__ = ["TorchModel", "TorchOptimizer"]
 
 _STATE_KEYS = frozenset({"kind", "optimizer_class", "optimizer", "scheduler", "last_update", "last_grads"})
+_SCALER_KEY = "scaler"
+"""In the state only when the optimizer has a GradScaler (so states without one keep their old keys)."""
 _STATE_HINT = "Load a state_dict() saved by a TorchOptimizer around the same torch optimizer class and model."
 
 
@@ -53,13 +56,27 @@ class TorchOptimizer:
     Frozen parameters (``requires_grad=False``, see `TorchModel.set_trainable`) are left alone: `step`
     drops their ``.grad`` (the fused step never computes it) and ``torch.optim`` skips a parameter
     without one, its state included (`skips_frozen`).
+
+    Mixed precision (``scaler``, a ``torch.amp.GradScaler``; the model a `TorchModel`, typically with
+    ``autocast=torch.float16``): the fused step scales the loss before each backward pass
+    (``scaler.scale``), unscales the gradients before clipping, the learning-rate feed and the statistics
+    (``scaler.unscale_``), then ``scaler.step`` and ``scaler.update``. A step the scaler skips for inf/NaN
+    gradients leaves the weights and the torch optimizer state as they were; it is counted in
+    `skipped_steps` (``trainer.summary()["optimizer"]``), still steps the scheduler (the trainer counts it
+    as a step) and returns no statistics, so the trainer records its loss like an unmeasured step: no
+    rollback, no `DivergenceError`, no learning-rate back-off. A non-finite *loss* is still a divergence.
+    The scaler's state and the skipped count are part of `state_dict`. Only the fused step scales: steps
+    that take the trainer's unfused path (``HybridConfig(read_every=1)``, the replay after a rollback, the
+    measured steps of layer freezing) run ``model.loss_and_grad`` and a plain ``optimizer.step()``.
+    ``GradScaler.step`` reads its found-inf flag to the host at every step (torch's design for non-fused
+    optimizers; ``fused=True`` optimizers are refused with a scaler), and its ``state_dict`` reads the scale.
     """
 
     skips_frozen = True
     """Parameters frozen through `TorchModel.set_trainable`, and their optimizer state, stay untouched."""
 
     def __init__(self, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                 clip_grad_norm: float | None = None) -> None:
+                 clip_grad_norm: float | None = None, *, scaler: torch.amp.GradScaler | None = None) -> None:
         if not isinstance(model, Model):
             raise ModelError(f"{type(model).__name__} does not implement hybrid_core.Model")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -72,6 +89,8 @@ class TorchOptimizer:
                 problems.append("scheduler: ReduceLROnPlateau needs a metric; call its step(loss) yourself")
             elif getattr(scheduler, "optimizer", None) is not optimizer:
                 problems.append("scheduler: it was built for another optimizer")
+        if scaler is not None:
+            problems += scaler_problems(scaler, optimizer, model)
         if problems:
             raise ConfigError(problems)
         self.model = model
@@ -87,6 +106,10 @@ class TorchOptimizer:
         self._buffer: list[torch.Tensor] | None = None
         self._has_update = False
         self._last_grads: list[torch.Tensor] | None = None
+        self.scaler = scaler
+        self.skipped_steps = 0
+        """Fused steps the GradScaler skipped for inf/NaN gradients (saved with the state)."""
+        self._watch = None if scaler is None else StepWatch(optimizer)
 
     @property
     def adaptive(self) -> bool:
@@ -148,8 +171,7 @@ class TorchOptimizer:
         if self._rule is sgd_next:  # only SGD's extrapolation needs them; others would pin their memory
             self._last_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self._steps = [s + (p.grad is not None) for s, p in zip(self._steps, params)]
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self._step_scheduler()
         return list(update)
 
     accepts_before_update = True
@@ -160,12 +182,16 @@ class TorchOptimizer:
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One real step as torch users write it: ``zero_grad``, ``loss.backward()``, ``optimizer.step()``.
 
-        Nothing is read to the host. Only with ``measure`` are the batch's devices checked, Δθ
-        measured in the reused buffer and the statistics ``[loss, Σg², Σu², Σg·u, max|g|,
-        non-finite count, lr]`` computed (one device vector); otherwise the step costs what the
-        plain loop costs. A model that is not a `TorchModel` takes the unfused path. ``before_update``,
-        if given, is called with the gradients (zeros for parameters without one) after the backward pass
-        and clipping, before the optimizer's update, while the parameters still hold their old values.
+        Nothing is read to the host. The batch's library and devices are checked on every step (a walk
+        over its leaves, no tensor op). Only with ``measure`` is Δθ measured in the reused buffer and the
+        statistics ``[loss, Σg², Σu², Σg·u, max|g|, non-finite count, lr]`` computed (one device vector);
+        otherwise the step costs what the plain loop costs. The batch goes through `TorchModel.prepare`
+        (moved to the model's device) and `TorchModel.backward` (autocast, micro-batches); with a scaler see
+        the class docstring: a skipped step returns ``(loss, None)`` even when measured. A model that is not
+        a `TorchModel` takes the unfused path. ``before_update``, if given, is called with the gradients
+        (zeros for parameters without one) after the backward pass and clipping, before the optimizer's
+        update, while the parameters still hold their old values (with a scaler: unscaled, and all zeros on
+        a step the scaler will skip).
         """
         model = self.model
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses (a scheduler moves it after)
@@ -175,21 +201,17 @@ class TorchOptimizer:
                 before_update(list(grads))
             update = self.step(grads)
             return loss, (self._stats(loss, list(grads), update, lr) if measure else None)
-        if measure:
-            model._check_batch(batch)
-        module, params = model.module, self._params
-        module.zero_grad(set_to_none=True)
-        mode = contextlib.nullcontext() if module.training else train_mode(module, True)
-        with torch.enable_grad(), mode:
-            loss = model._scalar(model.loss_fn(module, batch))
-            if not loss.requires_grad:
-                raise ModelError("the loss does not depend on any trainable parameter",
-                                 "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
-            loss.backward()
+        batch = model.prepare(batch)
+        params, scaler = self._params, self.scaler
+        model.module.zero_grad(set_to_none=True)
+        loss = model.backward(batch, None if scaler is None else scaler.scale)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         if before_update is not None:
-            before_update([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            before_update(grads if scaler is None else finite_or_zero(grads))
         self._has_update = False
         with torch.no_grad():
             if measure:
@@ -197,21 +219,46 @@ class TorchOptimizer:
                     self._buffer = torch._foreach_clone(params)
                 else:
                     torch._foreach_copy_(self._buffer, params)
-            self.optimizer.step()
+            stepped = self._optimizer_step()
             if measure:
                 torch._foreach_sub_(self._buffer, params)
                 torch._foreach_neg_(self._buffer)
-                self._has_update = True
-        if self._rule is sgd_next:
-            self._last_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        self._steps = [s + (p.grad is not None) for s, p in zip(self._steps, params)]
-        if self.scheduler is not None:
-            self.scheduler.step()
-        loss = loss.detach()
-        if not measure:
+                self._has_update = stepped
+        if stepped:
+            if self._rule is sgd_next:
+                self._last_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            self._steps = [s + (p.grad is not None) for s, p in zip(self._steps, params)]
+        else:
+            self.skipped_steps += 1
+        self._step_scheduler()
+        if not measure or not stepped:
             return loss, None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         return loss, self._stats(loss, grads, self._buffer, lr)
+
+    def _optimizer_step(self) -> bool:
+        """``optimizer.step()``, through the scaler if there is one; whether the step was taken."""
+        if self.scaler is None or self._watch is None:
+            self.optimizer.step()
+            return True
+        self._watch.arm()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self._watch.fired
+
+    def _step_scheduler(self) -> None:
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():  # a first step skipped by the scaler is not a misordered call
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+
+    def summary(self) -> dict[str, Any]:
+        """The steps the GradScaler skipped and, with a scaler, its current scale (one host read)."""
+        out: dict[str, Any] = {"skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            out["loss_scale"] = float(self.scaler.get_scale())
+        return out
 
     @staticmethod
     def _stats(loss: torch.Tensor, grads: list[torch.Tensor], update: Sequence[torch.Tensor],
@@ -243,10 +290,12 @@ class TorchOptimizer:
         """A snapshot, tensors cloned: torch optimizer and scheduler state, the steps taken per parameter, the
         last update and gradients.
 
-        The last gradients are kept only for SGD, whose extrapolation needs them.
+        The last gradients are kept only for SGD, whose extrapolation needs them. With a GradScaler the
+        state also holds ``"scaler"``: the scaler's ``state_dict()`` and `skipped_steps`.
         """
         keep_grads = self._rule is sgd_next
-        return {
+        scaler = {} if self.scaler is None else {_SCALER_KEY: scaler_state(self.scaler, self.skipped_steps)}
+        return {**scaler,
             "kind": "TorchOptimizer",
             "optimizer_class": type(self.optimizer).__name__,
             "optimizer": _cloned(self.optimizer.state_dict()),
@@ -256,12 +305,14 @@ class TorchOptimizer:
             "last_grads": _cloned(self._last_grads) if keep_grads and self._last_grads is not None else None,
         }
 
-    def check_state_dict(self, state: dict[str, Any]) -> tuple[list[int], Any, Any]:
-        """(steps, last update, last gradients) as `load_state_dict` would set them; `CheckpointError` naming the
-        field, and nothing changed, if ``state`` does not fit this optimizer and model (see `checked_steps`:
-        shapes, dtypes, NaN or Inf in any buffer, a missing state for a parameter that has stepped)."""
-        if not isinstance(state, Mapping) or not _STATE_KEYS <= set(state) <= _STATE_KEYS | {"steps"}:
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[list[int], Any, Any, int]:
+        """(steps, last update, last gradients, skipped steps) as `load_state_dict` would set them;
+        `CheckpointError` naming the field, and nothing changed, if ``state`` does not fit this optimizer and
+        model (see `checked_steps`: shapes, dtypes, NaN or Inf in any buffer, a missing state for a parameter
+        that has stepped; a GradScaler state that does not fit this optimizer's scaler)."""
+        if not isinstance(state, Mapping) or not _STATE_KEYS <= set(state) <= _STATE_KEYS | {"steps", _SCALER_KEY}:
             raise CheckpointError("this is not a TorchOptimizer state_dict", _STATE_HINT)
+        skipped = check_scaler_state(self.scaler, state.get(_SCALER_KEY), _STATE_HINT)
         if state["kind"] != "TorchOptimizer" or state["optimizer_class"] != type(self.optimizer).__name__:
             raise CheckpointError(f"the state is for a {state['optimizer_class']!r} in a {state['kind']!r}, "
                                   f"not a {type(self.optimizer).__name__} in a TorchOptimizer", _STATE_HINT)
@@ -271,8 +322,8 @@ class TorchOptimizer:
             check_scheduler(state["scheduler"], self.scheduler.state_dict())
         steps = checked_steps(self.optimizer, self._params, state["optimizer"], state.get("steps"),
                               state["last_update"] is not None)
-        return steps, self._buffers(state["last_update"], "last_update"), self._buffers(state["last_grads"],
-                                                                                        "last_grads")
+        return (steps, self._buffers(state["last_update"], "last_update"),
+                self._buffers(state["last_grads"], "last_grads"), skipped)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict` output; `CheckpointError` and no change if it does not fit (see `check_state_dict`).
@@ -284,21 +335,26 @@ class TorchOptimizer:
         try:
             self._apply(state, *plan)
         except Exception as exc:
-            self._apply(backup, backup["steps"], backup["last_update"], backup["last_grads"])
+            self._apply(backup, backup["steps"], backup["last_update"], backup["last_grads"], self.skipped_steps)
             raise CheckpointError(f"torch could not load the optimizer state ({type(exc).__name__}: {exc})",
                                   _STATE_HINT) from exc
 
-    def _apply(self, state: Mapping[str, Any], steps: list[int], last_update: Any, last_grads: Any) -> None:
+    def _apply(self, state: Mapping[str, Any], steps: list[int], last_update: Any, last_grads: Any,
+               skipped: int) -> None:
         # torch keeps the given tensors when dtype and device already fit: clone so that two
         # optimizers loading one state dict do not share (and mutate) the same buffers.
         self.optimizer.load_state_dict(_cloned(state["optimizer"]))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(_cloned(state["scheduler"]))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(dict(state[_SCALER_KEY]["state"]))
+        self._check_float_lrs()
         self._rule = rule_for(self.optimizer)
         self._steps = list(steps)
         self._has_update = last_update is not None
         self._buffer = None if last_update is None else _cloned(last_update)
         self._last_grads = None if last_grads is None else _cloned(last_grads)
+        self.skipped_steps = skipped
 
     def _buffers(self, value: Any, name: str) -> list[torch.Tensor] | None:
         if value is None:
@@ -329,7 +385,8 @@ class TorchOptimizer:
 
     def __repr__(self) -> str:
         return (f"TorchOptimizer({type(self.optimizer).__name__}, lr={self.lr!r}, "
-                f"{len(self._groups)} group(s), clip_grad_norm={self.clip_grad_norm!r})")
+                f"{len(self._groups)} group(s), clip_grad_norm={self.clip_grad_norm!r}"
+                f"{'' if self.scaler is None else ', with a GradScaler'})")
 
 
 def _is_number(value: Any) -> bool:

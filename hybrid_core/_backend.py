@@ -15,13 +15,16 @@ from ._errors import BackendError
 __all__ = [
     "BACKEND_MODULES",
     "as_namespace",
+    "dtype_name",
     "from_numpy",
+    "is_low_precision",
     "library_name",
     "namespace_for",
     "namespace_of",
     "same_namespace",
     "to_host_floats",
     "to_numpy",
+    "widened",
 ]
 
 BACKEND_MODULES: dict[str, str] = {
@@ -141,9 +144,42 @@ def from_numpy(xp: ModuleType, value: Any, *, dtype: Any = None, device: Any = N
     return xp.asarray(arr, dtype=dtype, device=device) if dtype is not None else xp.asarray(arr, device=device)
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    """A host NumPy view or copy of any array (a host sync for device arrays); do not modify it."""
+_LOW_PRECISION = frozenset({"bfloat16", "float16"})
+"""Floating dtypes narrower than float32 (`widened` casts them to float32 on their device)."""
+
+
+def dtype_name(x: Any) -> str:
+    """The short name of an array's dtype (``'float32'``, ``'bfloat16'``, ...), whatever its library;
+    ``''`` for a value without a dtype (a Python number)."""
+    dtype = getattr(x, "dtype", None)
+    return "" if dtype is None else str(dtype).rsplit(".", 1)[-1]
+
+
+def is_low_precision(x: Any) -> bool:
+    """Whether ``x`` is a bfloat16 or float16 array (of any library)."""
+    return dtype_name(x) in _LOW_PRECISION
+
+
+def widened(x: Any) -> Any:
+    """``x`` as float32 if it is bfloat16 or float16, else ``x`` itself: a device op, nothing is read.
+
+    The cast is exact (float32 holds every bfloat16 and float16 value).
+    """
+    if not is_low_precision(x):
+        return x
     xp = array_api_compat.array_namespace(x)
+    return xp.astype(x, xp.float32)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy view or copy of any array (a host sync for device arrays); do not modify it.
+
+    NumPy has no bfloat16: a bfloat16 array is cast to float32 on its device first (exactly), so
+    the result is a float32 array. Every other dtype, float16 included, is kept.
+    """
+    xp = array_api_compat.array_namespace(x)
+    if dtype_name(x) == "bfloat16":
+        x = xp.astype(x, xp.float32)
     if array_api_compat.is_torch_namespace(xp):
         return x.detach().cpu().numpy()
     if array_api_compat.is_cupy_namespace(xp):
@@ -159,7 +195,8 @@ def to_host_floats(arrays: Sequence[Any]) -> list[float]:
 
     One synchronisation for the lot: JAX starts every copy before waiting (``jax.device_get``);
     device tensors of torch and CuPy are concatenated on the device and copied once; host
-    arrays (NumPy, CPU torch, array-api-strict) are read directly.
+    arrays (NumPy, CPU torch, array-api-strict) are read directly. A bfloat16 array is read as
+    float32 (see `to_numpy`; JAX hands it over as ``ml_dtypes.bfloat16``), so it reads like any other.
     """
     if not arrays:
         return []

@@ -2,7 +2,8 @@
 
 Layout: ``MAGIC`` (8 bytes) · format version (uint16) · payload length (uint64) ·
 SHA-256 of the payload (32 bytes) · payload (msgpack). Arrays are ExtType 1 holding
-msgpack ``[dtype, shape, bytes, library]`` (little-endian, C order, dtypes from a fixed list);
+msgpack ``[dtype, shape, bytes, library]`` (little-endian, C order, dtypes from a fixed list;
+``bfloat16`` is stored as its 16-bit patterns and decoded to float32 holding the same values);
 integers beyond 64 bits (NumPy generator states) are ExtType 2 holding their decimal
 text. Decoding never runs code (no pickle anywhere), every length is checked
 against the file before anything is allocated, so a crafted file cannot exhaust memory, and
@@ -34,7 +35,7 @@ _HEADER = struct.Struct(">8sHQ32s")
 _ARRAY, _BIGINT = 1, 2
 _DTYPES = frozenset(
     ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-     "float16", "float32", "float64", "complex64", "complex128"]
+     "float16", "float32", "float64", "complex64", "complex128", "bfloat16"]
 )
 _LIBRARIES = frozenset(BACKEND_MODULES)  # the backends a stored array may come from
 DEFAULT_MAX_BYTES = 8 * 2**30
@@ -48,13 +49,17 @@ class ForeignArray(NamedTuple):
 
     library: str
     array: np.ndarray
+    dtype: str | None = None
+    """The dtype it was saved with when ``array`` holds it in a wider one: ``"bfloat16"`` (NumPy has
+    none; ``array`` is then float32 holding exactly the saved values)."""
 
 
-def encode(obj: Any, to_host: Callable[[Any], tuple[np.ndarray, str] | None], max_depth: int = MAX_DEPTH) -> bytes:
+def encode(obj: Any, to_host: Callable[[Any], tuple[Any, ...] | None], max_depth: int = MAX_DEPTH) -> bytes:
     """msgpack bytes of ``obj``: dicts, lists, tuples, scalars, strings, None and arrays.
 
     ``to_host`` turns any non-NumPy array (torch, jax, …) into ``(numpy array, library
-    name)``, or returns None for objects that are not arrays. A state nested deeper than
+    name)`` or ``(numpy array, library name, dtype name)`` (a bfloat16 array as float32 with
+    ``"bfloat16"``), or returns None for objects that are not arrays. A state nested deeper than
     ``max_depth`` is refused here, since `decode` would refuse the file.
     """
     deepest = _deeper_than(obj, max_depth)
@@ -71,11 +76,14 @@ def encode(obj: Any, to_host: Callable[[Any], tuple[np.ndarray, str] | None], ma
         if host is None:
             raise CheckpointError(f"cannot store a {type(value).__name__} in a checkpoint",
                                   "State dicts may hold numbers, strings, lists, dicts and arrays only.")
-        arr, library = host
-        dtype = arr.dtype.name
+        arr, library, *saved_as = host
+        dtype = saved_as[0] if saved_as else arr.dtype.name
         if dtype not in _DTYPES:
             raise CheckpointError(f"cannot store an array of dtype {dtype}")
-        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        if dtype == "bfloat16":  # the top 16 bits of the (exactly representable) float32 values
+            data = (np.ascontiguousarray(arr, dtype="<f4").view("<u4") >> 16).astype("<u2").tobytes()
+        else:
+            data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
         record = [dtype, list(arr.shape), data, library]
         return msgpack.ExtType(_ARRAY, msgpack.packb(record, use_bin_type=True))
 
@@ -107,9 +115,12 @@ def decode(payload: bytes) -> Any:
             raise CheckpointError(f"malformed array record (dtype {dtype!r}) in checkpoint")
         if any(not isinstance(n, int) or n < 0 for n in shape):
             raise CheckpointError("negative or non-integer array shape in checkpoint")
-        itemsize = np.dtype(dtype).itemsize
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         if int(np.prod(shape, dtype=object)) * itemsize != len(raw):
             raise CheckpointError("array byte count does not match its shape in checkpoint")
+        if dtype == "bfloat16":
+            arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            return _numpy_bfloat16(arr) if library == "numpy" else ForeignArray(library, arr, dtype)
         arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
         return arr if library == "numpy" else ForeignArray(library, arr)
 
@@ -144,6 +155,16 @@ def _deeper_than(obj: Any, limit: int) -> str | None:
             return where or "the top level"
         stack.extend((child, depth + 1, at) for child, at in children)
     return None
+
+
+def _numpy_bfloat16(arr: np.ndarray) -> np.ndarray:
+    """A NumPy bfloat16 array (``ml_dtypes``, which JAX installs) of the float32 ``arr``."""
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise CheckpointError("the checkpoint holds a NumPy bfloat16 array and ml_dtypes is not installed",
+                              "pip install ml_dtypes (JAX installs it) to load this checkpoint.") from exc
+    return arr.astype(ml_dtypes.bfloat16)
 
 
 def write_atomic(path: str | os.PathLike[str], payload: bytes) -> None:

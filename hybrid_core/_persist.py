@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import array_api_compat
 import numpy as np
 
-from ._backend import from_numpy, library_name, namespace_for, to_numpy
+from ._backend import dtype_name, from_numpy, library_name, namespace_for, to_numpy
 from ._checks import has_method
 from ._codec import DEFAULT_MAX_BYTES, ForeignArray, encode, read_file, write_atomic
 from ._errors import CheckpointError, ConfigError, HybridError
@@ -262,12 +262,13 @@ def _put_back(parts: Mapping[str, Part], backups: Mapping[str, Any], touched: li
     return failed
 
 
-def _host(value: Any) -> tuple[np.ndarray, str] | None:
+def _host(value: Any) -> tuple[np.ndarray, str, str] | None:
     try:
         xp = array_api_compat.array_namespace(value)
     except TypeError:
         return None
-    return np.array(to_numpy(value), copy=True), library_name(xp)
+    # bfloat16 comes back as float32 (NumPy has none); its own dtype name tells the codec to store 16 bits.
+    return np.array(to_numpy(value), copy=True), library_name(xp), dtype_name(value)
 
 
 class _Converter:
@@ -289,11 +290,12 @@ class _Converter:
 
     def _array(self, value: ForeignArray) -> Any:
         arr = value.array
+        dtype = value.dtype or arr.dtype.name  # a bfloat16 array is decoded as float32 with the same values
         if value.library == self.library:
-            return from_numpy(self.xp, arr, dtype=getattr(self.xp, arr.dtype.name), device=self.device)
+            return from_numpy(self.xp, arr, dtype=getattr(self.xp, dtype), device=self.device)
         try:
             xp = namespace_for(value.library)
         except HybridError as exc:
             raise CheckpointError(f"the checkpoint holds {value.library} arrays: {exc.message}",
                                   f"Install {value.library} to load this checkpoint.") from exc
-        return from_numpy(xp, arr, dtype=getattr(xp, arr.dtype.name))
+        return from_numpy(xp, arr, dtype=getattr(xp, dtype))

@@ -86,6 +86,8 @@ class Optimizer(Protocol):
     An optimizer whose `step` (and ``fused_step``) leaves the parameters of groups frozen by
     ``Model.set_trainable`` unchanged, their optimizer state included (no momentum, no weight decay
     for them), may set ``skips_frozen = True``: layer freezing (`HybridConfig.layer_freeze`) needs it.
+
+    An optimizer may offer ``summary() -> dict``: `HybridTrainer.summary` puts it under ``"optimizer"``.
     """
 
     @property

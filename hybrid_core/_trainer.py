@@ -188,9 +188,12 @@ class HybridTrainer:
                 "freeze": self.freeze, "rng": self.rng}
 
     def summary(self) -> dict[str, Any]:
-        """The metrics summary plus what the read-out chose, the learning-rate recommendation and layer freezing."""
+        """The metrics summary plus what the read-out chose, the learning-rate recommendation and layer freezing;
+        ``"optimizer"`` holds the optimizer's own ``summary()`` when it has one (`TorchOptimizer`: the steps its
+        GradScaler skipped)."""
+        own = {"optimizer": self.optimizer.summary()} if has_method(self.optimizer, "summary") else {}
         return {**self.metrics.summary(), "readout": self.readout.summary(), "lr": self.lr_tuner.summary(),
-                "freeze": self.freeze.summary()}
+                "freeze": self.freeze.summary(), **own}
 
     # -- the read-out --------------------------------------------------------------------------
 

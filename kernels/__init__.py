@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 
+from hybrid_core._backend import widened
 from hybrid_core._errors import BackendError, ModelError
 
 from . import _catalog  # noqa: F401  (registers every implementation)
@@ -103,7 +104,12 @@ def fused_axpy_(params: Sequence[Any], direction: Sequence[Any], scale: float) -
 
 
 def fused_stats(loss: Any, grads: Sequence[Any], updates: Sequence[Any] | None) -> Any:
-    """[loss, Σg², Σu², Σg·u, max|g|, non-finite count] as one device array in the loss's dtype."""
+    """[loss, Σg², Σu², Σg·u, max|g|, non-finite count] as one device array in the loss's dtype.
+
+    A bfloat16 or float16 loss is widened to float32 first (on the device), so the sums of a
+    low-precision model neither overflow (float16 tops out at 65504) nor round to a few digits.
+    """
+    loss = widened(loss)
     if updates is not None:
         _same_shapes(grads, updates, "updates")
     impl = select("fused_stats", array_api_compat.array_namespace(loss), array_api_compat.device(loss), loss.dtype)

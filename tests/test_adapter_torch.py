@@ -148,20 +148,21 @@ def test_loss_and_grad_runs_in_train_mode_and_restores_eval():
     assert not any(m.training for m in net.modules())
 
 
-def test_eval_for_loss_makes_loss_deterministic_and_leaves_batch_norm_stats_alone():
+def test_loss_is_deterministic_by_default_and_leaves_batch_norm_stats_alone():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.5),
                               torch.nn.Linear(6, 3)).double()
     net[1].eval()  # a submodule mode the user chose must survive the switch
     stats = net[1].running_mean.clone()
-    checked = ta.TorchModel(net, _mse, eval_for_loss=True)
+    checked = ta.TorchModel(net, _mse)  # eval_for_loss=True is the default
+    assert checked.eval_for_loss
     batch = _batch(0)
     first, second = checked.loss(batch), checked.loss(batch)
     assert torch.equal(first, second)
     assert torch.equal(net[1].running_mean, stats)
     assert net.training and net[2].training and not net[1].training
     net[1].train()
-    noisy = ta.TorchModel(net, _mse)
+    noisy = ta.TorchModel(net, _mse, eval_for_loss=False)  # the module's own (train) mode
     assert not torch.equal(noisy.loss(batch), noisy.loss(batch))
     assert not torch.equal(net[1].running_mean, stats)
 

@@ -94,9 +94,10 @@ def torch_case() -> ConformanceCase:
     def make_model(seed):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
-        # loss() runs in the same (train) mode as loss_and_grad(), so the gradient contract compares
-        # like with like; `reseed` below makes dropout repeat its masks between evaluations.
-        return TorchModel(net, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+        # eval_for_loss=False: loss() runs in the same (train) mode as loss_and_grad(), so the gradient
+        # contract compares like with like (TorchModel's default runs loss() in eval mode, which the
+        # trainer's forward checks want); `reseed` below makes dropout repeat its masks between evaluations.
+        return TorchModel(net, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), eval_for_loss=False)
 
     def make_batches(seed):
         for x, y in _blobs(seed, np.float32):
