@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from typing import IO, TYPE_CHECKING, Any
 
 from ._errors import ConfigError
@@ -241,7 +242,10 @@ class TensorBoardLogger(_RecordLogger):
 
     def _open(self) -> Any:
         if self._writer is None:
-            self._writer = self._writer_class(self.path, purge_step=self._purge, flush_secs=self.flush_secs)
+            # tensorboardX names a file by the second it was opened and truncates a file of that name: the
+            # nanosecond suffix keeps each writer's file apart and sorts them in the order they were written.
+            self._writer = self._writer_class(self.path, purge_step=self._purge, flush_secs=self.flush_secs,
+                                              filename_suffix=f".{time.time_ns():020d}")
             self._purge = None  # only the first writer after a restart purges
         return self._writer
 

@@ -26,7 +26,7 @@ class StepRecord(NamedTuple):
     confidence: float
     skipped: bool = False
     lr: float | None = None
-    """The learning rate of a real step, where known on the host (measured steps; the tuner's rate)."""
+    """The learning rate of a real step (a rate kept on the device: measured steps only); None on predicted steps."""
     grad_norm: float | None = None
     """√Σg² of a measured real step's gradients (read with its statistics); None on the other steps."""
 

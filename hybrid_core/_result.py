@@ -16,14 +16,14 @@ class StepResult(NamedTuple):
     real step not read yet: see `HybridTrainer.flush`); ``predicted_loss`` what the dynamics
     model expected (``None`` outside PREDICT/CORRECT); ``backward`` whether a backward pass ran.
 
-    ``lr`` and ``grad_norm`` are what the step's read brought to the host, so they cost no
-    read of their own: ``lr`` is the learning rate of a real step read at once (``None`` on a
-    predicted step, on a real step not read yet, and when the rate lives on the device and the
-    step was not measured); ``grad_norm`` is √Σg² of the gradients of a *measured* real step
-    (every ``read_every``-th step and each step that ends in a decision), ``None`` on every
-    other step. The metrics records (`MetricsCollector.records`, the JSON Lines of
-    `MetricsCollector.to_jsonl` and of `hybrid_core.callbacks.JSONLLogger`) carry both for every
-    real step once it is read.
+    ``lr`` and ``grad_norm`` cost no read of their own. ``lr`` is the learning rate a real
+    step ran with, given with its loss (``None`` on a predicted step and on a real step not read
+    yet; when the optimizer keeps its rate on the device, ``lr_on_device``, only measured steps
+    have it). ``grad_norm`` is √Σg² of the gradients of a *measured* real step that computed its
+    statistics (every ``read_every``-th step and each step that ends in a decision, outside the
+    idle spells), read with them; ``None`` on every other step. The metrics records
+    (`MetricsCollector.records`, the JSON Lines of `MetricsCollector.to_jsonl` and of
+    `hybrid_core.callbacks.JSONLLogger`) carry the same two values for every step once it is read.
     """
 
     step: int

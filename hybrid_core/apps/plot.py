@@ -140,7 +140,7 @@ def plot_run(run_path: str | os.PathLike[str], out: str | os.PathLike[str],
         seen = [p for p in PHASE_COLORS if p in set(run.phases)]
         handles, _ = axes[0].get_legend_handles_labels()
         axes[0].legend(handles=handles + [Patch(color=PHASE_COLORS[p], alpha=0.25, label=p) for p in seen],
-                       fontsize=8, loc="upper right")
+                       fontsize=8, loc="best")
         fig.suptitle(f"{os.path.basename(os.fspath(run_path))}: {len(run.steps)} steps, "
                      f"{sum(1 for p in run.phases if p == 'predict')} predicted", fontsize=10)
         fig.tight_layout()
