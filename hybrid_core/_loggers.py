@@ -6,11 +6,15 @@ them: a real step's loss is known only once it is read (every ``read_every`` ste
 call writes the records read since the last one, and ``on_fit_end`` (called by `fit` after its
 last read) writes the rest. Nothing is read from the device for a logger.
 
-A logger starts at the first step it is called after. When that step is not 0 (a resumed or
-continued run) an existing CSV or JSON Lines file keeps its rows of earlier steps and loses
-those of this step and later (rows a killed run wrote past its last checkpoint), so every step
-appears once; a TensorBoard logger marks the step with a purge event, which makes TensorBoard
-hide the earlier event files' points from there on. At step 0 the file starts afresh.
+A logger starts at the first step it is called after (or again at an earlier step, when the
+trainer was restored to one). At step 0 the file starts afresh. At a later step (a resumed or
+continued run) an existing CSV or JSON Lines file keeps its rows of earlier steps and loses those
+of this step and later (rows a killed run wrote past its last checkpoint); rows missing between
+the file's last row and this step come from the trainer's kept records (a checkpoint holds
+them), so every step appears once, in order. A row torn by a kill and rows without a step are
+dropped. A TensorBoard logger marks its first step with a purge event, which makes TensorBoard
+hide the earlier event files' points from there on; points the killed process had not flushed
+(at most ``flush_secs`` of them) are missing.
 """
 
 from __future__ import annotations
@@ -51,8 +55,7 @@ class _RecordLogger:
         """Write the records read so far; never stops `fit`."""
         if self._next is None or result.step < self._next:  # first call, or the trainer went back
             self._close()
-            self._begin(result.step)
-            self._next = result.step
+            self._next = self._begin(result.step)
         self._write_new(trainer)
 
     def on_fit_end(self, trainer: Any) -> None:
@@ -68,7 +71,8 @@ class _RecordLogger:
             self._write(records)
             self._next = records[-1].step + 1
 
-    def _begin(self, start: int) -> None:
+    def _begin(self, start: int) -> int:
+        """Prepare to log from step ``start`` on; the first step to write (earlier ones are logged already)."""
         raise NotImplementedError
 
     def _write(self, records: list[StepRecord]) -> None:
@@ -89,13 +93,16 @@ class _FileLogger(_RecordLogger):
         _check_file_path(self.path)
         self._file: IO[str] | None = None
 
-    def _begin(self, start: int) -> None:
+    def _begin(self, start: int) -> int:
         kept = self._rows_before(start) if start > 0 and os.path.isfile(self.path) else []
         tmp = f"{self.path}.tmp"
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             self._header(f)
-            f.writelines(kept)
+            f.writelines(row for _, row in kept)
         os.replace(tmp, self.path)
+        # Steps between the file's last row and `start` (a kill can come before they were written) are
+        # taken from the trainer's kept records, which a checkpoint restores.
+        return kept[-1][0] + 1 if kept else 0
 
     def _write(self, records: list[StepRecord]) -> None:
         if self._file is None:
@@ -108,15 +115,15 @@ class _FileLogger(_RecordLogger):
             self._file.close()
             self._file = None
 
-    def _rows_before(self, start: int) -> list[str]:
-        """The file's rows (lines, newline included) of steps before ``start``; a torn or foreign row is dropped."""
+    def _rows_before(self, start: int) -> list[tuple[int, str]]:
+        """(step, line) of the file's rows in step order up to ``start``; torn and foreign rows are dropped."""
         with open(self.path, encoding="utf-8", newline="") as f:
             lines = f.readlines()
-        kept = []
+        kept: list[tuple[int, str]] = []
         for line in lines[self._header_lines:]:
-            step = self._step_of(line)
-            if step is not None and step < start and line.endswith("\n"):
-                kept.append(line)
+            step = self._step_of(line) if line.endswith("\n") else None
+            if step is not None and step < start and (not kept or step > kept[-1][0]):
+                kept.append((step, line))
         return kept
 
     _header_lines = 0
@@ -215,9 +222,10 @@ class TensorBoardLogger(_RecordLogger):
         self._purge: int | None = None
         self._validation_step = -1
 
-    def _begin(self, start: int) -> None:
+    def _begin(self, start: int) -> int:
         self._purge = start + 1 if start > 0 else None
         self._validation_step = start
+        return start
 
     def _write_new(self, trainer: Any) -> None:
         super()._write_new(trainer)

@@ -101,6 +101,32 @@ def test_a_resumed_run_keeps_earlier_rows_and_rewrites_those_past_the_checkpoint
     assert [(r["step"], r["phase"], r["loss"]) for r in rows] == [(r["step"], r["phase"], r["loss"]) for r in straight]
 
 
+@pytest.mark.parametrize("kind", [JSONLLogger, CSVLogger])
+def test_rows_a_kill_left_unwritten_before_the_checkpoint_come_from_the_restored_records(kind, tmp_path):
+    path = tmp_path / "run.log"
+    first = _trainer()
+    first.fit(_batch, 120, progress=False, callbacks=[kind(path)])
+    first.save(tmp_path / "at120.ckpt")
+    lines = path.read_text().splitlines(keepends=True)
+    head = 1 if kind is CSVLogger else 0
+    # Killed right after the save: rows from step 112 on not written yet, the row of 111 torn.
+    path.write_text("".join(lines[:head + 111]) + lines[head + 111][:20])
+    resumed = _trainer()
+    resumed.restore(tmp_path / "at120.ckpt")
+    resumed.fit(_batch, 30, progress=False, callbacks=[kind(path)])
+    rows = path.read_text().splitlines(keepends=True)
+    assert len(rows) == head + 150 and rows[:head + 120] == lines
+    steps = [json.loads(r)["step"] for r in rows] if kind is JSONLLogger else [int(r.split(",")[0]) for r in rows[1:]]
+    assert steps == list(range(150))
+
+
+def test_a_logger_follows_a_trainer_that_went_back(tmp_path):
+    log = JSONLLogger(tmp_path / "run.jsonl")
+    _trainer().fit(_batch, 50, progress=False, callbacks=[log])
+    _trainer().fit(_batch, 30, progress=False, callbacks=[log])  # a new run from step 0 with the same logger
+    assert [r["step"] for r in _jsonl(tmp_path / "run.jsonl")] == list(range(30))
+
+
 def test_a_logger_at_step_zero_starts_a_fresh_file(tmp_path):
     path = tmp_path / "run.jsonl"
     path.write_text('{"step": 7, "phase": "full"}\n' * 3)
