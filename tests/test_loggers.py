@@ -79,20 +79,22 @@ def test_records_and_step_results_carry_the_learning_rate_and_the_measured_gradi
 
 
 def test_a_resumed_run_keeps_earlier_rows_and_rewrites_those_past_the_checkpoint(tmp_path):
-    first = _trainer()
+    first = _trainer(metrics_max_records=64)  # the checkpoint holds the records of steps 56-119 only
     logs = [JSONLLogger(tmp_path / "run.jsonl"), CSVLogger(tmp_path / "run.csv")]
     first.fit(_batch, 120, progress=False, callbacks=logs)
     first.save(tmp_path / "at120.ckpt")
-    first.fit(_batch, 30, progress=False, callbacks=logs)  # then "killed" at 150, after its rows were written
+    # Then "killed" at 150, after its rows were written; other batches, so those rows differ from the rerun's.
+    first.fit(lambda step: _batch(step + 10**6), 30, progress=False, callbacks=logs)
     with open(tmp_path / "run.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 150, "pha')  # a row torn by the kill
     assert (tmp_path / "run.jsonl").read_text().count("\n") == 150
-    resumed = _trainer()
+    resumed = _trainer(metrics_max_records=64)
     resumed.restore(tmp_path / "at120.ckpt")
     resumed.fit(_batch, 80, progress=False,
                 callbacks=[JSONLLogger(tmp_path / "run.jsonl"), CSVLogger(tmp_path / "run.csv")])
     rows = _jsonl(tmp_path / "run.jsonl")
     assert [r["step"] for r in rows] == list(range(200))
+    assert len(resumed.metrics.records) == 64  # the rows of steps before 136 came from the file
     with open(tmp_path / "run.csv", newline="", encoding="utf-8") as f:
         assert [int(r[0]) for r in list(csv.reader(f))[1:]] == list(range(200))
     uninterrupted = _trainer()
