@@ -124,3 +124,21 @@ def test_lines_mode_draws_each_tenth_once_in_order_and_ends_with_the_last_count(
         firsts.setdefault(10 * i // total, i)  # the first count of each tenth
     firsts.pop(0, None)
     assert counts == sorted({*firsts.values(), *([done] if done else [])})
+
+
+def test_without_a_total_a_line_comes_every_log_every_seconds():
+    stream = io.StringIO()
+    show = Progress(None, "p", stream, log_every=0.0)
+    for i in range(1, 6):
+        show.update(i, "x=1")
+    show.close()
+    lines = stream.getvalue().splitlines()
+    pattern = re.compile(r"p: (\d+) \[\d\d:\d\d, +[\d.?]+it/s, x=1\]$")
+    assert [int(pattern.match(line).group(1)) for line in lines] == [1, 2, 3, 4, 5]
+    quiet = io.StringIO()
+    show = Progress(None, "p", quiet, log_every=3600.0)
+    for i in range(1, 6):
+        show.update(i)
+    assert quiet.getvalue() == ""
+    show.close()
+    assert quiet.getvalue().startswith("p: 5 [")
