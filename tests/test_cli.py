@@ -73,7 +73,8 @@ def test_choices_and_pairs_are_checked_before_any_work(capsys, tmp_path):
     assert "task lm-stdlib runs on torch, not numpy" in err
     assert "invalid choice: 'nope'" in _fails(capsys, ["bench", "--task", "nope"])
     assert "invalid choice: 'cuda'" in _fails(capsys, ["demo", "--backend", "cuda"])
-    assert "two outputs would write" in _fails(capsys, ["demo", "--json", "a.json", "--jsonl", "a.json"])
+    same = str(tmp_path / "a.json")
+    assert "two outputs would write" in _fails(capsys, ["demo", "--json", same, "--jsonl", same])
     (tmp_path / "run.jsonl").write_text("")
     assert "names a column of --validation" in _fails(capsys, ["plot", str(tmp_path / "run.jsonl"), "--metric", "x"])
     assert "no such file" in _fails(capsys, ["plot", "missing.jsonl"])
