@@ -26,6 +26,9 @@ class Trainer(Protocol):
     def summary(self) -> dict[str, Any]: ...
 
     @property
+    def phase(self) -> Any: ...
+
+    @property
     def steps_done(self) -> int: ...
 
     @property
@@ -63,7 +66,8 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
         source: Iterator[Any] = (batches(first + i) for i in range(steps))
     else:
         source = iter(batches)
-    show = Progress(steps, "train") if progress or (progress is None and _stderr_is_tty()) else None
+    show = Progress(steps, "train") if progress is not False else None
+    shown = _Shown(trainer, callbacks)
     done = 0
     try:
         while steps is None or done < steps:
@@ -74,7 +78,7 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
             result = trainer.step(batch)
             done += 1
             if show is not None:
-                show.update(done, _progress_text(trainer, result))
+                show.update(done, shown.text)
             if checkpoint is not None and trainer.steps_done % checkpoint.every == 0:
                 _auto_save(trainer, checkpoint)
             if any(cb(trainer, result) for cb in callbacks):
@@ -82,7 +86,11 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
         trainer.flush()
     finally:
         if show is not None:
-            show.close()
+            show.close(shown.text)
+        for cb in callbacks:
+            end = getattr(cb, "on_fit_end", None)
+            if callable(end):
+                end(trainer)
     return trainer.summary()
 
 
@@ -137,12 +145,37 @@ def _auto_save(trainer: Trainer, policy: CheckpointPolicy) -> None:
     trainer.metrics.count("checkpoints_saved")
 
 
-def _progress_text(trainer: Trainer, result: StepResult) -> str:
-    s = trainer.metrics.summary()
-    loss = "-" if result.loss is None else f"{result.loss:.4f}"
-    return (f"{result.phase.value:<7} loss {loss} conf {result.confidence:.2f} "
-            f"backward skipped {s['backward_passes_skipped']}")
+class _Shown:
+    """The progress text: phase, the newest loss and learning rate read, backward passes skipped, validation."""
+
+    def __init__(self, trainer: Trainer, callbacks: Sequence[Callback]) -> None:
+        self._trainer = trainer
+        # A validation logger among the callbacks (duck-typed: its newest row as `last`).
+        self._validation = next((cb for cb in callbacks if hasattr(cb, "last") and hasattr(cb, "records")), None)
+        self._loss: float | None = None
+        self._lr: float | None = None
+
+    def text(self) -> str:
+        """Called only when a line is drawn: reads nothing from the device."""
+        metrics = self._trainer.metrics
+        rec = metrics.last
+        if rec is not None:
+            self._loss = rec.loss if rec.loss is not None else self._loss
+            self._lr = rec.lr if rec.lr is not None else self._lr
+        parts = [f"phase={self._trainer.phase.value}",
+                 "loss=" + ("-" if self._loss is None else f"{self._loss:.4g}"),
+                 "lr=" + ("-" if self._lr is None else f"{self._lr:.3g}"),
+                 f"backward_skipped={metrics.backward_passes_skipped}"]
+        row = self._validation.last if self._validation is not None else None
+        metric = _validation_metric(row) if row else None
+        if metric is not None:
+            parts.append(("val" if metric[0] == "value" else f"val_{metric[0]}") + f"={metric[1]:.4g}")
+        return ", ".join(parts)
 
 
-def _stderr_is_tty() -> bool:
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+def _validation_metric(row: dict[str, Any]) -> tuple[str, float] | None:
+    """The metric a validation row is shown by: ``value``, ``loss``, else its first number (None: no number)."""
+    numbers = {k: v for k, v in row.items() if k not in ("step", "lr", "seconds", "weights")
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    name = next((k for k in ("value", "loss") if k in numbers), next(iter(numbers), None))
+    return None if name is None else (name, float(numbers[name]))

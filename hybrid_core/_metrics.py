@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from ._phase import Phase
 from ._statecheck import fields, flag, integer, optional, real, sequence
 
-__all__ = ["Decision", "MetricsCollector", "StepRecord"]
+__all__ = ["Decision", "MetricsCollector", "StepRecord", "json_line", "write_jsonl"]
 
 
 class StepRecord(NamedTuple):
@@ -27,7 +27,9 @@ class StepRecord(NamedTuple):
     confidence: float
     skipped: bool = False
     lr: float | None = None
-    """The learning rate of a real step, where known on the host (measured steps; the tuner's rate)."""
+    """The learning rate of a real step (a rate kept on the device: measured steps only); None on predicted steps."""
+    grad_norm: float | None = None
+    """√Σg² of a measured real step's gradients (read with its statistics); None on the other steps."""
 
 
 class Decision(NamedTuple):
@@ -49,6 +51,7 @@ class MetricsCollector:
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
             raise ValueError(f"max_records must be an integer >= 0, got {max_records!r}")
         self._records: deque[StepRecord] = deque(maxlen=max_records)
+        self._last: StepRecord | None = None
         self._steps = 0
         self._backward = 0
         self._phase_steps = {p.value: 0 for p in Phase}
@@ -73,6 +76,7 @@ class MetricsCollector:
     def record(self, rec: StepRecord) -> None:
         """Add one step's record and update the totals."""
         self._records.append(rec)
+        self._last = rec
         self._steps += 1
         self._backward += int(rec.backward)
         self._phase_steps[rec.phase] += 1
@@ -83,8 +87,11 @@ class MetricsCollector:
         """Set the wall seconds of step ``step``, recorded before its step call ended (with NaN seconds)."""
         if self._records and self._records[-1].step == step:
             last = self._records[-1]
-            self._records[-1] = last._replace(wall_seconds=seconds)
+            self._records[-1] = self._last = last._replace(wall_seconds=seconds)
             self._phase_seconds[last.phase] += seconds
+        elif self._last is not None and self._last.step == step:  # max_records=0 keeps none
+            self._last = self._last._replace(wall_seconds=seconds)
+            self._phase_seconds[self._last.phase] += seconds
 
     def count(self, event: str, n: int = 1) -> None:
         """Add ``n`` to the counter of ``event`` (checks, failed checks, rollbacks, skips, …)."""
@@ -94,6 +101,26 @@ class MetricsCollector:
     def records(self) -> list[StepRecord]:
         """The kept records, oldest first."""
         return list(self._records)
+
+    @property
+    def last(self) -> StepRecord | None:
+        """The newest record, kept even with ``max_records=0`` (None before the first)."""
+        return self._last
+
+    def since(self, step: int) -> list[StepRecord]:
+        """The kept records of steps after ``step``, oldest first (costs only the records returned)."""
+        newer: list[StepRecord] = []
+        for rec in reversed(self._records):
+            if rec.step <= step:
+                break
+            newer.append(rec)
+        newer.reverse()
+        return newer
+
+    @property
+    def backward_passes_skipped(self) -> int:
+        """Steps recorded without a backward pass (predicted steps), over the whole run."""
+        return self._steps - self._backward
 
     def summary(self) -> dict[str, Any]:
         """Totals of the run: steps, backward passes, steps and wall seconds per phase, events."""
@@ -187,6 +214,7 @@ def _record(value: Any, name: str) -> StepRecord:
                        for v, n in ((r[2], "loss"), (r[3], "predicted_loss")))
     tail = [flag(r[7], f"{name}.skipped")] if len(r) > 7 else []
     tail += [optional(real, r[8], f"{name}.lr")] if len(r) > 8 else []
+    tail += [optional(real, r[9], f"{name}.grad_norm", finite=False)] if len(r) > 9 else []
     return StepRecord(integer(r[0], f"{name}.step"), r[1], loss, predicted, flag(r[4], f"{name}.backward"),
                       real(r[5], f"{name}.wall_seconds", finite=False),
                       real(r[6], f"{name}.confidence", finite=False), *tail)
@@ -204,8 +232,13 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            f.write(json.dumps(clean) + "\n")
+            f.write(json_line(row))
             n += 1
     os.replace(tmp, path)
     return n
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One JSON Lines row (newline included); NaN and ±Inf become null, as JSON has no such numbers."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean) + "\n"

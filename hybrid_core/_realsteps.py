@@ -89,6 +89,8 @@ class RealSteps:
             return self._eager_step(Pending(step, phase, batch, None, None, None, math.nan), 0)
         loss, stats, lr = self.compute(batch, statistics, self._tuner.searching(step),
                                        step if self._freeze.wants(step, measure) else None)
+        if lr is None and getattr(self._optimizer, "lr_on_device", False) is not True:
+            lr = float(self._optimizer.lr)  # a host float: the step's rate for its record, at no read
         self._readout.stage(step, self._model)
         self._ledger.add(Pending(step, phase, batch, loss, stats, lr, math.nan))
         return self.settle() if measure else None

@@ -111,7 +111,7 @@ class Recorder:
             self._dynamics.observe(features, Outcome(loss, step_scale))
             self.confidence = float(self._dynamics.confidence())
         self._metrics.record(StepRecord(p.step, p.phase.phase.value, loss, predicted, True, p.seconds,
-                                        self.confidence, False, None if lr is None else float(lr)))
+                                        self.confidence, False, None if lr is None else float(lr), grad_norm))
         return p.step, loss, predicted
 
     def record_skipped(self, p: Pending, loss: float) -> None:

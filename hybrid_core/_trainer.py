@@ -283,7 +283,10 @@ class HybridTrainer:
         loss_f = None if last is None else last[1]
         predicted = None if last is None else last[2]
         skipped = last is None
-        result = StepResult(index, current.phase, loss_f, predicted, True, self.recorder.confidence, skipped=skipped)
+        rec = self.metrics.last if last is not None else None  # the step's record: its lr and gradient norm
+        lr, grad_norm = (rec.lr, rec.grad_norm) if rec is not None and rec.step == index else (None, None)
+        result = StepResult(index, current.phase, loss_f, predicted, True, self.recorder.confidence, skipped=skipped,
+                            lr=lr, grad_norm=grad_norm)
         return result, Signals(self.recorder.confidence, horizon, False, diverging or skipped)
 
     # -- decisions and phase changes ------------------------------------------------------------
@@ -391,8 +394,11 @@ class HybridTrainer:
 
         ``batches`` is an iterable, or a function of the global step index (so a resumed
         run gets the batches it would have seen). Stops after ``steps`` steps, when the
-        iterable ends, or when a callback returns True. ``progress`` shows a progress
-        line on stderr (default: when stderr is a terminal). ``checkpoint`` saves the
+        iterable ends, or when a callback returns True. ``progress`` (default on; False: off)
+        shows the rate, ETA, phase, loss, learning rate and backward passes skipped on stderr:
+        a tqdm bar on a terminal or in a notebook, a plain line per tenth of the run in a log
+        (`hybrid_core._progress.Progress`). A callback with an ``on_fit_end(trainer)`` method
+        has it called once the loop ends, after the last read. ``checkpoint`` saves the
         whole trainer every ``checkpoint.every`` steps, keeps the run's newest
         ``checkpoint.keep`` files, and first resumes the run from its newest good one
         (see `CheckpointPolicy`); a failed save ends `fit` with `CheckpointError`, the

@@ -1,9 +1,12 @@
-"""Reusable `HybridTrainer.fit` callbacks: early stopping, learning-rate decay, validation logs.
+"""Reusable `HybridTrainer.fit` callbacks: early stopping, learning-rate decay, validation and step logs.
 
 A callback is called after every step as ``callback(trainer, result)``; returning True stops
-`fit`. Each class here acts every ``every`` steps, counted by the global step index
-(``result.step + 1``), so a resumed run keeps the same schedule. Gradient clipping is not a
-callback (it must run before the update): see `hybrid_core.optim.ClipGradNorm`.
+`fit`; an ``on_fit_end(trainer)`` method, if it has one, is called once when `fit` ends (after
+its last read). `EarlyStopping`, `ExponentialLR` and `ValidationLogger` act every ``every``
+steps, counted by the global step index (``result.step + 1``), so a resumed run keeps the same
+schedule. `CSVLogger`, `JSONLLogger` and `TensorBoardLogger` write every step's record as it is
+read (see `hybrid_core._loggers`). Gradient clipping is not a callback (it must run before the
+update): see `hybrid_core.optim.ClipGradNorm`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, final
 
 from ._errors import ConfigError
+from ._loggers import CSVLogger, JSONLLogger, TensorBoardLogger
 from ._metrics import write_jsonl
 from ._protocols import Array
 
 if TYPE_CHECKING:
     from ._trainer import HybridTrainer, StepResult
 
-__all__ = ["EarlyStopping", "ExponentialLR", "ValidationLogger"]
+__all__ = ["CSVLogger", "EarlyStopping", "ExponentialLR", "JSONLLogger", "TensorBoardLogger", "ValidationLogger"]
 
 _MODES = ("min", "max")
 
@@ -195,6 +199,11 @@ class ValidationLogger:
     def records(self) -> list[dict[str, Any]]:
         """One dict per evaluation: ``step``, ``lr``, ``seconds`` since the logger was made, and the metrics."""
         return [dict(r) for r in self._rows]
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The newest row (a copy), None before the first evaluation; the progress line shows its metric."""
+        return dict(self._rows[-1]) if self._rows else None
 
     def __call__(self, trainer: HybridTrainer, result: StepResult) -> None:
         """Evaluate and record on schedule."""

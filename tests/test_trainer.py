@@ -245,7 +245,7 @@ def test_progress_is_shown(capsys):
     trainer, _ = _trainer()
     trainer.fit(regression_batches(np), 20, progress=True)
     err = capsys.readouterr().err
-    assert "train 20/20" in err and "loss" in err
+    assert "train: 100% 20/20 [" in err and "loss=" in err and "\r" not in err  # captured: plain lines
 
 
 def test_predicted_loss_reported_in_correct_phase():

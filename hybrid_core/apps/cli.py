@@ -7,18 +7,17 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hybrid_core import HybridError
-from hybrid_core.dynamics import RSSMDynamics
+from hybrid_core import ConfigError, HybridError
 
-from .demo import BACKENDS as DEMO_BACKENDS
-from .kernels_bench import BACKENDS as KERNEL_BACKENDS
+from ._cliargs import build_parser, check_args
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_table, run_demo
+    from .demo import format_table, load_backend, run_demo
 
+    load_backend(args.backend)  # BackendError (exit code 1) before anything runs when it is not installed
     print(f"hybrid-train demo: reference MLP (64-{args.hidden}-10, Adam lr {args.lr}) on the bundled digits, "
           f"backend {args.backend}, {args.steps} steps, seed {args.seed}", flush=True)
     rows, trainer = run_demo(args.backend, args.steps, args.seed, args.batch_size, args.lr, args.hidden,
@@ -73,6 +72,10 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench._report import plot
     from .bench._tasks import get_task
 
+    if args.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
     task = get_task(args.task)
     seeds = list(range(args.seeds or task.seeds))
     command = "hybrid-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else (
@@ -84,6 +87,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{task.name}: {task.description}; backend {args.backend}; native baseline, tuned native baseline "
           f"(lr x0.5/x1/x2/x4; {peers}) and hybrid, {len(seeds)} seed(s), one process", flush=True)
     # None: the trainer's default, TrendDynamics.
+    from hybrid_core.dynamics import RSSMDynamics
+
     dynamics = (lambda: RSSMDynamics(seed=0)) if args.dynamics == "rssm" else None
     results = run_benchmark(task, args.backend, seeds, args.steps, progress=not args.quiet, dynamics=dynamics,
                             peers=not args.no_peers)
@@ -95,7 +100,8 @@ def _bench(args: argparse.Namespace) -> int:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.out}")
     if args.plot:
-        print(f"wrote {args.plot}" if plot(doc, args.plot) else "no plot: matplotlib is not installed")
+        plot(doc, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -148,95 +154,49 @@ def _dynamics_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `hybrid-train`."""
-    parser = argparse.ArgumentParser(
-        prog="hybrid-train",
-        description="Train with fewer backward passes by predicting some training steps.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the reference MLP on the bundled digits, hybrid vs plain")
-    demo.add_argument("--backend", default="numpy", choices=list(DEMO_BACKENDS))
-    demo.add_argument("--steps", type=_positive_int, default=600)
-    demo.add_argument("--seed", type=_non_negative_int, default=0)
-    demo.add_argument("--batch-size", type=_positive_int, default=64)
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--hidden", type=_positive_int, default=64)
-    demo.add_argument("--jsonl", metavar="PATH", help="write the hybrid run's per-step records (JSON Lines)")
-    demo.add_argument("--json", metavar="PATH", help="write the comparison table as JSON")
-    demo.add_argument("--quiet", action="store_true", help="no progress lines")
-    demo.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="the honest benchmark: native baseline, tuned baseline (+ LAWA), "
-                                        "Schedule-Free (torch) and hybrid, one process; overhead probe and targets")
-    bench.add_argument("--task", default="digits-mlp")
-    bench.add_argument("--backend", default="numpy")
-    bench.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (task default)")
-    bench.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (task default)")
-    bench.add_argument("--dynamics", choices=["rssm", "trend"], default="trend",
-                       help="the hybrid run's dynamics model (default: trend, the trainer's default)")
-    bench.add_argument("--no-peers", action="store_true",
-                       help="quick run: no Schedule-Free sweep and no LAWA curves (default: both)")
-    bench.add_argument("--out", metavar="JSON")
-    bench.add_argument("--plot", metavar="PNG")
-    bench.add_argument("--quiet", action="store_true")
-    bench.set_defaults(func=_bench)
-    conf = sub.add_parser("conformance", help="run the conformance suite (needs pytest) on built-in or your cases")
-    conf.add_argument("cases", nargs="*", metavar="MODULE:FACTORY",
-                      help="factories returning ConformanceCase objects; none = the built-in cases")
-    conf.set_defaults(func=_conformance)
-    kern = sub.add_parser("bench-kernels", help="time each kernel implementation against the unfused per-tensor loop")
-    kern.add_argument("--sizes", nargs="+", default=["100k", "1m"], metavar="N",
-                      help="parameter counts to time, e.g. 10k 1m (default: 100k 1m)")
-    kern.add_argument("--repeat", type=_positive_int, default=5, help="timed calls per row; the median is shown")
-    kern.add_argument("--backends", nargs="+", default=list(KERNEL_BACKENDS), choices=list(KERNEL_BACKENDS),
-                      help="array libraries to time (missing ones are noted)")
-    kern.add_argument("--json", metavar="PATH", help="write the rows and a machine description as JSON")
-    kern.add_argument("--axpy-layouts", action="store_true",
-                      help="instead of the table above: time in-place axpy on torch for --axpy-total parameters "
-                           "split into --axpy-counts tensors (flat buffer, foreach, loop) against one flat add_")
-    kern.add_argument("--axpy-total", default="10m", metavar="N", help="parameters of --axpy-layouts (default 10m)")
-    kern.add_argument("--axpy-counts", nargs="+", type=_positive_int, default=[100, 1000, 10000], metavar="K",
-                      help="tensor counts of --axpy-layouts (default: 100 1000 10000)")
-    kern.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch intra-op threads for the run (default: torch's own choice)")
-    kern.set_defaults(func=_bench_kernels)
-    dyn = sub.add_parser("dynamics-eval", help="record real training trajectories and score the dynamics models "
-                                               "(RSSM vs the trend baseline) on them")
-    dyn.add_argument("--task", default="all", choices=["digits-mlp", "lm-stdlib", "all"])
-    dyn.add_argument("--steps", type=_positive_int, default=None,
-                     help="training steps recorded per task (default: digits-mlp 1500, lm-stdlib 2000)")
-    dyn.add_argument("--seed", type=_non_negative_int, default=0)
-    dyn.add_argument("--out", metavar="JSON", help="write every score and the machine description as JSON")
-    dyn.add_argument("--quiet", action="store_true", help="no progress lines")
-    dyn.set_defaults(func=_dynamics_eval)
-    return parser
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run, require_matplotlib
+
+    require_matplotlib()
+    drawn = plot_run(args.run, args.output, args.validation, args.metric, args.yscale)
+    print(f"wrote {args.output}: {drawn['losses']} losses of {drawn['steps']} steps, {drawn['spans']} phase spans"
+          + (f", {drawn['validation_points']} validation points" if args.validation else ""))
+    return 0
+
+
+COMMANDS = {"demo": _demo, "bench": _bench, "conformance": _conformance, "bench-kernels": _bench_kernels,
+            "dynamics-eval": _dynamics_eval, "plot": _plot}
+"""The function of each subcommand."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `hybrid-train`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of `hybrid-train`; returns the exit code.
+
+    0 on success; 2 on a usage error (one line on stderr, before any work: see `_cliargs`) or a
+    `ConfigError`; 1 on any other failure the library reports (`HybridError`) or an error of the
+    file system, printed as one line with a hint; 130 when interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args)
+    prog = args.parser.prog
     try:
-        return int(args.func(args))
+        return int(COMMANDS[args.command](args))
     except HybridError as err:
-        print(f"hybrid-train: error: {err}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    except OSError as err:
+        print(f"{prog}: error: {err} (hint: check the path and the free space)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("hybrid-train: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def one_line(err: HybridError) -> str:
+    """The error's message and recovery hint on one line."""
+    what = "; ".join(err.problems) if isinstance(err, ConfigError) else err.message
+    return " ".join(f"{what} (hint: {err.recovery})".split())
 
 
 if __name__ == "__main__":
