@@ -18,7 +18,7 @@ from hybrid_core.models._checks import check_like_parameters
 
 from ._batch import library_of
 from ._jax_model import JaxModel, _hashable, hold_frozen, value_and_flat_grad
-from ._optax_state import INJECTED, find_all, injected_holding, replace_node
+from ._optax_state import INJECTED, advance_schedules, find_all, has_schedule, injected_holding, replace_node
 
 __all__ = ["JaxModel", "OptaxOptimizer"]
 
@@ -102,10 +102,20 @@ class OptaxOptimizer:
     - otherwise, if the state has an Adam or a momentum (``TraceState``) state: next gradient = the
       last one (a plain ``optax.adam`` keeps b1 out of its state, so m̂ cannot be formed);
     - any other transformation: the last update. Zeros before any step.
+
+    Schedules (``optax.adam(learning_rate=schedule)``, ``inject_hyperparams(...)(learning_rate=schedule)``,
+    ``optax.scale_by_schedule``) count every training step by default (``schedule_counts="steps"``): a
+    real step's update advances their counts, and the trainer calls `schedule_step` after each step that
+    ran no update (a predicted step, a real step skipped for a non-finite value), which advances the
+    schedules' counts alone (``ScaleByScheduleState``, the ``inject_hyperparams`` counts), on the device.
+    Adam's own ``count`` is not a schedule (its bias correction counts the gradients its moments hold) and
+    is left alone. ``schedule_counts="updates"``: updates only. The `lr` an injected schedule shows is the
+    rate of the last update until the next one. An optax schedule has no end the trainer could step past:
+    past its length it holds its last value (`schedule_left` is None).
     """
 
     def __init__(self, model: JaxModel, transformation: optax.GradientTransformation,
-                 lr: float | None = None) -> None:
+                 lr: float | None = None, *, schedule_counts: str = "steps") -> None:
         if not isinstance(model, JaxModel):
             raise ModelError(f"OptaxOptimizer needs a JaxModel, got {type(model).__name__}")
         if not (callable(getattr(transformation, "init", None)) and callable(getattr(transformation, "update",
@@ -122,10 +132,16 @@ class OptaxOptimizer:
             raise ConfigError("the learning rate is not visible in this transformation's state", _LR_HINT)
         if lr is not None and not _positive(lr):
             raise ConfigError(f"lr={lr!r}: must be a finite number > 0")
+        if schedule_counts not in ("steps", "updates"):
+            raise ConfigError(f"schedule_counts={schedule_counts!r}: must be 'steps' (every training step, predicted "
+                              "ones included) or 'updates' (optimizer updates only)")
         _check_hyperparam_dtypes(state)
         self.model = model
         self.transformation = transformation
         self._state = state
+        self.schedule_counts = schedule_counts
+        """``"steps"``: the schedules count every training step; ``"updates"``: optimizer updates only."""
+        self._scheduled = has_schedule(state)
         self._fixed_lr = None if lr is None else float(lr)
         self._host_lr: float | None = None  # host copy of a constant injected lr: reading it must not sync
         self._rule = _rule_for(state, model.treedef)
@@ -191,6 +207,16 @@ class OptaxOptimizer:
             self._last_grads = grads
         self._steps += 1
         return list(update)
+
+    def schedule_step(self) -> None:
+        """A training step ran without an update (predicted, or skipped): advance the schedules' counts by one, as
+        the update would have (nothing with ``schedule_counts="updates"`` or without a schedule). No host read."""
+        if self.schedule_counts == "steps" and self._scheduled:
+            self._state = advance_schedules(self._state)
+
+    def schedule_left(self) -> None:
+        """None: an optax schedule holds its last value past its length, so there is no end to guard."""
+        return None
 
     skips_frozen = True
     """Leaves of groups frozen through `JaxModel.set_trainable` get no gradient and a zero update, and their

@@ -12,12 +12,14 @@ import torch
 from hybrid_core._backend import namespace_of
 from hybrid_core._errors import BackendError, BatchError, CheckpointError, ConfigError, ModelError
 from hybrid_core._protocols import Model
+from hybrid_core._schedule import Room
 from hybrid_core.kernels import fused_stats
 from hybrid_core.models._checks import check_like_parameters
 
 from ._torch_amp import StepWatch, check_scaler_state, finite_or_zero, scaler_problems, scaler_state
 from ._torch_model import TorchModel
 from ._torch_rules import GroupView, rule_for, sgd_next
+from ._torch_schedule import SCHEDULE_COUNTS, scheduler_room
 from ._torch_state import check_scheduler, checked_steps
 
 __all__ = ["TorchModel", "TorchOptimizer"]
@@ -46,8 +48,15 @@ class TorchOptimizer:
     m̂_t); for any other optimizer it is a copy of the last update; zeros before any step. It
     allocates its result and at most one temporary of the same size, never a copy of the state.
 
-    Schedulers count real optimizer steps only: `step` calls ``scheduler.step()``, predicted steps
-    (applied by the trainer through the model, never through this class) do not.
+    Schedulers count every training step by default (``schedule_counts="steps"``): `step` and
+    `fused_step` call ``scheduler.step()`` after the update, and the trainer calls `schedule_step` after
+    each step that ran no update (a predicted step, a real step skipped for a non-finite value), so a
+    scheduler sized to the run (``OneCycleLR(total_steps=N)`` for ``fit(max_steps=N)``) ends with it.
+    ``schedule_counts="updates"`` steps it on updates only (`schedule_step` does nothing), as before.
+    The scheduler's state is part of `state_dict`, so the trainer's rollbacks and replays take it back
+    with the weights and step it again with the replayed steps: its count stays the trainer's.
+    `schedule_left` tells the trainer how many steps a ``OneCycleLR`` (alone or in a
+    ``ChainedScheduler``) has left, so it is never stepped past its end (see `hybrid_core._schedule`).
 
     Step counts are read from the torch state once, at construction and in `load_state_dict`, and
     counted in Python afterwards, so no method reads a device value: step the torch optimizer
@@ -76,7 +85,8 @@ class TorchOptimizer:
     """Parameters frozen through `TorchModel.set_trainable`, and their optimizer state, stay untouched."""
 
     def __init__(self, model: Model, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                 clip_grad_norm: float | None = None, *, scaler: torch.amp.GradScaler | None = None) -> None:
+                 clip_grad_norm: float | None = None, *, scaler: torch.amp.GradScaler | None = None,
+                 schedule_counts: str = "steps") -> None:
         if not isinstance(model, Model):
             raise ModelError(f"{type(model).__name__} does not implement hybrid_core.Model")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -89,6 +99,9 @@ class TorchOptimizer:
                 problems.append("scheduler: ReduceLROnPlateau needs a metric; call its step(loss) yourself")
             elif getattr(scheduler, "optimizer", None) is not optimizer:
                 problems.append("scheduler: it was built for another optimizer")
+        if schedule_counts not in SCHEDULE_COUNTS:
+            problems.append(f"schedule_counts={schedule_counts!r}: must be 'steps' (every training step, predicted "
+                            "ones included) or 'updates' (optimizer updates only)")
         if scaler is not None:
             problems += scaler_problems(scaler, optimizer, model)
         if problems:
@@ -96,6 +109,8 @@ class TorchOptimizer:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.schedule_counts = schedule_counts
+        """``"steps"``: the scheduler counts every training step; ``"updates"``: optimizer updates only."""
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self._params = list(model.parameters())
         self._xp = namespace_of(self._params, what="model.parameters()")
@@ -252,6 +267,19 @@ class TorchOptimizer:
         with warnings.catch_warnings():  # a first step skipped by the scaler is not a misordered call
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
+
+    def schedule_step(self) -> None:
+        """A training step ran without an update from this optimizer (predicted, or skipped): step the scheduler
+        as the update would have (nothing with ``schedule_counts="updates"`` or without a scheduler)."""
+        if self.schedule_counts == "steps":
+            self._step_scheduler()
+
+    def schedule_left(self) -> Room | None:
+        """How many more steps the scheduler takes before torch refuses (``OneCycleLR``: ``total_steps`` minus the
+        steps taken; the least of a ``ChainedScheduler``'s), or None: no scheduler, or one without an end."""
+        if self.scheduler is None:
+            return None
+        return scheduler_room(self.scheduler)
 
     def summary(self) -> dict[str, Any]:
         """The steps the GradScaler skipped and, with a scaler, its current scale (one host read)."""

@@ -42,6 +42,7 @@ from ._phase import Phase, PhaseMachine, PhaseState
 from ._protocols import Array, FusedStep, Model, Optimizer
 from ._readout import ReadOut
 from ._recorder import Recorded, Recorder
+from ._schedule import advance_schedule
 from ._statecheck import arrays_like, fields, integer, optional
 from .kernels import fused_stats
 
@@ -266,6 +267,7 @@ class RealSteps:
                     raise _LowerRate
             if record or self._config.on_nonfinite == "raise":
                 self._nonfinite(p, stats, later)
+            advance_schedule(self._optimizer)  # skipped, the step still counts for a schedule (see _schedule.py)
             return []
         self._last_update = list(self._optimizer.step(grads))
         if replaying:

@@ -15,6 +15,7 @@ from ._backend import library_name, namespace_of
 from ._bandit import LinUCBBandit
 from ._batchcheck import BatchCheck
 from ._cadence import Cadence
+from ._callbackstate import CallbackStates
 from ._checks import call_model, check_loss_and_grads, has_method, require_protocol
 from ._codec import DEFAULT_MAX_BYTES
 from ._config import HybridConfig
@@ -40,6 +41,7 @@ from ._persist import (
     write_checkpoint,
 )
 from ._phase import Phase, PhaseMachine, PhaseState, Signals
+from ._position import DataPosition
 from ._protocols import Array, DynamicsModel, Model, Optimizer
 from ._readout import ReadOut
 from ._realsteps import RealSteps
@@ -48,6 +50,7 @@ from ._result import StepResult
 from ._rng import GlobalRandomState
 from ._rundir import new_run_id, run_id_problem
 from ._runinfo import load_trainer, restore_trainer, start_lr
+from ._schedule import advance_schedule, require_room
 from ._state import TrainingState
 from .dynamics import TrendDynamics
 
@@ -115,6 +118,10 @@ class HybridTrainer:
         self.rng = GlobalRandomState()
         self.readout = ReadOut(config, model)
         self.batch_check = BatchCheck()
+        self.data_position = DataPosition()
+        """Where `fit` is in its data (passes and batches over a re-iterable); a checkpoint part."""
+        self.callback_states = CallbackStates()
+        """The state of the callbacks attached by the last `fit` (or ``callback_states.attach``); a checkpoint part."""
         self._probe: tuple[int, list[str]] | None = None
         self.lr_tuner = LRTuner(config, optimizer)
         tuner = self.lr_tuner
@@ -185,7 +192,7 @@ class HybridTrainer:
                 "recorder": self.recorder, "real_steps": self.real_steps, "bandit": self.bandit,
                 "residuals": self.residuals, "corrector": self.corrector, "directions": self.directions,
                 "metrics": self.metrics, "ledger": self.ledger, "readout": self.readout, "lr": self.lr_tuner,
-                "freeze": self.freeze, "rng": self.rng}
+                "freeze": self.freeze, "rng": self.rng, "data": self.data_position, "callbacks": self.callback_states}
 
     def summary(self) -> dict[str, Any]:
         """The metrics summary plus what the read-out chose, the learning-rate recommendation and layer freezing;
@@ -223,9 +230,11 @@ class HybridTrainer:
         start = time.perf_counter()
         current = self.phases.state
         index = self.steps_done
+        require_room(self.optimizer, index)
         self.batch_check.before_step(batch, index, current.phase.value)
         if current.phase is Phase.PREDICT:
             result, signals = self._predicted_step(batch, current, index)
+            advance_schedule(self.optimizer)  # a schedule counts every step (see _schedule.py)
         else:
             result, signals = self._real_step(batch, current, index)
         self._advance(current, signals)
@@ -388,23 +397,39 @@ class HybridTrainer:
     # -- the loop and checkpoints ---------------------------------------------------------------
 
     def fit(self, batches: Iterable[Any] | Callable[[int], Any], steps: int | None = None, *,
-            progress: bool | None = None, callbacks: Sequence[Callback] = (),
-            checkpoint: CheckpointPolicy | None = None) -> dict[str, Any]:
-        """Step through ``batches`` and return the metrics summary (everything read at the end).
+            max_steps: int | None = None, epochs: int | None = None, progress: bool | None = None,
+            callbacks: Sequence[Callback] = (), checkpoint: CheckpointPolicy | None = None) -> dict[str, Any]:
+        """Train on ``batches`` up to the run's total and return the metrics summary (everything read at the end).
 
-        ``batches`` is an iterable, or a function of the global step index (so a resumed
-        run gets the batches it would have seen). Stops after ``steps`` steps, when the
-        iterable ends, or when a callback returns True. ``progress`` (default on; False: off)
-        shows the rate, ETA, phase, loss, learning rate and backward passes skipped on stderr:
-        a tqdm bar on a terminal or in a notebook, a plain line per tenth of the run in a log
-        (`hybrid_core._progress.Progress`). A callback with an ``on_fit_end(trainer)`` method
-        has it called once the loop ends, after the last read. ``checkpoint`` saves the
-        whole trainer every ``checkpoint.every`` steps, keeps the run's newest
-        ``checkpoint.keep`` files, and first resumes the run from its newest good one
-        (see `CheckpointPolicy`); a failed save ends `fit` with `CheckpointError`, the
-        trainer at the step it reached.
+        ``batches``: a function of the global step index (a resumed run gets the batches it would have
+        seen), a re-iterable (a list, a ``DataLoader``: passes over it are counted, and a resume continues
+        the pass where the run was; see `hybrid_core._position`), or a one-shot iterator (one pass).
+
+        The run's length is a total, as Lightning's: ``max_steps`` steps in all (a trainer at step *s*
+        runs ``max_steps - s`` more, none if it is there already, so a resumed run ends where the
+        uninterrupted one does) and/or ``epochs`` passes in all over a re-iterable; whichever comes first.
+        With ``max_steps`` alone a re-iterable is passed over again and again; with neither (nor ``steps``)
+        training goes to the end of the current pass. ``steps`` counts from this call (kept for
+        compatibility; giving it with ``max_steps`` is a `ConfigError`). A one-shot iterator that ends
+        before the total is said on stderr. A callback returning True also stops it.
+
+        A learning-rate schedule counts every training step (see `hybrid_core._schedule`): a run longer
+        than what the schedule was built for (``OneCycleLR.total_steps``) is a `ConfigError` before any step.
+
+        ``progress`` (default on; False: off) shows the rate, ETA, epoch, phase, loss, learning rate and
+        backward passes skipped on stderr: a tqdm bar on a terminal or in a notebook, a plain line per
+        tenth of the run in a log (`hybrid_core._progress.Progress`). Callbacks are called after each step,
+        before its checkpoint; ``on_fit_start(trainer)`` / ``on_fit_end(trainer)`` methods, if a callback
+        has them, before the first step (before a resume) and once the loop ends (after the last read).
+        Callbacks with state (``state_dict``/``load_state_dict``) are attached to the trainer
+        (`callback_states`): their states are saved with its checkpoints and restored on resume.
+        ``checkpoint`` saves the whole trainer every ``checkpoint.every`` steps, keeps the run's newest
+        ``checkpoint.keep`` files, and first resumes the run from its newest good one, saying "resumed from
+        step N (file …)" on stderr (see `CheckpointPolicy`); a failed save ends `fit` with
+        `CheckpointError`, the trainer at the step it reached. The summary also holds ``epochs`` (passes
+        completed) and ``epoch_batches`` (steps taken in the current pass).
         """
-        return run_fit(self, batches, steps, progress, callbacks, checkpoint)
+        return run_fit(self, batches, steps, progress, callbacks, checkpoint, max_steps, epochs)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the whole trainer (every part's state) to ``path`` atomically; pending steps are read first.
@@ -455,7 +480,7 @@ class HybridTrainer:
         device = array_api_compat.device(self.model.parameters()[0])
         params, config, dim = self.model.parameters(), self.config, self.bandit.dim
         restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
-                      optional=("readout", "lr", "freeze", "rng"),
+                      optional=("readout", "lr", "freeze", "rng", "data", "callbacks"),
                       check=lambda s: check_parts_fit(s, params, config, dim))
         self.ledger.verify(self.model, self.optimizer)
 

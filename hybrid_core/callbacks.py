@@ -1,12 +1,16 @@
 """Reusable `HybridTrainer.fit` callbacks: early stopping, learning-rate decay, validation and step logs.
 
 A callback is called after every step as ``callback(trainer, result)``; returning True stops
-`fit`; an ``on_fit_end(trainer)`` method, if it has one, is called once when `fit` ends (after
-its last read). `EarlyStopping`, `ExponentialLR` and `ValidationLogger` act every ``every``
-steps, counted by the global step index (``result.step + 1``), so a resumed run keeps the same
-schedule. `CSVLogger`, `JSONLLogger` and `TensorBoardLogger` write every step's record as it is
-read (see `hybrid_core._loggers`). Gradient clipping is not a callback (it must run before the
-update): see `hybrid_core.optim.ClipGradNorm`.
+`fit`; an ``on_fit_start(trainer)`` method, if it has one, is called once before `fit` resumes
+or steps, and an ``on_fit_end(trainer)`` method once when `fit` ends (after its last read).
+`EarlyStopping`, `ExponentialLR` and `ValidationLogger` act every ``every`` steps, counted by the
+global step index (``result.step + 1``), so a resumed run keeps the same schedule.
+`EarlyStopping` and `ValidationLogger` have state (``state_dict``/``load_state_dict``), saved in the
+trainer's checkpoints and restored on resume (see `hybrid_core._callbackstate`); `ExponentialLR` has
+none of its own (the rate it sets lives in the optimizer's state). `CSVLogger`, `JSONLLogger` and
+`TensorBoardLogger` write every step's record as it is read (see `hybrid_core._loggers`); their
+state is their file and the trainer's records, which a checkpoint holds. Gradient clipping is not
+a callback (it must run before the update): see `hybrid_core.optim.ClipGradNorm`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ._errors import ConfigError
 from ._loggers import CSVLogger, JSONLLogger, TensorBoardLogger
 from ._metrics import write_jsonl
 from ._protocols import Array
+from ._statecheck import arrays_like, fields, integer, optional, real, sequence
 
 if TYPE_CHECKING:
     from ._trainer import HybridTrainer, StepResult
@@ -44,6 +49,10 @@ class EarlyStopping:
     With ``readout`` (the default) ``evaluate()`` runs inside ``trainer.evaluation_parameters()``:
     on the averaged read-out the trainer chose (the raw weights until one did better), and the
     best parameters kept are those evaluated weights.
+
+    Its state (`best`, `best_step`, the evaluation counts, `stopped_step` and the best parameters) is
+    saved in the trainer's checkpoints and restored on resume, so a resumed run stops where the
+    uninterrupted one stops; its settings (``every``, ``patience``, ...) are the ones it was built with.
     """
 
     def __init__(
@@ -90,8 +99,13 @@ class EarlyStopping:
         self._best_params: list[Array] | None = None
         self._model: Any = None
 
+    def on_fit_start(self, trainer: HybridTrainer) -> None:
+        """Know the model before a resume hands over a state (its best parameters are checked against it)."""
+        self._model = trainer.model
+
     def __call__(self, trainer: HybridTrainer, result: StepResult) -> bool | None:
         """Evaluate on schedule; True (after restoring the best weights) once patience runs out."""
+        self._model = trainer.model
         done = result.step + 1
         if done % self.every:
             return None
@@ -104,7 +118,6 @@ class EarlyStopping:
         self.evaluations += 1
         if improved:
             self.best, self.best_step, self.bad_evaluations = value, done, 0
-            self._model = trainer.model
             return None
         self.bad_evaluations += 1
         if self.bad_evaluations < self.patience:
@@ -124,6 +137,32 @@ class EarlyStopping:
         model.apply_update([p * 1 for p in model.parameters()], -1.0)
         model.apply_update(self._best_params, 1.0)
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """What it has seen: best value and step, evaluation counts, the step it stopped at, the best parameters."""
+        return {"best": self.best, "best_step": self.best_step, "evaluations": self.evaluations,
+                "bad_evaluations": self.bad_evaluations, "stopped_step": self.stopped_step,
+                "best_params": None if self._best_params is None else list(self._best_params)}
+
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[Any, ...]:
+        """The values `load_state_dict` would set; `ValueError` naming the field (best parameters: finite arrays
+        lining up with the model's, once the callback knows the model), nothing changed."""
+        fields(state, ("best", "best_step", "evaluations", "bad_evaluations", "stopped_step", "best_params"),
+               what="EarlyStopping state")
+        params = state["best_params"]
+        if params is not None:
+            if self._model is not None:
+                params = arrays_like(params, "best_params", self._model.parameters())
+            else:
+                params = sequence(params, "best_params")
+        return (optional(real, state["best"], "best", finite=False), optional(integer, state["best_step"], "best_step"),
+                integer(state["evaluations"], "evaluations"), integer(state["bad_evaluations"], "bad_evaluations"),
+                optional(integer, state["stopped_step"], "stopped_step"), params)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state (`check_state_dict` first: a refused state changes nothing)."""
+        (self.best, self.best_step, self.evaluations, self.bad_evaluations, self.stopped_step,
+         self._best_params) = self.check_state_dict(state)
 
     def _improves(self, value: float) -> bool:
         if math.isnan(value):
@@ -176,6 +215,11 @@ class ValidationLogger:
     temporary file renamed into place, so a reader never sees half a file). Never stops `fit`.
     With ``readout`` (the default) ``evaluate()`` runs inside ``trainer.evaluation_parameters()``
     and each row names the evaluated ``weights`` (``raw``, ``lawa`` or ``ema``).
+
+    Its rows are saved in the trainer's checkpoints. On resume it takes them back (``seconds`` goes
+    on from the last row's) and rewrites ``path`` with them at its first call, so rows a killed run wrote after its
+    last checkpoint are dropped and every step's row is in the file once. An evaluation also drops
+    kept rows of its step and later ones (left by a trainer restored to an earlier step).
     """
 
     def __init__(self, evaluate: Callable[[], float | Mapping[str, float]], every: int,
@@ -194,6 +238,8 @@ class ValidationLogger:
         self.readout = readout
         self._rows: list[dict[str, Any]] = []
         self._start = time.perf_counter()
+        self._unwritten = False
+        """Rows were restored: rewrite ``path`` at the next call."""
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -209,6 +255,8 @@ class ValidationLogger:
         """Evaluate and record on schedule."""
         done = result.step + 1
         if done % self.every:
+            if self._unwritten:
+                self._write()
             return
         with _evaluated(trainer, self.readout) as weights:
             metrics = self._evaluate()
@@ -216,9 +264,51 @@ class ValidationLogger:
             "value": float(metrics)}
         row = {"step": done, "lr": float(trainer.optimizer.lr), "weights": weights,
                "seconds": round(time.perf_counter() - self._start, 6), **values}
+        self._rows = [r for r in self._rows if r["step"] < done]
         self._rows.append(row)
+        self._write()
+
+    def on_fit_end(self, trainer: HybridTrainer) -> None:
+        """Write restored rows not written yet (a `fit` that ended before this logger's first call)."""
+        if self._unwritten:
+            self._write()
+
+    def _write(self) -> None:
         if self.path is not None:
             write_jsonl(self.path, self._rows)
+        self._unwritten = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Its rows."""
+        return {"rows": self.records}
+
+    def check_state_dict(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows `load_state_dict` would take; `ValueError` naming the field, nothing changed.
+
+        Each row is a dict with an integer ``step`` >= 1 (in increasing order) whose values are numbers,
+        text or None."""
+        fields(state, ("rows",), what="ValidationLogger state")
+        rows = []
+        for i, row in enumerate(sequence(state["rows"], "rows")):
+            if not isinstance(row, Mapping) or not all(isinstance(k, str) for k in row):
+                raise ValueError(f"rows[{i}] is not a dict of named values")
+            step = integer(row.get("step"), f"rows[{i}].step", 1)
+            if rows and step <= rows[-1]["step"]:
+                raise ValueError(f"rows[{i}].step={step} does not follow step {rows[-1]['step']}")
+            bad = [k for k, v in row.items() if v is not None and (isinstance(v, bool)
+                                                                    or not isinstance(v, (int, float, str)))]
+            if bad:
+                raise ValueError(f"rows[{i}] holds {bad[0]!r}, neither a number, text nor None")
+            rows.append(dict(row))
+        return rows
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take saved rows back (`check_state_dict` first); ``path`` is rewritten with them at the next call, and
+        ``seconds`` goes on from the last row's."""
+        rows = self.check_state_dict(state)
+        last = rows[-1].get("seconds") if rows else None
+        elapsed = float(last) if isinstance(last, (int, float)) and math.isfinite(last) and last >= 0 else 0.0
+        self._rows, self._start, self._unwritten = rows, time.perf_counter() - elapsed, True
 
     def __repr__(self) -> str:
         return f"ValidationLogger(every={self.every}, path={self.path!r}, records={len(self._rows)})"

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hybrid_core import CheckpointError, CheckpointPolicy, ConfigError, HybridConfig, HybridError, HybridTrainer
 from hybrid_core._codec import decode, encode, read_file, write_atomic
 from hybrid_core._persist import _host
+from hybrid_core.callbacks import EarlyStopping, ValidationLogger
 from hybrid_core.models import MLP
 from hybrid_core.optim import Adam
 
@@ -50,6 +51,18 @@ def trained(seed, until_predict=True, steps=60):
     return trainer
 
 
+def with_callbacks(trainer, value, epoch):
+    """A data position and attached stateful callbacks (EarlyStopping with best weights, ValidationLogger rows)."""
+    trainer.data_position.load_state_dict({"epoch": epoch, "batch": 3 + epoch, "generators": None})
+    stopper = EarlyStopping(lambda: value, every=1, patience=5)
+    stopper.on_fit_start(trainer)
+    logger = ValidationLogger(lambda: value, every=1)
+    trainer.callback_states.attach([stopper, logger])
+    stopper.load_state_dict({"best": value, "best_step": 10 + epoch, "evaluations": 3, "bad_evaluations": epoch,
+                             "stopped_step": None, "best_params": [p * value for p in trainer.model.parameters()]})
+    logger.load_state_dict({"rows": [{"step": 5, "value": value, "weights": "raw", "seconds": value}]})
+
+
 def fingerprint(trainer):
     """Bytes of every part's state (parameters and optimizer buffers included): equal iff bit-identical."""
     parts = {name: part.state_dict() for name, part in trainer.parts().items()}
@@ -67,10 +80,12 @@ class World:
         self._tmp = tempfile.TemporaryDirectory(prefix="hpt-load-")  # removed when the test session ends
         self.dir = pathlib.Path(self._tmp.name)
         source = trained(seed=1, steps=30)
+        with_callbacks(source, 0.5, epoch=2)
         source.save(self.dir / "source.ckpt")
         self.source = read_file(self.dir / "source.ckpt")
         self.payload = encode(self.source, _host)
         self.target = trained(seed=2, until_predict=False, steps=37)
+        with_callbacks(self.target, 0.7, epoch=1)
         self.target.cadence.unconfident = 1  # one unconfident decision: a state the source's cadence has not
         self.home = self.dir / "home.ckpt"
         self.target.save(self.home)
