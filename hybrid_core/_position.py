@@ -67,6 +67,16 @@ class DataPosition:
         """The live iterator of the current pass over `source`, or None (not saved)."""
         self.drawn = 0
         """Batches `iterator` has given in this pass (equal to `batch` while it is in step)."""
+        self.ended: list[tuple[int, int, list[np.ndarray] | None]] = []
+        """(epoch, steps, generator states at its start) of the passes ended lately, newest last (not saved): a step
+        that raises may undo steps of the pass before."""
+
+    def rewind(self, steps: int) -> None:
+        """Go back ``steps`` steps (undone by a step that raised), into passes ended lately if need be."""
+        while steps > self.batch and self.ended:
+            steps -= self.batch
+            self.epoch, self.batch, self.generators = self.ended.pop()
+        self.batch = max(0, self.batch - steps)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "batch", "generators"}`` (the generators' states at the pass's start: uint8 arrays or None)."""
@@ -87,13 +97,15 @@ class DataPosition:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take a saved position; the next `fit` over a re-iterable rebuilds its pass from it."""
         self.epoch, self.batch, self.generators = self.check_state_dict(state)
-        self.restored, self.source, self.iterator, self.drawn = True, None, None, 0
+        self.restored, self.source, self.iterator, self.drawn, self.ended = True, None, None, 0, []
 
     def __repr__(self) -> str:
         return f"DataPosition(epoch={self.epoch}, batch={self.batch})"
 
 
 _END = object()
+_ENDED_KEPT = 64
+"""Ended passes remembered for `DataPosition.rewind` (more than any rollback undoes)."""
 
 
 class DataFeed:
@@ -153,7 +165,10 @@ class DataFeed:
         if self.kind == "function":
             return
         pos = self.position
-        pos.batch = max(0, pos.batch + delta)
+        if delta < 0:
+            pos.rewind(-delta)
+        else:
+            pos.batch += delta
         if pos.drawn != pos.batch and self.kind == "reiterable":
             pos.iterator = None  # it gave batches that were not trained on: rebuild the pass from `batch`
         if delta > 0 and self.length is not None and pos.batch >= self.length:
@@ -220,6 +235,7 @@ class DataFeed:
             self.ran_out = self.empty = True  # nothing in this pass: never loop on an empty source
             pos.iterator = None
             return
+        pos.ended = [*pos.ended[-(_ENDED_KEPT - 1):], (pos.epoch, pos.batch, pos.generators)]
         pos.epoch, pos.batch, pos.iterator, pos.drawn = pos.epoch + 1, 0, None, 0
         self.passes_ended += 1
         if self.kind == "iterator":

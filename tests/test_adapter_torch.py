@@ -312,7 +312,9 @@ def test_lr_setter_rejects_bad_values():
     assert opt.lr == 0.1
 
 
-def test_scheduler_steps_on_real_steps_only():
+def test_the_adapter_alone_steps_its_scheduler_on_updates_only():
+    # Moves applied through the model are not its own: the trainer calls schedule_step for predicted steps
+    # (tests/test_schedules.py).
     model = _model()
     torch_opt = torch.optim.SGD(model.module.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=2, gamma=0.5)
