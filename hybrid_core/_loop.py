@@ -105,8 +105,9 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
             finally:
                 feed.moved(trainer.steps_done - before)
             done += 1
-            # Callbacks act on this step before it is checkpointed, so a resume from here keeps what they did.
-            stop = any(cb(trainer, result) for cb in callbacks)
+            # Every callback sees the step (one that stops fit does not hide it from the next), and they act
+            # before it is checkpointed, so a resume from here keeps what they did.
+            stop = any([cb(trainer, result) for cb in callbacks])
             if show is not None:
                 show.update(done, shown.text)
             if checkpoint is not None and trainer.steps_done % checkpoint.every == 0:

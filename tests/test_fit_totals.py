@@ -133,7 +133,7 @@ def test_another_object_starts_a_new_pass_at_its_first_batch():
     tail = list(DATA[2:])  # another list: its own pass from its first batch
     summary = trainer.fit(tail, progress=False)
     assert (summary["steps"], summary["epochs"], summary["epoch_batches"]) == (15, 2, 0)
-    assert params(model) == stepped(cycle(10) + [2, 3, 4, 5, 6])[0]
+    assert params(model) == stepped([*cycle(10), 2, 3, 4, 5, 6])[0]
 
 
 def test_a_one_shot_iterator_continues_itself_and_its_end_is_said(capsys):
@@ -290,7 +290,7 @@ def test_a_malformed_position_is_refused_and_changes_nothing(tmp_path, state, me
     from hybrid_core._codec import encode, read_file, write_atomic
     from hybrid_core._persist import _host
 
-    trainer, model = make()
+    trainer, _model = make()
     trainer.fit(DATA, max_steps=9, progress=False)
     trainer.save(tmp_path / "ok.ckpt")
     doc = read_file(tmp_path / "ok.ckpt")

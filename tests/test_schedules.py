@@ -109,7 +109,7 @@ def test_a_step_past_the_end_by_hand_is_refused_and_changes_nothing():
     trainer, sched, model = one_cycle(20)
     trainer.fit(batch, max_steps=20, progress=False)
     before = snapshot(model)
-    with pytest.raises(ConfigError, match="step 20: the learning-rate schedule OneCycleLR.*has taken all its steps"):
+    with pytest.raises(ConfigError, match=r"step 20: the learning-rate schedule OneCycleLR.*has taken all its steps"):
         trainer.step(batch(20))
     assert trainer.steps_done == 20 == sched.last_epoch and same(before, snapshot(model))
 
