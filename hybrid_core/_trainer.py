@@ -248,7 +248,8 @@ class HybridTrainer:
         measure = self.real_steps.eager or self.cadence.measured(current, index)
         if self.readout.compare_due(index) and has_method(self.model, "set_parameters"):
             # The read-outs' losses on this batch are read with the next read, paired with this step's loss.
-            probe = self.readout.probe(self.model, batch, self._forward)
+            probe = self.readout.probe(self.model, batch, self._forward,
+                                       with_raw=getattr(self.model, "loss_in_eval_mode", False) is True)
             self.metrics.count("readout_forwards", len(probe))
             self._probe = (index, list(probe))
             self.real_steps.extra = [self._xp.reshape(v, (1,)) for v in probe.values()]
@@ -271,8 +272,11 @@ class HybridTrainer:
         last = settled[-1] if settled and settled[-1][0] == index else None
         if self._probe is not None and self.real_steps.extra_values:
             at, kinds = self._probe
-            raw = next((loss for step, loss, _ in self.real_steps.extra_records if step == at), math.nan)
-            self.readout.record(raw, dict(zip(kinds, self.real_steps.extra_values)))
+            losses = dict(zip(kinds, self.real_steps.extra_values))
+            raw = losses.pop("raw", None)  # the raw weights' `loss`, when the training loss is not comparable
+            if raw is None:
+                raw = next((loss for step, loss, _ in self.real_steps.extra_records if step == at), math.nan)
+            self.readout.record(raw, losses)
             self.metrics.count("readout_comparisons")
             self._probe, self.real_steps.extra_values, self.real_steps.extra_records = None, [], []
         diverging = self.recorder.take_diverging()
