@@ -105,6 +105,13 @@ class TorchModel:
         """The device of every parameter, or None when they span several."""
         return self._device
 
+    @property
+    def loss_in_eval_mode(self) -> bool:
+        """`Model`'s optional flag (``eval_for_loss``): `loss` runs in eval mode, so the trainer pairs a
+        read-out's loss with the raw weights' `loss`, not with the training loss (dropout would make the raw
+        weights look worse than they are)."""
+        return self.eval_for_loss
+
     def parameters(self) -> list[torch.Tensor]:
         """The trainable parameter tensors themselves (live), in ``module.parameters()`` order."""
         return list(self._params)

@@ -33,7 +33,11 @@ class Model(Protocol):
     Optional methods the trainer uses when present: ``set_parameters(values)`` (θ ← values; lets
     the trainer read losses in batches and still come back from non-finite weights — without it
     every real step is read before its update), ``state_dict()``/``load_state_dict()`` for state
-    beyond the parameters (batch-norm buffers).
+    beyond the parameters (batch-norm buffers). An optional attribute ``loss_in_eval_mode = True``
+    says that `loss` runs in another mode than `loss_and_grad` (dropout off, as `TorchModel` does by
+    default), so its values are not comparable with the training losses: the trainer then pairs a
+    read-out's loss with the raw weights' `loss` on the same batch (one more forward pass per
+    comparison) instead of with the step's training loss.
 
     Layer freezing (`HybridConfig.layer_freeze`) needs two more:
 

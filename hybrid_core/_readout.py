@@ -178,14 +178,16 @@ class ReadOut:
         return (self._check_every > 0 and step > 0 and step % self._check_every == 0
                 and any(self.available(k) for k in self.kinds))
 
-    def probe(self, model: Model, batch: Any, forward: Callable[[Any], Array]) -> dict[str, Array]:
+    def probe(self, model: Model, batch: Any, forward: Callable[[Any], Array], with_raw: bool = False
+              ) -> dict[str, Array]:
         """One read-out's loss on ``batch`` (a device array), the read-outs taking turns so that a check costs
-        one forward pass; the raw weights are put back exactly."""
+        one forward pass; the raw weights are put back exactly. ``with_raw`` adds the raw weights' own
+        loss by ``forward`` (key ``"raw"``), for models whose training loss is not comparable with it."""
         ready = [k for k in self.kinds if self.available(k)]
         kinds = [ready[self._turn % len(ready)]]
         self._turn += 1
         raw = copy_into(None, model.parameters())
-        out = {}
+        out = {"raw": forward(batch)} if with_raw else {}
         try:
             for kind in kinds:
                 model.set_parameters(self.values(kind))

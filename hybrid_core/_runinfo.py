@@ -1,5 +1,6 @@
-"""What a checkpoint says about its run: the run id, the learning rate it started with, its config.
+"""A trainer to and from a checkpoint file: `save`, `load` and `restore` of `HybridTrainer`.
 
+A checkpoint also says what run it belongs to: the run id, the learning rate it started with, its config.
 `load` and `restore` check these against what the caller passed *before* anything is restored:
 a differing config or starting learning rate is a `ConfigError` listing the differences (nothing
 is replaced silently), a file of another run is refused with `CheckpointError`.
@@ -11,10 +12,13 @@ import math
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+import array_api_compat
+
 from ._codec import DEFAULT_MAX_BYTES
 from ._config import HybridConfig
 from ._errors import CheckpointError, ConfigError, HybridError
-from ._persist import read_checkpoint
+from ._partcheck import check_parts_fit
+from ._persist import read_checkpoint, restore_parts, write_checkpoint
 from ._protocols import DynamicsModel, Model, Optimizer
 from ._rundir import run_id_problem
 from .dynamics import RSSMDynamics
@@ -22,8 +26,17 @@ from .dynamics import RSSMDynamics
 if TYPE_CHECKING:
     from ._trainer import HybridTrainer
 
-__all__ = ["SavedRun", "load_trainer", "require_same_start", "restore_trainer", "saved_config", "saved_run",
-           "start_lr"]
+__all__ = [
+    "SavedRun",
+    "load_trainer",
+    "require_same_start",
+    "restore_into",
+    "restore_trainer",
+    "save_trainer",
+    "saved_config",
+    "saved_run",
+    "start_lr",
+]
 
 T = TypeVar("T", bound="HybridTrainer")
 
@@ -102,7 +115,7 @@ def load_trainer(cls: type[T], path: str | os.PathLike[str], model: Model, optim
     if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
         dynamics = RSSMDynamics(seed=saved.seed)
     trainer = cls(model, optimizer, saved if config is None else config, dynamics)
-    trainer._restore_parts(path, raw)
+    restore_into(trainer, path, raw)
     _adopt(trainer, run)
     return trainer
 
@@ -116,7 +129,7 @@ def restore_trainer(trainer: HybridTrainer, path: str | os.PathLike[str], max_by
         raise CheckpointError(f"{os.fspath(path)}: written by run {run.id or '(no id)'}, not by run {run_id}",
                               "Pass the file's run_id to resume that run.")
     require_same_start(path, saved_config(path, raw), trainer.config, run.lr, trainer.run_lr)
-    trainer._restore_parts(path, raw)
+    restore_into(trainer, path, raw)
     _adopt(trainer, run)
 
 
@@ -126,3 +139,26 @@ def _adopt(trainer: HybridTrainer, run: SavedRun) -> None:
         trainer.run_id = run.id
     if run.lr is not None:
         trainer.run_lr = run.lr
+
+
+def save_trainer(trainer: HybridTrainer, path: str | os.PathLike[str]) -> None:
+    """`HybridTrainer.save` (see there): pending steps read, then every part and the run record written."""
+    trainer.flush()
+    write_checkpoint(path, trainer.config.to_dict(), trainer.parts(),
+                     {"dynamics_type": type(trainer.dynamics).__name__,
+                      "run": {"id": trainer.run_id, "lr": trainer.run_lr}})
+
+
+def restore_into(trainer: HybridTrainer, path: str | os.PathLike[str], raw: dict[str, Any]) -> None:
+    """Every part of ``trainer`` from the checkpoint document ``raw``: all checked first, then applied, or nothing."""
+    saved_dyn = raw.get("dynamics_type")
+    if type(trainer.dynamics).__name__ != saved_dyn:
+        raise CheckpointError(f"{os.fspath(path)}: saved with dynamics {saved_dyn}, "
+                              f"not {type(trainer.dynamics).__name__}", f"Pass dynamics={saved_dyn}(...) to load it.")
+    trainer.flush()
+    params = trainer.model.parameters()
+    config, dim = trainer.config, trainer.bandit.dim
+    restore_parts(trainer.parts(), raw["parts"], trainer.xp, array_api_compat.device(params[0]),
+                  f"{os.fspath(path)}: ", optional=("readout", "lr", "freeze", "rng", "data", "callbacks"),
+                  check=lambda s: check_parts_fit(s, params, config, dim))
+    trainer.ledger.verify(trainer.model, trainer.optimizer)

@@ -20,9 +20,9 @@ from ._checks import call_model, check_loss_and_grads, has_method, require_proto
 from ._codec import DEFAULT_MAX_BYTES
 from ._config import HybridConfig
 from ._corrector import ResidualCorrector, ResidualStore
-from ._cycle import PredictionCycle, corrected
+from ._cycle import PredictionCycle
 from ._directions import make_direction
-from ._errors import CheckpointError, ConfigError, ModelError
+from ._errors import ConfigError, ModelError
 from ._evaluation import export_parameters, readout_swapped_in
 from ._features import CONTEXT_NAMES, compact_context
 from ._freeze import LayerFreeze
@@ -31,17 +31,15 @@ from ._loop import Callback
 from ._loop import fit as run_fit
 from ._lrtune import LRTuner
 from ._metrics import MetricsCollector, StepRecord
-from ._monitor import DivergenceMonitor, Level
-from ._partcheck import check_parts_fit
+from ._monitor import DivergenceMonitor
 from ._persist import (
     CheckpointPolicy,
     ModelState,
     Part,
-    restore_parts,
-    write_checkpoint,
 )
 from ._phase import Phase, PhaseMachine, PhaseState, Signals
 from ._position import DataPosition
+from ._predictor import Predictor
 from ._protocols import Array, DynamicsModel, Model, Optimizer
 from ._readout import ReadOut
 from ._realsteps import RealSteps
@@ -49,7 +47,7 @@ from ._recorder import Recorder
 from ._result import StepResult
 from ._rng import GlobalRandomState
 from ._rundir import new_run_id, run_id_problem
-from ._runinfo import load_trainer, restore_trainer, start_lr
+from ._runinfo import load_trainer, restore_trainer, save_trainer, start_lr
 from ._schedule import advance_schedule, require_room
 from ._state import TrainingState
 from .dynamics import TrendDynamics
@@ -133,6 +131,9 @@ class HybridTrainer:
         self.real_steps = RealSteps(config, model, optimizer, self.ledger, self.recorder, self.directions,
                                     self.phases, self.metrics, self._xp, self.readout, self.lr_tuner, self.freeze,
                                     self.cycle)
+        self.predictor = Predictor(config, model, optimizer, self.state, self.cycle, self.recorder, dynamics,
+                                   self.corrector, self.bandit, self.monitor, self.metrics, self.ledger,
+                                   self.directions, self.freeze, self.batch_check, self._forward, self.flush)
         self.ledger.verify(model, optimizer)
         self._run_id = new_run_id()
         self.run_lr = start_lr(optimizer)
@@ -233,7 +234,7 @@ class HybridTrainer:
         require_room(self.optimizer, index)
         self.batch_check.before_step(batch, index, current.phase.value)
         if current.phase is Phase.PREDICT:
-            result, signals = self._predicted_step(batch, current, index)
+            result, signals = self.predictor.step(batch, current, index)
             advance_schedule(self.optimizer)  # a schedule counts every step (see _schedule.py)
         else:
             result, signals = self._real_step(batch, current, index)
@@ -256,7 +257,8 @@ class HybridTrainer:
         measure = self.real_steps.eager or self.cadence.measured(current, index)
         if self.readout.compare_due(index) and has_method(self.model, "set_parameters"):
             # The read-outs' losses on this batch are read with the next read, paired with this step's loss.
-            probe = self.readout.probe(self.model, batch, self._forward)
+            probe = self.readout.probe(self.model, batch, self._forward,
+                                       with_raw=getattr(self.model, "loss_in_eval_mode", False) is True)
             self.metrics.count("readout_forwards", len(probe))
             self._probe = (index, list(probe))
             self.real_steps.extra = [self._xp.reshape(v, (1,)) for v in probe.values()]
@@ -279,8 +281,11 @@ class HybridTrainer:
         last = settled[-1] if settled and settled[-1][0] == index else None
         if self._probe is not None and self.real_steps.extra_values:
             at, kinds = self._probe
-            raw = next((loss for step, loss, _ in self.real_steps.extra_records if step == at), math.nan)
-            self.readout.record(raw, dict(zip(kinds, self.real_steps.extra_values)))
+            losses = dict(zip(kinds, self.real_steps.extra_values))
+            raw = losses.pop("raw", None)  # the raw weights' `loss`, when the training loss is not comparable
+            if raw is None:
+                raw = next((loss for step, loss, _ in self.real_steps.extra_records if step == at), math.nan)
+            self.readout.record(raw, losses)
             self.metrics.count("readout_comparisons")
             self._probe, self.real_steps.extra_values, self.real_steps.extra_records = None, [], []
         diverging = self.recorder.take_diverging()
@@ -328,66 +333,11 @@ class HybridTrainer:
     def _advance(self, current: PhaseState, signals: Signals) -> None:
         nxt = self.phases.advance(signals)
         if nxt.phase is Phase.PREDICT and current.phase is not Phase.PREDICT:
-            self._start_cycle(current, nxt)
+            self.predictor.start(current, nxt)
         elif nxt.phase is Phase.CORRECT and current.phase is not Phase.CORRECT and self.cycle.active:
-            features = self.recorder.features(nxt)
-            context = compact_context(features, self.recorder.confidence)
-            raw = self.dynamics.predict(features, self.config.correct_steps)
-            self.cycle.enter_correct(raw, math.exp(self.corrector.log_correction(context)), context)
+            self.predictor.enter_correct(nxt)
         elif current.phase is Phase.CORRECT and nxt.phase is not Phase.CORRECT:
-            self._finish_cycle()
-
-    def _start_cycle(self, current: PhaseState, nxt: PhaseState) -> None:
-        self.flush()  # a probe can start after a step that was not read
-        features = self.recorder.features(current)
-        context = compact_context(features, self.recorder.confidence)
-        raw = self.dynamics.predict(features, nxt.horizon)
-        _, slope, slope_stderr = self.state.trend(self.config.history_size, stderr=True)
-        self.cycle.start(self.freeze.hold(self.directions.direction(self.model, self.optimizer)),
-                         corrected(raw, math.exp(self.corrector.log_correction(context))), context,
-                         (slope, slope_stderr), nxt.probe)
-        self.state.start_predict(nxt.horizon)
-        self.metrics.count("probes" if nxt.probe else "predict_phases")
-
-    def _finish_cycle(self) -> None:
-        self.flush()
-        self.state.mark_correction()
-        end = self.cycle.finish()
-        if end is not None and end.arm is not None and self.config.use_bandit:
-            self.bandit.update(end.arm, end.context, end.reward)
-            self.metrics.record_decision(self.steps_done, end.arm, end.reward)
-
-    # -- predicted steps -----------------------------------------------------------------------
-
-    def _predicted_step(self, batch: Any, current: PhaseState, index: int) -> tuple[StepResult, Signals]:
-        k = current.steps_in_phase
-        prediction = self.cycle.prediction
-        confidence = float(prediction.confidence)
-        predicted, loss = prediction.loss[k], None
-        if self.cycle.check_due(k):
-            loss = self.ledger.read_arrays([self._forward(batch)])[0]
-            self.batch_check.accepted(batch, widen=True)
-            self.metrics.count("checks")
-            verdict = self.monitor.assess(self.state, loss, None)
-            check = self.cycle.check(self.model, k, loss, verdict.level >= Level.FORCE_FULL)
-            predicted = check.predicted
-            if math.isfinite(loss):
-                self.state.record_prediction_error(predicted, loss)
-            else:
-                self.metrics.count("nonfinite_in_predict")
-            self.state.record_check(check.passed)
-            if not check.passed:
-                self.metrics.count("rollbacks" if check.undone else "checks_failed_at_good_point")
-                self.metrics.count("checks_failed")
-                self.cycle.count_failed_step()
-                self.state.record_predicted()
-                return (StepResult(index, Phase.PREDICT, loss, predicted, False, confidence),
-                        Signals(confidence, 0, True, False))
-        elif self.batch_check.unchecked(batch, index, self._forward):
-            self.metrics.count("batch_check_forwards")
-        self.cycle.advance(self.model, k)
-        self.state.record_predicted()
-        return StepResult(index, Phase.PREDICT, loss, predicted, False, confidence), Signals(confidence)
+            self.predictor.finish(self.steps_done)
 
     def _forward(self, batch: Any) -> Array:
         loss = call_model(self.model.loss, batch, "loss")
@@ -438,9 +388,7 @@ class HybridTrainer:
         `OSError` while writing raises `CheckpointError` naming ``path``; a file already there is
         left intact and so is the trainer (it can keep training or save elsewhere).
         """
-        self.flush()
-        write_checkpoint(path, self.config.to_dict(), self.parts(),
-                         {"dynamics_type": type(self.dynamics).__name__, "run": {"id": self.run_id, "lr": self.run_lr}})
+        save_trainer(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: Model, optimizer: Optimizer,
@@ -470,19 +418,6 @@ class HybridTrainer:
         without a run id) is refused with `CheckpointError`. On any refusal nothing changes.
         """
         restore_trainer(self, path, max_bytes, run_id)
-
-    def _restore_parts(self, path: str | os.PathLike[str], raw: dict[str, Any]) -> None:
-        saved_dyn = raw.get("dynamics_type")
-        if type(self.dynamics).__name__ != saved_dyn:
-            raise CheckpointError(f"{os.fspath(path)}: saved with dynamics {saved_dyn}, "
-                                  f"not {type(self.dynamics).__name__}", f"Pass dynamics={saved_dyn}(...) to load it.")
-        self.flush()
-        device = array_api_compat.device(self.model.parameters()[0])
-        params, config, dim = self.model.parameters(), self.config, self.bandit.dim
-        restore_parts(self.parts(), raw["parts"], self._xp, device, f"{os.fspath(path)}: ",
-                      optional=("readout", "lr", "freeze", "rng", "data", "callbacks"),
-                      check=lambda s: check_parts_fit(s, params, config, dim))
-        self.ledger.verify(self.model, self.optimizer)
 
     def __repr__(self) -> str:
         return (f"HybridTrainer(step={self.steps_done}, phase={self.phase.value}, "

@@ -275,3 +275,32 @@ def _backend_optimizer(backend, model):
 
         return OptaxOptimizer(model, optax.inject_hyperparams(optax.adam)(learning_rate=0.05))
     return Adam(model, lr=0.05)
+
+
+@pytest.mark.parametrize("eval_for_loss", [True, False])
+def test_with_dropout_the_read_out_is_paired_with_the_raw_weights_in_the_same_mode(eval_for_loss):
+    """At lr 0 the read-outs are the raw weights themselves. With ``loss`` in eval mode (dropout off) the raw
+    side of each comparison must be the raw weights' ``loss`` too, so every difference is exactly 0 and the raw
+    weights stay chosen (up to the float32 rounding of an average of equal snapshots); paired with the dropout
+    training loss the read-out would look better than itself."""
+    torch = pytest.importorskip("torch")
+    from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(64, 3))
+    model = TorchModel(net, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+                       eval_for_loss=eval_for_loss)
+    trainer = HybridTrainer(model, TorchOptimizer(model, torch.optim.Adam(net.parameters(), lr=0.0)),
+                            HybridConfig(**{**PLAIN, "readout_check_every": 10}))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(120):
+        trainer.step((torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)))
+    trainer.flush()
+    summary = trainer.summary()["readout"]
+    assert sum(summary["comparisons"].values()) >= 4
+    diffs = [v for v in summary["mean_diff_vs_raw"].values() if v is not None]
+    if eval_for_loss:
+        assert diffs and all(abs(d) < 1e-5 for d in diffs) and summary["chosen"] == "raw"
+    else:  # `loss` in train mode: a fresh dropout mask per pass, the pairs differ by noise only
+        assert diffs and any(abs(d) > 1e-3 for d in diffs)
