@@ -4,7 +4,9 @@
 group: it takes state tensors of any shape (the next step then fails inside torch), casts floating
 ones to the parameter's dtype, and accepts NaN buffers and an empty state for an optimizer that has
 stepped (the step count silently restarts). `checked_steps` refuses all of these with a
-`CheckpointError` naming the parameter and the field, and changes nothing.
+`CheckpointError` naming the parameter and the field, and changes nothing. `group_indices` maps the
+optimizer's parameter groups onto the model's parameters (checked at construction), and `cloned`
+copies a state's tensors.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 
 import torch
 
-from hybrid_core._errors import CheckpointError
+from hybrid_core._errors import CheckpointError, ConfigError
 
-__all__ = ["ELEMENTWISE", "check_scheduler", "checked_steps"]
+__all__ = ["ELEMENTWISE", "check_scheduler", "checked_steps", "cloned", "group_indices"]
 
 ELEMENTWISE = frozenset({"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop",
                          "Rprop", "ASGD"})
@@ -188,3 +190,41 @@ def _same_kind(saved: Any, live: Any) -> bool:
         return isinstance(saved, (list, tuple)) and len(saved) == len(live) and all(
             _same_kind(s, v) for s, v in zip(saved, live, strict=True))
     return type(saved) is type(live)
+
+
+def group_indices(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[list[int]]:
+    """For each parameter group, the indices into ``params`` of the tensors it holds."""
+    position = {id(p): i for i, p in enumerate(params)}
+    groups: list[list[int]] = []
+    seen: set[int] = set()
+    extra = 0
+    for group in optimizer.param_groups:
+        idx = []
+        for p in group["params"]:
+            i = position.get(id(p))
+            if i is None:
+                extra += p.requires_grad
+            else:
+                idx.append(i)
+                seen.add(i)
+        groups.append(idx)
+    problems = []
+    missing = sorted(set(range(len(params))) - seen)
+    if missing:
+        problems.append(f"model.parameters() {missing} are in no parameter group of the optimizer")
+    if extra:
+        problems.append(f"the optimizer holds {extra} trainable tensor(s) not in model.parameters()")
+    if problems:
+        raise ConfigError(problems, "Build the optimizer from model.parameters() (groups may split them).")
+    return groups
+
+
+def cloned(value: Any) -> Any:
+    """``value`` with every tensor replaced by a detached copy (containers rebuilt, other leaves shared)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cloned(v) for v in value)
+    return value

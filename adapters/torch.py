@@ -20,7 +20,7 @@ from ._torch_amp import StepWatch, check_scaler_state, finite_or_zero, scaler_pr
 from ._torch_model import TorchModel
 from ._torch_rules import GroupView, rule_for, sgd_next
 from ._torch_schedule import SCHEDULE_COUNTS, scheduler_room
-from ._torch_state import check_scheduler, checked_steps
+from ._torch_state import check_scheduler, checked_steps, cloned, group_indices
 
 __all__ = ["TorchModel", "TorchOptimizer"]
 
@@ -114,7 +114,7 @@ class TorchOptimizer:
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self._params = list(model.parameters())
         self._xp = namespace_of(self._params, what="model.parameters()")
-        self._groups = _group_indices(optimizer, self._params)
+        self._groups = group_indices(optimizer, self._params)
         self._check_float_lrs()
         self._rule = rule_for(optimizer)
         self._steps = self._read_steps()
@@ -326,11 +326,11 @@ class TorchOptimizer:
         return {**scaler,
             "kind": "TorchOptimizer",
             "optimizer_class": type(self.optimizer).__name__,
-            "optimizer": _cloned(self.optimizer.state_dict()),
-            "scheduler": None if self.scheduler is None else _cloned(self.scheduler.state_dict()),
+            "optimizer": cloned(self.optimizer.state_dict()),
+            "scheduler": None if self.scheduler is None else cloned(self.scheduler.state_dict()),
             "steps": list(self._steps),
-            "last_update": _cloned(self._buffer) if self._has_update else None,
-            "last_grads": _cloned(self._last_grads) if keep_grads and self._last_grads is not None else None,
+            "last_update": cloned(self._buffer) if self._has_update else None,
+            "last_grads": cloned(self._last_grads) if keep_grads and self._last_grads is not None else None,
         }
 
     def check_state_dict(self, state: dict[str, Any]) -> tuple[list[int], Any, Any, int]:
@@ -371,17 +371,17 @@ class TorchOptimizer:
                skipped: int) -> None:
         # torch keeps the given tensors when dtype and device already fit: clone so that two
         # optimizers loading one state dict do not share (and mutate) the same buffers.
-        self.optimizer.load_state_dict(_cloned(state["optimizer"]))
+        self.optimizer.load_state_dict(cloned(state["optimizer"]))
         if self.scheduler is not None:
-            self.scheduler.load_state_dict(_cloned(state["scheduler"]))
+            self.scheduler.load_state_dict(cloned(state["scheduler"]))
         if self.scaler is not None:
             self.scaler.load_state_dict(dict(state[_SCALER_KEY]["state"]))
         self._check_float_lrs()
         self._rule = rule_for(self.optimizer)
         self._steps = list(steps)
         self._has_update = last_update is not None
-        self._buffer = None if last_update is None else _cloned(last_update)
-        self._last_grads = None if last_grads is None else _cloned(last_grads)
+        self._buffer = None if last_update is None else cloned(last_update)
+        self._last_grads = None if last_grads is None else cloned(last_grads)
         self.skipped_steps = skipped
 
     def _buffers(self, value: Any, name: str) -> list[torch.Tensor] | None:
@@ -419,41 +419,3 @@ class TorchOptimizer:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _group_indices(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[list[int]]:
-    """For each parameter group, the indices into ``params`` of the tensors it holds."""
-    position = {id(p): i for i, p in enumerate(params)}
-    groups: list[list[int]] = []
-    seen: set[int] = set()
-    extra = 0
-    for group in optimizer.param_groups:
-        idx = []
-        for p in group["params"]:
-            i = position.get(id(p))
-            if i is None:
-                extra += p.requires_grad
-            else:
-                idx.append(i)
-                seen.add(i)
-        groups.append(idx)
-    problems = []
-    missing = sorted(set(range(len(params))) - seen)
-    if missing:
-        problems.append(f"model.parameters() {missing} are in no parameter group of the optimizer")
-    if extra:
-        problems.append(f"the optimizer holds {extra} trainable tensor(s) not in model.parameters()")
-    if problems:
-        raise ConfigError(problems, "Build the optimizer from model.parameters() (groups may split them).")
-    return groups
-
-
-def _cloned(value: Any) -> Any:
-    """``value`` with every tensor replaced by a detached copy (containers rebuilt, other leaves shared)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, Mapping):
-        return {k: _cloned(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cloned(v) for v in value)
-    return value

@@ -73,7 +73,7 @@ class CallbackStates:
                 raise ConfigError(f"two callbacks have the key {key!r}", "Give each a distinct `key` attribute.")
             keyed[key] = cb
         due = {k: self._waiting[k] for k in keyed if k in self._waiting}
-        _check(keyed, due, "")
+        _check(keyed, due)
         _load(keyed, due)
         self._attached = keyed
         self._waiting = {k: v for k, v in self._waiting.items() if k not in due}
@@ -86,7 +86,7 @@ class CallbackStates:
         """Refuse (naming the key) what `load_state_dict` would refuse; change nothing."""
         if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
             raise ValueError("the callbacks' states are not a dict by key")
-        _check(self._attached, state, "")
+        _check(self._attached, state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Hand each attached callback its state; keep the others waiting (all or none, see `attach`)."""
@@ -99,7 +99,8 @@ class CallbackStates:
         return f"CallbackStates(attached={list(self._attached)}, waiting={self.waiting})"
 
 
-def _check(callbacks: Mapping[str, Any], states: Mapping[str, Any], where: str) -> None:
+def _check(callbacks: Mapping[str, Any], states: Mapping[str, Any]) -> None:
+    """Each callback's ``check_state_dict`` of its state; `CheckpointError` naming the key."""
     for key, state in states.items():
         cb = callbacks.get(key)
         validate = getattr(cb, "check_state_dict", None)
@@ -107,9 +108,12 @@ def _check(callbacks: Mapping[str, Any], states: Mapping[str, Any], where: str) 
             try:
                 validate(state)
             except HybridError as exc:
-                raise CheckpointError(f"{where}callback {key!r}: {exc.message}", exc.recovery) from exc
+                raise CheckpointError(f"callback {key!r}: {exc.message}", exc.recovery) from exc
+            except ValueError as exc:  # the readers of `_statecheck` name the field
+                raise CheckpointError(f"callback {key!r}: {exc}", "Resume with callbacks built as in the saved "
+                                      "run.") from exc
             except Exception as exc:
-                raise CheckpointError(f"{where}callback {key!r}: {type(exc).__name__}: {exc}",
+                raise CheckpointError(f"callback {key!r}: {type(exc).__name__}: {exc}",
                                       "Resume with callbacks built as in the saved run.") from exc
 
 

@@ -257,7 +257,7 @@ class _Shown:
         if rec is not None:
             self._loss = rec.loss if rec.loss is not None else self._loss
             self._lr = rec.lr if rec.lr is not None else self._lr
-        parts = [] if self._feed.kind == "function" else [f"epoch={_epoch_text(self._feed)}"]
+        parts = [f"epoch={_epoch_text(self._feed)}"] if self._feed.kind == "reiterable" else []
         parts += [f"phase={self._trainer.phase.value}",
                  "loss=" + ("-" if self._loss is None else f"{self._loss:.4g}"),
                  "lr=" + ("-" if self._lr is None else f"{self._lr:.3g}"),
