@@ -62,8 +62,10 @@ def test_a_resumed_run_stops_where_the_uninterrupted_one_stops_and_logs_each_row
     assert [r["step"] for r in rows_of(path)][-2:] == [70, 75]  # 75: past the last checkpoint (70)
     second, second_model = make(seed=3)  # a new trainer and new callbacks, as in a new process
     stopper2, logger2 = callbacks(second_model, path)
-    second.fit(batch, max_steps=71, progress=False, callbacks=[stopper2, logger2], checkpoint=policy)
-    assert [r["step"] for r in rows_of(path)][-1] == 70  # rewritten from the checkpoint's rows: 75 dropped
+    seen = []  # the file as the first step after the resume leaves it (a kill could come next)
+    second.fit(batch, max_steps=71, progress=False, checkpoint=policy,
+               callbacks=[stopper2, logger2, lambda t, r: seen.append(rows_of(path)[-1]["step"])])
+    assert seen == [70]  # rewritten from the checkpoint's rows at once: 75 dropped
     assert (stopper2.best, stopper2.best_step, stopper2.bad_evaluations) == (stopper.best, 65, 1)
     summary = second.fit(batch, max_steps=300, progress=False, callbacks=[stopper2, logger2], checkpoint=policy)
     assert summary["steps"] == 80 and stopper2.stopped_step == 80 and stopper2.evaluations == stopper.evaluations
@@ -148,14 +150,18 @@ def _doctored(tmp_path, change):
     (lambda s: s["ValidationLogger#0"]["rows"].append({"step": 5, "loss": 1.0}), r"rows\[14\].step=5 does not follow"),
     (lambda s: s["ValidationLogger#0"]["rows"][0].update(loss=[1.0]), r"rows\[0\] holds 'loss'"),
 ])
-def test_a_refused_callback_state_changes_nothing(tmp_path, change, message):
+def test_a_refused_callback_state_changes_nothing(tmp_path, change, message, monkeypatch):
     bad = _doctored(tmp_path, change)
     trainer, model = make(seed=5)
     stopper, logger = callbacks(model)
     trainer.fit(batch, max_steps=30, progress=False, callbacks=[stopper, logger])
     before = (params(model), trainer.steps_done, stopper.state_dict()["best"], logger.records)
+    loads = []
+    for kind in {type(part) for part in trainer.parts().values()}:  # all checked first: no part is loaded
+        monkeypatch.setattr(kind, "load_state_dict", lambda self, state: loads.append(self))
     with pytest.raises(CheckpointError, match=f"part 'callbacks'.*{message}"):
         trainer.restore(bad)
+    assert loads == []
     assert (params(model), trainer.steps_done, stopper.state_dict()["best"], logger.records) == before
 
 
@@ -184,3 +190,15 @@ def test_a_jsonl_logger_resumed_from_a_checkpoint_holds_every_step_once(tmp_path
     keep = ("step", "phase", "loss", "backward", "lr")
     assert [{k: r[k] for k in keep} for r in rows_of(log)] == [
         {k: getattr(r, k) for k in keep} for r in straight.metrics.records]
+
+
+def test_a_trainer_taken_back_without_the_loggers_state_logs_each_step_once(tmp_path):
+    trainer, model = make()
+    trainer.fit(batch, max_steps=20, progress=False)
+    trainer.save(tmp_path / "twenty.ckpt")  # no callbacks attached yet: no state for the logger
+    logger = ValidationLogger(lambda: float(model.loss(VAL)), every=5, path=tmp_path / "val.jsonl")
+    trainer.fit(batch, max_steps=40, progress=False, callbacks=[logger])
+    trainer.restore(tmp_path / "twenty.ckpt")  # back to step 20; the logger keeps its rows of 25..40
+    trainer.fit(batch, max_steps=40, progress=False, callbacks=[logger])
+    assert [r["step"] for r in logger.records] == [25, 30, 35, 40]
+    assert [r["step"] for r in rows_of(tmp_path / "val.jsonl")] == [25, 30, 35, 40]

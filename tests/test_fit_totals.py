@@ -97,6 +97,9 @@ def test_max_steps_passes_over_a_list_again_and_counts_epochs():
     summary = trainer.fit(DATA, max_steps=20, progress=False)
     assert (summary["steps"], summary["epochs"], summary["epoch_batches"]) == (20, 2, 6)
     assert params(model) == stepped(cycle(20))[0]
+    at_the_end, _ = make()  # a pass with a length is complete after its last batch
+    summary = at_the_end.fit(DATA, max_steps=14, progress=False)
+    assert (summary["epochs"], summary["epoch_batches"]) == (2, 0)
 
 
 def test_epochs_is_a_total_and_the_first_limit_wins():
@@ -320,3 +323,30 @@ def test_a_step_undone_by_an_error_is_not_counted_and_is_fed_again():
         trainer.fit(bad, max_steps=20, progress=False)
     assert trainer.data_position.batch == 5
 
+
+
+def test_a_shuffled_dataloader_with_a_seeded_generator_resumes_its_order(tmp_path):
+    torch = pytest.importorskip("torch")
+    from hybrid_core.adapters.torch import TorchModel, TorchOptimizer
+
+    points = torch.randn(40, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def setup():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).double()
+        model = TorchModel(net, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(points, points[:, :1] * points[:, 1:2]),
+                                             batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+        opt = TorchOptimizer(model, torch.optim.Adam(net.parameters(), lr=1e-2))
+        return HybridTrainer(model, opt, CONFIG), loader, net
+
+    straight, loader, net = setup()
+    straight.fit(loader, max_steps=47, progress=False)
+    first, loader, _ = setup()
+    first.fit(loader, max_steps=26, progress=False)  # epoch 2, batch 6 of 10
+    first.save(tmp_path / "loader.ckpt")
+    again, loader, again_net = setup()
+    again.restore(tmp_path / "loader.ckpt")
+    summary = again.fit(loader, max_steps=47, progress=False)
+    assert (summary["epochs"], summary["epoch_batches"]) == (4, 7)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), again_net.parameters()))

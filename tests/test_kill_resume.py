@@ -82,7 +82,7 @@ def test_early_stopping_stops_at_the_same_step_after_a_kill(backend, tmp_path):
     if backend == "torch":
         pytest.importorskip("torch")
     a, b, straight_dir, killed_dir = kill_and_rerun(backend, "stop", tmp_path)
-    assert 350 < a["stopped"] < 600
+    assert a["best_step"] <= 300 < 350 < a["stopped"] < 600  # its patience runs across the kill
     assert (b["stopped"], b["best_step"], b["steps_done"]) == (a["stopped"], a["best_step"], a["steps_done"])
     assert a["params"] == b["params"]  # the best weights, put back from the saved copy
     assert same_rows(straight_dir, killed_dir, "val.jsonl", drop=("seconds",))
