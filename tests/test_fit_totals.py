@@ -4,6 +4,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hybrid_core import CheckpointError, CheckpointPolicy, ConfigError, DivergenceError, HybridConfig, HybridTrainer
 from hybrid_core.models import MLP
@@ -350,3 +352,44 @@ def test_a_shuffled_dataloader_with_a_seeded_generator_resumes_its_order(tmp_pat
     summary = again.fit(loader, max_steps=47, progress=False)
     assert (summary["epochs"], summary["epoch_batches"]) == (4, 7)
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), again_net.parameters()))
+
+
+# -- the invariant, property-tested -----------------------------------------------------------------------------------
+
+FAST = CONFIG.replace(read_every=2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(length=st.integers(1, 5), totals=st.lists(st.integers(0, 17), min_size=1, max_size=4),
+       breaks=st.lists(st.sampled_from(["continue", "save-load", "new-object"]), min_size=4, max_size=4))
+def test_a_run_cut_anywhere_trains_on_what_one_fit_trains_on(tmp_path_factory, length, totals, breaks):
+    """``fit(source, max_steps=t)`` for rising totals, with a save and load into a new trainer, or another equal
+    list, between calls, trains on the batches the model below says, in that order (the parameters are
+    bit-identical to stepping through them): the same object, or any object after a load, continues the pass;
+    another object in the same process starts a new pass at its first batch."""
+    data = DATA[:length]
+    totals = sorted(totals)
+    trainer, _ = make(config=FAST)
+    source = list(data)
+    ckpt = tmp_path_factory.mktemp("cut") / "cut.ckpt"
+    expected: list[int] = []
+    loaded, epoch, batch = False, 0, 0  # the model's view of the data position
+    for total, how in zip(totals, breaks):
+        start = trainer.steps_done
+        if how == "new-object":
+            source = list(data)
+        if start < total:
+            if how == "new-object" and not loaded:
+                batch = 0
+            expected += cycle(total - start, batch, length)
+            epoch, batch = epoch + (batch + total - start) // length, (batch + total - start) % length
+            loaded = False
+        trainer.fit(source, max_steps=total, progress=False)
+        assert (trainer.data_position.epoch, trainer.data_position.batch) == (epoch, batch)
+        if how == "save-load":
+            trainer.save(ckpt)
+            model = MLP([5, 8, 3], dtype=np.float64, seed=7)
+            trainer = HybridTrainer.load(ckpt, model, Adam(model, lr=0.02))
+            loaded = True
+    assert params(trainer.model) == stepped(expected, config=FAST)[0]
+    assert trainer.steps_done == len(expected)
