@@ -368,9 +368,10 @@ class HybridTrainer:
 
         ``progress`` (default on; False: off) shows the rate, ETA, epoch, phase, loss, learning rate and
         backward passes skipped on stderr: a tqdm bar on a terminal or in a notebook, a plain line per
-        tenth of the run in a log (`hybrid_core._progress.Progress`). Callbacks are called after each step,
-        before its checkpoint; ``on_fit_start(trainer)`` / ``on_fit_end(trainer)`` methods, if a callback
-        has them, before the first step (before a resume) and once the loop ends (after the last read).
+        tenth of the run in a log (`hybrid_core._progress.Progress`). Every callback is called after each
+        step (also after an earlier one asked to stop), before the step's checkpoint; ``on_fit_start(trainer)``
+        / ``on_fit_end(trainer)`` methods, if a callback has them, before the first step (before a resume)
+        and once the loop ends (after the last read).
         Callbacks with state (``state_dict``/``load_state_dict``) are attached to the trainer
         (`callback_states`): their states are saved with its checkpoints and restored on resume.
         ``checkpoint`` saves the whole trainer every ``checkpoint.every`` steps, keeps the run's newest

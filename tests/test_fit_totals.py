@@ -393,3 +393,19 @@ def test_a_run_cut_anywhere_trains_on_what_one_fit_trains_on(tmp_path_factory, l
             loaded = True
     assert params(trainer.model) == stepped(expected, config=FAST)[0]
     assert trainer.steps_done == len(expected)
+
+
+def test_a_checkpoint_from_before_the_data_and_callbacks_parts_loads(tmp_path):
+    from hybrid_core._codec import encode, read_file, write_atomic
+    from hybrid_core._persist import _host
+
+    trainer, _ = make()
+    trainer.fit(DATA, max_steps=10, progress=False)
+    trainer.save(tmp_path / "now.ckpt")
+    doc = read_file(tmp_path / "now.ckpt")
+    del doc["parts"]["data"], doc["parts"]["callbacks"]
+    write_atomic(tmp_path / "older.ckpt", encode(doc, _host))
+    model = MLP([5, 8, 3], dtype=np.float64, seed=9)
+    older = HybridTrainer.load(tmp_path / "older.ckpt", model, Adam(model, lr=0.02))
+    assert older.steps_done == 10 and older.data_position.state_dict() == {"epoch": 0, "batch": 0, "generators": None}
+    assert older.callback_states.waiting == [] and older.fit(DATA, max_steps=12, progress=False)["steps"] == 12
