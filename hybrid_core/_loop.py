@@ -8,6 +8,7 @@ and the schedule's room `_schedule`'s.
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import warnings
@@ -67,7 +68,7 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
         progress: bool | None, callbacks: Sequence[Callback], checkpoint: CheckpointPolicy | None,
         max_steps: int | None = None, epochs: int | None = None) -> dict[str, Any]:
     """`HybridTrainer.fit` (see there)."""
-    _check_lengths(steps, max_steps, epochs)
+    steps, max_steps, epochs = _lengths(steps, max_steps, epochs)
     kind = source_kind(batches)
     if kind == "function":
         if epochs is not None:
@@ -128,16 +129,20 @@ def fit(trainer: Trainer, batches: Iterable[Any] | Callable[[int], Any], steps: 
     return {**trainer.summary(), "epochs": position.epoch, "epoch_batches": position.batch}
 
 
-def _check_lengths(steps: Any, max_steps: Any, epochs: Any) -> None:
+def _lengths(steps: Any, max_steps: Any, epochs: Any) -> tuple[int | None, int | None, int | None]:
+    """The three lengths as ints (NumPy integers accepted); `ConfigError` for anything but integers >= 0 or None,
+    and for ``steps`` with ``max_steps``."""
     problems = [f"{name}={value!r}: must be an integer >= 0 or None" for name, value in
                 (("steps", steps), ("max_steps", max_steps), ("epochs", epochs))
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0)]
+                if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                          or value < 0)]
     if problems:
         raise ConfigError(problems)
     if steps is not None and max_steps is not None:
         raise ConfigError(f"steps={steps} and max_steps={max_steps} given together: steps counts from this call, "
                           "max_steps is the run's total", "Give one: max_steps (the run's total, which a resumed "
                           "run ends at too) or steps (a count from the trainer's current step).")
+    return tuple(None if v is None else int(v) for v in (steps, max_steps, epochs))  # type: ignore[return-value]
 
 
 def _length_text(steps: int | None, max_steps: int | None, epochs: int | None) -> str:

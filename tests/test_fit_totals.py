@@ -60,8 +60,10 @@ def test_max_steps_is_the_runs_total():
     assert trainer.steps_done == 50
     trainer.fit(batch, steps=5, progress=False)  # steps counts from the call, as before
     assert trainer.steps_done == 55
+    trainer.fit(batch, max_steps=np.int64(56), progress=False)  # NumPy integers are integers
+    assert trainer.steps_done == 56
     straight, model = make()
-    straight.fit(batch, max_steps=55, progress=False)
+    straight.fit(batch, max_steps=56, progress=False)
     assert params(model) == params(trainer.model)
 
 
