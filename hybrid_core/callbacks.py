@@ -128,8 +128,9 @@ class EarlyStopping:
         return True
 
     def restore(self) -> bool:
-        """Put the best parameters seen back into the model; False if there is nothing to restore."""
-        if self._best_params is None:
+        """Put the best parameters seen back into the model; False if there is nothing to restore (or no model known
+        yet: it is learned at `fit`'s start and at every call)."""
+        if self._best_params is None or self._model is None:
             return False
         model = self._model
         # θ + (−θ) is exactly 0 and 0 + θ_best is exactly θ_best: an exact set through the
