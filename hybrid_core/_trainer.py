@@ -226,7 +226,8 @@ class HybridTrainer:
 
         A real step's ``loss`` is ``None`` until it is read (see `flush`). A step that raises leaves the
         trainer where its message says (docs/architecture.md, "When a step fails"); a batch with zero
-        samples raises `BatchError` before anything runs.
+        samples raises `BatchError` before anything runs, and so does a step with no room left in the
+        optimizer's learning-rate schedule, with `ConfigError` (`hybrid_core._schedule`).
         """
         start = time.perf_counter()
         current = self.phases.state
