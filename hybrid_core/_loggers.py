@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import time
+from abc import ABC, abstractmethod
 from typing import IO, TYPE_CHECKING, Any
 
 from ._errors import ConfigError
@@ -43,7 +44,7 @@ PHASE_CODES = {phase.value: i for i, phase in enumerate(Phase)}
 _TENSORBOARD_SCALARS = ("loss", "predicted_loss", "lr", "grad_norm", "confidence")
 
 
-class _RecordLogger:
+class _RecordLogger(ABC):
     """Writes the records read since the last call; `on_fit_end` writes the rest and closes."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -71,15 +72,17 @@ class _RecordLogger:
             self._write(records)
             self._next = records[-1].step + 1
 
+    @abstractmethod
     def _begin(self, start: int) -> int:
         """Prepare to log from step ``start`` on; the first step to write (earlier ones are logged already)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _write(self, records: list[StepRecord]) -> None:
-        raise NotImplementedError
+        """Append ``records`` to the log."""
 
+    @abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Close the log (the next write reopens it)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, next_step={self._next})"
@@ -129,13 +132,15 @@ class _FileLogger(_RecordLogger):
     _header_lines = 0
 
     def _header(self, f: IO[str]) -> None:
-        pass
+        """Write the file's header lines (none by default; CSV writes its column names)."""
 
+    @abstractmethod
     def _lines(self, f: IO[str], records: list[StepRecord]) -> None:
-        raise NotImplementedError
+        """Write one row per record."""
 
+    @abstractmethod
     def _step_of(self, line: str) -> int | None:
-        raise NotImplementedError
+        """The step of a row written by `_lines`, or None for a row that is not one."""
 
 
 class JSONLLogger(_FileLogger):
