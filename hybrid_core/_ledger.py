@@ -7,18 +7,20 @@ model's extra state at a point whose steps were all read finite (every few reads
 before anything but a real step moves the weights), so a non-finite value found by a
 later read can be undone exactly (`restore`) and the steps since replayed from their kept
 batches. Every device→host read of the trainer goes through
-`read_arrays`, which counts it (`host_syncs`).
+`read_arrays`, which counts it (`host_syncs`) and, in a run of several processes, hands every rank
+the mean over ranks (`hybrid_core._collective.agree`), so they all take the same decisions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import array_api_compat
 
 from ._backend import to_host_floats
 from ._checks import has_method
+from ._collective import Collective, SingleProcess, agree
 from ._errors import CheckpointError, DivergenceError
 from ._phase import PhaseState
 from ._protocols import Array, Model, Optimizer
@@ -58,15 +60,23 @@ class Ledger:
         """Steps between the verified point before the last one and the last one (see `keep_older`)."""
         self.verifies = 0
         """How many verified points were copied (each: the parameters and the optimizer state)."""
+        self.collective: Collective = SingleProcess()
+        """The run's processes: every read is agreed among them (one collective per read)."""
+        self.fingerprint: Callable[[], Sequence[float]] = tuple
+        """Where the run is (the trainer sets it: step, phase, reads), compared across ranks at every read."""
 
     def add(self, item: Pending) -> None:
         """Keep one real step until the next `read`."""
         self.pending.append(item)
 
     def read_arrays(self, arrays: list[Array]) -> list[float]:
-        """The entries of 0-d or 1-D device arrays, in order, as floats: one counted host read."""
+        """The entries of 0-d or 1-D device arrays, in order, as floats: one counted host read (in a run of
+        several processes, the mean over ranks, the same on every rank: one collective)."""
         self.host_syncs += 1
-        return to_host_floats(arrays)
+        values = to_host_floats(arrays)
+        if self.collective.world_size == 1:
+            return values
+        return agree(self.collective, values, self.fingerprint(), f"read {self.host_syncs}")
 
     def read(self, extra: Sequence[Array] = ()) -> tuple[list[list[float]], list[float]]:
         """The pending steps' values as floats, [loss] or the statistics vector each, and the entries of

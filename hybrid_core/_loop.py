@@ -240,7 +240,8 @@ def _auto_save(trainer: Trainer, policy: CheckpointPolicy) -> None:
     make_directory(policy.directory)
     step = trainer.steps_done
     trainer.save(checkpoint_path(policy.directory, step, trainer.run_id))
-    prune_run(policy.directory, trainer.run_id, step, policy.keep)
+    if getattr(getattr(trainer, "collective", None), "rank", 0) == 0:  # the rank that writes also prunes
+        prune_run(policy.directory, trainer.run_id, step, policy.keep)
     trainer.metrics.count("checkpoints_saved")
 
 

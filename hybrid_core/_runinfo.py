@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import array_api_compat
 
-from ._codec import DEFAULT_MAX_BYTES
+from ._codec import DEFAULT_MAX_BYTES, decode, encode
+from ._collective import Collective, gather_flags
 from ._config import HybridConfig
 from ._errors import CheckpointError, ConfigError, HybridError
 from ._partcheck import check_parts_fit
-from ._persist import read_checkpoint, restore_parts, write_checkpoint
+from ._persist import _host, read_checkpoint, restore_parts, write_checkpoint
 from ._protocols import DynamicsModel, Model, Optimizer
 from ._rundir import run_id_problem
 from .dynamics import RSSMDynamics
@@ -104,7 +105,7 @@ def require_same_start(path: str | os.PathLike[str], saved: HybridConfig, mine: 
 
 def load_trainer(cls: type[T], path: str | os.PathLike[str], model: Model, optimizer: Optimizer,
                  config: HybridConfig | None, dynamics: DynamicsModel | None,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> T:
+                 max_bytes: int = DEFAULT_MAX_BYTES, collective: Collective | None = None) -> T:
     """`HybridTrainer.load` (see there): every check before the trainer is built and the parts restored."""
     if config is not None and not isinstance(config, HybridConfig):
         raise ConfigError(f"config must be a HybridConfig or None, got {type(config).__name__}")
@@ -114,7 +115,7 @@ def load_trainer(cls: type[T], path: str | os.PathLike[str], model: Model, optim
     require_same_start(path, saved, saved if config is None else config, run.lr, start_lr(optimizer))
     if dynamics is None and raw.get("dynamics_type") == "RSSMDynamics":
         dynamics = RSSMDynamics(seed=saved.seed)
-    trainer = cls(model, optimizer, saved if config is None else config, dynamics)
+    trainer = cls(model, optimizer, saved if config is None else config, dynamics, collective=collective)
     restore_into(trainer, path, raw)
     _adopt(trainer, run)
     return trainer
@@ -142,11 +143,29 @@ def _adopt(trainer: HybridTrainer, run: SavedRun) -> None:
 
 
 def save_trainer(trainer: HybridTrainer, path: str | os.PathLike[str]) -> None:
-    """`HybridTrainer.save` (see there): pending steps read, then every part and the run record written."""
+    """`HybridTrainer.save` (see there): pending steps read, then every part and the run record written.
+
+    With several ranks, every rank's random generators are gathered (one collective), rank 0 writes, and
+    a second collective tells every rank whether the file was written (a barrier).
+    """
     trainer.flush()
-    write_checkpoint(path, trainer.config.to_dict(), trainer.parts(),
-                     {"dynamics_type": type(trainer.dynamics).__name__,
-                      "run": {"id": trainer.run_id, "lr": trainer.run_lr}})
+    extra: dict[str, Any] = {"dynamics_type": type(trainer.dynamics).__name__,
+                             "run": {"id": trainer.run_id, "lr": trainer.run_lr}}
+    coll = trainer.collective
+    if coll.world_size > 1:
+        extra["world_size"] = coll.world_size
+        extra["rng_by_rank"] = coll.gather_bytes(encode(trainer.rng.state_dict(), _host), "checkpoint: random state")
+    failure: CheckpointError | None = None
+    if coll.rank == 0:
+        try:
+            write_checkpoint(path, trainer.config.to_dict(), trainer.parts(), extra)
+        except CheckpointError as exc:
+            failure = exc
+    if not all(gather_flags(coll, failure is None, "checkpoint: written")):
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"{os.fspath(path)}: rank 0 could not write the checkpoint (its error says why)",
+                              "Fix what rank 0 reported (disk space, permissions) and save again.")
 
 
 def restore_into(trainer: HybridTrainer, path: str | os.PathLike[str], raw: dict[str, Any]) -> None:
@@ -156,9 +175,24 @@ def restore_into(trainer: HybridTrainer, path: str | os.PathLike[str], raw: dict
         raise CheckpointError(f"{os.fspath(path)}: saved with dynamics {saved_dyn}, "
                               f"not {type(trainer.dynamics).__name__}", f"Pass dynamics={saved_dyn}(...) to load it.")
     trainer.flush()
+    raw = _own_random_state(path, raw, trainer.collective.rank, trainer.collective.world_size)
     params = trainer.model.parameters()
     config, dim = trainer.config, trainer.bandit.dim
     restore_parts(trainer.parts(), raw["parts"], trainer.xp, array_api_compat.device(params[0]),
                   f"{os.fspath(path)}: ", optional=("readout", "lr", "freeze", "rng", "data", "callbacks"),
                   check=lambda s: check_parts_fit(s, params, config, dim))
     trainer.ledger.verify(trainer.model, trainer.optimizer)
+
+
+def _own_random_state(path: str | os.PathLike[str], raw: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """``raw`` with this rank's random generators as its ``rng`` part when the file holds every rank's
+    (written by a run of as many processes); otherwise the file's (rank 0's) for every rank."""
+    by_rank = raw.get("rng_by_rank")
+    if by_rank is None or raw.get("world_size") != world_size:
+        return raw
+    if not isinstance(by_rank, list) or len(by_rank) != world_size or not isinstance(by_rank[rank], bytes):
+        raise CheckpointError(f"{os.fspath(path)}: the per-rank random states are malformed")
+    parts = raw.get("parts")
+    if not isinstance(parts, dict):
+        return raw  # restore_parts says what is wrong with the parts
+    return {**raw, "parts": {**parts, "rng": decode(by_rank[rank])}}

@@ -18,6 +18,7 @@ from ._cadence import Cadence
 from ._callbackstate import CallbackStates
 from ._checks import call_model, check_loss_and_grads, has_method, require_protocol
 from ._codec import DEFAULT_MAX_BYTES
+from ._collective import Collective, discover, require_collective
 from ._config import HybridConfig
 from ._corrector import ResidualCorrector, ResidualStore
 from ._cycle import PredictionCycle
@@ -74,14 +75,15 @@ class HybridTrainer:
     A non-finite value found by a read rolls the model and optimizer back to the last read
     that was all finite and replays the steps since from their kept batches, reading each, so
     the failing step is handled as if it had been read at once (`DivergenceError`, or skipped).
-    `host_syncs` counts every device→host read.
+    `host_syncs` counts every device→host read. In a run of several processes (torch DDP, multi-process
+    JAX) every read is agreed among the ranks, so all take the same decisions (``collective``).
 
     Parts (each with ``state_dict``/``load_state_dict``; a checkpoint is ``{name: state}``):
     see `parts`.
     """
 
     def __init__(self, model: Model, optimizer: Optimizer, config: HybridConfig | None = None,
-                 dynamics: DynamicsModel | None = None) -> None:
+                 dynamics: DynamicsModel | None = None, *, collective: Collective | None = None) -> None:
         config = HybridConfig() if config is None else config
         if not isinstance(config, HybridConfig):
             raise ConfigError(f"config must be a HybridConfig, got {type(config).__name__}")
@@ -113,6 +115,10 @@ class HybridTrainer:
         self.cycle = PredictionCycle(config)
         self.cadence = Cadence(config)
         self.ledger = Ledger(self._xp)
+        self.collective = discover(self._xp) if collective is None else require_collective(collective)
+        """The run's processes (docs/distributed.md): found from the engine unless given; every read is agreed."""
+        self.ledger.collective = self.collective
+        self.ledger.fingerprint = lambda: (self.steps_done, list(Phase).index(self.phase), self.ledger.host_syncs)
         self.rng = GlobalRandomState()
         self.readout = ReadOut(config, model)
         self.batch_check = BatchCheck()
@@ -386,6 +392,9 @@ class HybridTrainer:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the whole trainer (every part's state) to ``path`` atomically; pending steps are read first.
 
+        In a run of several processes every rank calls it: rank 0 writes the file (with every rank's random
+        generators), and all ranks return once it is written, or raise `CheckpointError` if it was not.
+
         The file records the run: its `run_id` and the learning rate it started with. Any
         `OSError` while writing raises `CheckpointError` naming ``path``; a file already there is
         left intact and so is the trainer (it can keep training or save elsewhere).
@@ -395,7 +404,7 @@ class HybridTrainer:
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: Model, optimizer: Optimizer,
              dynamics: DynamicsModel | None = None, max_bytes: int = DEFAULT_MAX_BYTES, *,
-             config: HybridConfig | None = None) -> HybridTrainer:
+             config: HybridConfig | None = None, collective: Collective | None = None) -> HybridTrainer:
         """A trainer restored from ``path`` around ``model`` and ``optimizer`` (their states are overwritten).
 
         The run then continues exactly as if it had never stopped (bit for bit on deterministic
@@ -407,9 +416,10 @@ class HybridTrainer:
         `CheckpointError` and leaves ``model`` and ``optimizer`` bit for bit as they were (every part's
         state is checked before any is applied). Without ``dynamics``, a file saved with one of the
         library's dynamics models (`TrendDynamics`, or `RSSMDynamics`, the default of earlier
-        versions) gets a fresh one of that kind to load into.
+        versions) gets a fresh one of that kind to load into. Every rank of a distributed run loads the
+        same file (docs/distributed.md); ``collective`` as for the constructor.
         """
-        return load_trainer(cls, path, model, optimizer, config, dynamics, max_bytes)
+        return load_trainer(cls, path, model, optimizer, config, dynamics, max_bytes, collective)
 
     def restore(self, path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES,
                 run_id: str | None = None) -> None:
