@@ -1,4 +1,4 @@
-"""The predicted side of a trainer step: starting a prediction cycle, its PREDICT steps, ending it.
+"""The predicted side of a trainer step: deciding to predict, starting a prediction cycle, its PREDICT steps, ending it.
 
 `Predictor` coordinates the parts a cycle touches (the cycle itself, the training state, the
 dynamics model, the corrector, the bandit, the monitor, the metrics) and owns no state of its
@@ -14,6 +14,7 @@ from typing import Any
 
 from ._bandit import LinUCBBandit
 from ._batchcheck import BatchCheck
+from ._cadence import Cadence
 from ._config import HybridConfig
 from ._corrector import ResidualCorrector
 from ._cycle import PredictionCycle, corrected
@@ -39,12 +40,37 @@ class Predictor:
                  cycle: PredictionCycle, recorder: Recorder, dynamics: DynamicsModel, corrector: ResidualCorrector,
                  bandit: LinUCBBandit, monitor: DivergenceMonitor, metrics: MetricsCollector, ledger: Ledger,
                  directions: ExtrapolateDirection | LinefitDirection, freeze: LayerFreeze, batch_check: BatchCheck,
-                 forward: Callable[[Any], Array], flush: Callable[[], None]) -> None:
+                 forward: Callable[[Any], Array], flush: Callable[[], None], cadence: Cadence) -> None:
         self._config, self._model, self._optimizer, self._state = config, model, optimizer, state
         self._cycle, self._recorder, self._dynamics, self._corrector = cycle, recorder, dynamics, corrector
         self._bandit, self._monitor, self._metrics, self._ledger = bandit, monitor, metrics, ledger
         self._directions, self._freeze, self._batch_check = directions, freeze, batch_check
-        self._forward, self._flush = forward, flush
+        self._forward, self._flush, self._cadence = forward, flush, cadence
+
+    def decide(self, current: PhaseState, index: int) -> int:
+        """The PREDICT horizon wanted after this FULL step (0: keep training normally)."""
+        cfg = self._config
+        done = current.steps_in_phase + 1
+        regular = done >= cfg.min_full_steps and (done - cfg.min_full_steps) % cfg.min_full_steps == 0
+        if not regular or self._cadence.idle(index) or not self._cadence.may_decide(index):
+            return 0
+        confidence = self._recorder.confidence
+        if self._cadence.after_decision(index, confidence, cfg.use_bandit and self._bandit.gave_up()):
+            self._metrics.count("idle_spells")
+            return 0
+        if confidence < cfg.confidence_threshold:
+            return 0
+        if not cfg.use_bandit:
+            self._cycle.chosen = None
+            return max(1, round(cfg.max_predict_steps * self._cycle.horizon_scale))
+        context = compact_context(self._recorder.features(current), confidence)
+        arm = self._bandit.choose(context)
+        if arm == 0:
+            self._bandit.update(0, context, 0.0)
+            self._metrics.record_decision(index, 0, 0.0)
+            return 0
+        self._cycle.chosen = (arm, context)
+        return max(1, round(arm * self._cycle.horizon_scale))
 
     def start(self, current: PhaseState, nxt: PhaseState) -> None:
         """Enter PREDICT: the direction, the corrected forecast and the context of the cycle."""

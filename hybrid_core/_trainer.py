@@ -25,7 +25,7 @@ from ._cycle import PredictionCycle
 from ._directions import make_direction
 from ._errors import ConfigError, ModelError
 from ._evaluation import export_parameters, readout_swapped_in
-from ._features import CONTEXT_NAMES, compact_context
+from ._features import CONTEXT_NAMES
 from ._freeze import LayerFreeze
 from ._ledger import Ledger
 from ._loop import Callback
@@ -139,7 +139,8 @@ class HybridTrainer:
                                     self.cycle)
         self.predictor = Predictor(config, model, optimizer, self.state, self.cycle, self.recorder, dynamics,
                                    self.corrector, self.bandit, self.monitor, self.metrics, self.ledger,
-                                   self.directions, self.freeze, self.batch_check, self._forward, self.flush)
+                                   self.directions, self.freeze, self.batch_check, self._forward, self.flush,
+                                   self.cadence)
         self.ledger.verify(model, optimizer)
         self._run_id = new_run_id()
         self.run_lr = start_lr(optimizer)
@@ -300,7 +301,7 @@ class HybridTrainer:
             self.metrics.count("lr_backoffs_monitor")
         horizon = 0
         if last is not None and current.phase is Phase.FULL and not diverging:
-            horizon = self._decide(current, index)
+            horizon = self.predictor.decide(current, index)
         loss_f = None if last is None else last[1]
         predicted = None if last is None else last[2]
         skipped = last is None
@@ -311,31 +312,6 @@ class HybridTrainer:
         return result, Signals(self.recorder.confidence, horizon, False, diverging or skipped)
 
     # -- decisions and phase changes ------------------------------------------------------------
-
-    def _decide(self, current: PhaseState, index: int) -> int:
-        """The PREDICT horizon wanted after this FULL step (0: keep training normally)."""
-        cfg = self.config
-        done = current.steps_in_phase + 1
-        regular = done >= cfg.min_full_steps and (done - cfg.min_full_steps) % cfg.min_full_steps == 0
-        if not regular or self.cadence.idle(index) or not self.cadence.may_decide(index):
-            return 0
-        confidence = self.recorder.confidence
-        if self.cadence.after_decision(index, confidence, cfg.use_bandit and self.bandit.gave_up()):
-            self.metrics.count("idle_spells")
-            return 0
-        if confidence < cfg.confidence_threshold:
-            return 0
-        if not cfg.use_bandit:
-            self.cycle.chosen = None
-            return max(1, round(cfg.max_predict_steps * self.cycle.horizon_scale))
-        context = compact_context(self.recorder.features(current), confidence)
-        arm = self.bandit.choose(context)
-        if arm == 0:
-            self.bandit.update(0, context, 0.0)
-            self.metrics.record_decision(index, 0, 0.0)
-            return 0
-        self.cycle.chosen = (arm, context)
-        return max(1, round(arm * self.cycle.horizon_scale))
 
     def _advance(self, current: PhaseState, signals: Signals) -> None:
         nxt = self.phases.advance(signals)
