@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hybrid_core import CheckpointError, CheckpointPolicy, ConfigError, DivergenceError, HybridConfig, HybridTrainer
@@ -364,11 +364,13 @@ FAST = CONFIG.replace(read_every=2)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(length=st.integers(1, 5), totals=st.lists(st.integers(0, 17), min_size=1, max_size=4),
        breaks=st.lists(st.sampled_from(["continue", "save-load", "new-object"]), min_size=4, max_size=4))
+@example(length=2, totals=[1, 1, 2], breaks=["continue", "new-object", "continue", "continue"])
 def test_a_run_cut_anywhere_trains_on_what_one_fit_trains_on(tmp_path_factory, length, totals, breaks):
     """``fit(source, max_steps=t)`` for rising totals, with a save and load into a new trainer, or another equal
     list, between calls, trains on the batches the model below says, in that order (the parameters are
     bit-identical to stepping through them): the same object, or any object after a load, continues the pass;
-    another object in the same process starts a new pass at its first batch."""
+    another object in the same process starts a new pass at its first batch (also when the call that gave it had
+    no step left to take)."""
     data = DATA[:length]
     totals = sorted(totals)
     trainer, _ = make(config=FAST)
@@ -376,16 +378,17 @@ def test_a_run_cut_anywhere_trains_on_what_one_fit_trains_on(tmp_path_factory, l
     ckpt = tmp_path_factory.mktemp("cut") / "cut.ckpt"
     expected: list[int] = []
     loaded, epoch, batch = False, 0, 0  # the model's view of the data position
+    unseen = False  # a new object the trainer has not taken a batch from yet (it starts a new pass)
     for total, how in zip(totals, breaks):
         start = trainer.steps_done
         if how == "new-object":
-            source = list(data)
+            source, unseen = list(data), True
         if start < total:
-            if how == "new-object" and not loaded:
+            if unseen and not loaded:
                 batch = 0
             expected += cycle(total - start, batch, length)
             epoch, batch = epoch + (batch + total - start) // length, (batch + total - start) % length
-            loaded = False
+            loaded = unseen = False
         trainer.fit(source, max_steps=total, progress=False)
         assert (trainer.data_position.epoch, trainer.data_position.batch) == (epoch, batch)
         if how == "save-load":
