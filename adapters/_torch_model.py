@@ -277,8 +277,11 @@ def _collective_errors(ddp: bool) -> Iterator[None]:
         text = str(exc)
         if not (isinstance(exc, dist_error) or any(m in text for m in _COLLECTIVE_FAILURES)):
             raise
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 0)
+        who = f"rank {1 - rank}" if world == 2 else f"a rank other than {rank}"
         raise BackendError(
-            f"DDP gradient all-reduce (backward pass): another rank did not answer "
+            f"DDP gradient all-reduce (backward pass): {who} did not answer, on rank {rank} "
             f"({type(exc).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''})",
             "A rank died or stalled: read its log, restart every rank and resume from the last checkpoint "
             "(HybridTrainer.load). The wait is bounded by init_process_group(timeout=...).") from exc

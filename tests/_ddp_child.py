@@ -12,7 +12,8 @@ MODE:
 - ``single``: one process, no DDP and no process group: load OUT/ckpt.bin (written by 2 ranks), train to STEPS
   on rank 0's shard.
 - ``kill`` / ``stop``: STEPS steps, but rank 1 SIGKILLs / SIGSTOPs itself before step AT; the other rank
-  reports the error it got and how long after it started step AT.
+  reports the error it got and how long after it started step AT. With AT < 0: the second step of the
+  first PREDICT phase from step -AT on (a step with no collective of DDP: the next one is a check's read).
 
 Every rank that finishes writes OUT/rank{r}.json (phases, events, error) and OUT/rank{r}.params (the raw bytes
 of every parameter, in order).
@@ -82,7 +83,8 @@ def main() -> None:
     try:
         while trainer.steps_done < steps:
             step = trainer.steps_done
-            if mode in ("kill", "stop") and step == at:
+            if mode in ("kill", "stop") and started is None and step >= abs(at) and (
+                    at > 0 or (trainer.phase.value == "predict" and trainer.phase_state.steps_in_phase == 1)):
                 if rank == 1:
                     os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
                 started = time.monotonic()
