@@ -37,9 +37,11 @@ def launch(args: Sequence[str], nproc: int = 2, timeout: float = 120.0, wait_for
             except subprocess.TimeoutExpired:
                 pass
     finally:
-        for p in procs:
+        for r, p in enumerate(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
                 p.kill()
                 p.wait()
+            elif codes[r] is None:
+                codes[r] = p.returncode  # ended by itself (or by its own signal) before we looked
     return codes
