@@ -72,7 +72,8 @@ class TorchModel:
     forward-only passes (`loss`: checks, line searches, read-out probes) call ``loss_fn`` with the module
     inside the wrapper (``module.module``), so DDP prepares no gradient reduction for them: ``loss_fn`` must
     only call the module it is given. A failed all-reduce (a rank died or stalled) is a `BackendError`.
-    Layer freezing is refused under DDP (`ConfigError`).
+    Layer freezing is refused under DDP (`ConfigError`). A module sharded by FSDP2 (``fully_shard``, DTensor
+    parameters) is refused (`ModelError`, which says what does not work yet).
 
     Layer freezing (`parameter_groups`, `set_trainable`): by default one group per top-level child of the
     module, in registration order (the root's own parameters, such as a positional embedding, join the
@@ -94,6 +95,7 @@ class TorchModel:
         if any(torch.is_complex(p) for p in params):
             raise ModelError("complex parameters are not supported",
                              "Split them into real and imaginary parts.")
+        _refuse_sharded(module, params)
         devices = {p.device for p in params}
         self._device = next(iter(devices)) if len(devices) == 1 else None
         _check_options(autocast, accumulate, self._device, devices)
@@ -285,6 +287,22 @@ def _collective_errors(ddp: bool) -> Iterator[None]:
             f"({type(exc).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''})",
             "A rank died or stalled: read its log, restart every rank and resume from the last checkpoint "
             "(HybridTrainer.load). The wait is bounded by init_process_group(timeout=...).") from exc
+
+
+def _refuse_sharded(module: torch.nn.Module, params: Sequence[torch.Tensor]) -> None:
+    """`ModelError` for a module sharded by FSDP2 (``fully_shard``: its parameters are DTensors)."""
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    fsdp = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    sharded = dtensor is not None and any(isinstance(p, dtensor) for p in params)
+    if sharded or (fsdp is not None and any(isinstance(m, fsdp) for m in module.modules())):
+        raise ModelError(
+            f"the module is sharded by FSDP2 (fully_shard: {type(module).__name__}, DTensor parameters), which "
+            "the trainer does not support yet: measured on CPU/gloo (torch 2.13), the fused step's statistics "
+            "flatten the gradients (view(-1) of a sharded dimension needs a redistribution), rollbacks copy into "
+            "the parameters with torch._foreach_copy_ (no sharding strategy for DTensors) and checkpoints read "
+            "the parameters with .numpy() (not supported for DTensors)",
+            "Train data-parallel with DistributedDataParallel (docs/distributed.md), which keeps every "
+            "parameter whole on every rank.")
 
 
 _COLLECTIVE_FAILURES = ("gloo", "Connection closed by peer", "Timed out waiting", "NCCL", "ProcessGroup")

@@ -23,7 +23,7 @@ if not dist.is_available():
 
 from _ddp_launch import HERE, free_port, launch  # noqa: E402
 
-from hybrid_core import BackendError, BatchError, ConfigError, HybridConfig, HybridTrainer  # noqa: E402
+from hybrid_core import BackendError, BatchError, ConfigError, HybridConfig, HybridTrainer, ModelError  # noqa: E402
 from hybrid_core.adapters.torch import TorchCollective, TorchModel, TorchOptimizer  # noqa: E402
 
 CHILD = os.path.join(HERE, "_ddp_child.py")
@@ -247,3 +247,14 @@ def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
     return env
+
+
+def test_an_fsdp2_module_is_refused_with_what_does_not_work(one_rank_group):
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    net = _mlp()
+    fsdp.fully_shard(net)
+    with pytest.raises(ModelError, match="FSDP2") as info:
+        TorchModel(net, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+    assert "_foreach_copy_" in info.value.message and "DistributedDataParallel" in info.value.recovery
