@@ -7,10 +7,10 @@ host floats already (the read put them there), so they go over gloo without a de
 decision collectives never interleave with the model's gradient all-reduces on the training group.
 
 Each exchange is ONE gloo all-gather of a fixed-size byte block (`_BLOCK` bytes: the payload's
-length and its first bytes). Only when some rank's payload does not fit is a second all-gather run,
+length and its first 1024 bytes). Only when some rank's payload does not fit is a second all-gather run,
 sized by the longest payload, which every rank knows from the first. So ranks sending payloads of
 different lengths never meet in a collective of mismatched sizes (gloo aborts the process on that),
-and the usual read (up to 127 values) costs one collective.
+and a read (up to 128 float64) costs one collective.
 
 A collective that fails (a rank died: gloo reports the closed connection at once; a rank stalled:
 gloo's timeout, ``timeout``) raises `BackendError` naming the collective and the rank that did not
@@ -30,9 +30,10 @@ from hybrid_core._errors import BackendError
 
 __all__ = ["TorchCollective"]
 
-_BLOCK = 1024
-"""Bytes of the first all-gather of every exchange: an 8-byte length and up to 1016 payload bytes."""
 _LEN = 8
+_BLOCK = _LEN + 1024
+"""Bytes of the first all-gather of every exchange: an 8-byte length and up to 1024 payload bytes (128 float64:
+the widest row `agree` sends for a read of up to 123 values)."""
 _DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
@@ -85,7 +86,7 @@ class TorchCollective:
 
     def all_gather(self, values: np.ndarray, what: str) -> np.ndarray:
         """Every rank's 1-D float64 ``values`` as a ``(world_size, n)`` array in rank order (one gloo all-gather
-        for up to 127 values); `BackendError` if the ranks sent different lengths or a rank did not answer."""
+        for up to 128 values); `BackendError` if the ranks sent different lengths or a rank did not answer."""
         row = np.ascontiguousarray(np.asarray(values, dtype="<f8").reshape(-1))
         rows = self._exchange(row.tobytes(), what)
         sizes = [len(r) for r in rows]
@@ -97,7 +98,7 @@ class TorchCollective:
         return np.stack([np.frombuffer(r, dtype="<f8") for r in rows]).astype(np.float64)
 
     def gather_bytes(self, data: bytes, what: str) -> list[bytes]:
-        """Every rank's ``data`` (any length) in rank order (one gloo all-gather, two when one is over 1016 bytes)."""
+        """Every rank's ``data`` (any length) in rank order (one gloo all-gather, two when one is over 1024 bytes)."""
         return self._exchange(bytes(data), what)
 
     def _exchange(self, payload: bytes, what: str) -> list[bytes]:
