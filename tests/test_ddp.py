@@ -258,3 +258,21 @@ def test_an_fsdp2_module_is_refused_with_what_does_not_work(one_rank_group):
     with pytest.raises(ModelError, match="FSDP2") as info:
         TorchModel(net, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
     assert "_foreach_copy_" in info.value.message and "DistributedDataParallel" in info.value.recovery
+
+
+@pytest.mark.slow
+def test_the_collective_benchmark_runs_and_reports_its_fractions(tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([sys.executable, "-m", "hybrid_core.apps.bench.ddp", "--seeds", "1", "--steps", "6",
+                           "--chunk", "3", "--latency-calls", "5", "--timeout", "150", "--out", str(out)],
+                          capture_output=True, text=True, timeout=180, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["world_size"] == 2 and "--steps 6" in doc["command"]
+    seed = doc["per_seed"][0]
+    for arm in ("ddp", "hybrid", "hybrid-real"):
+        assert len(seed["chunk_seconds_per_step"][arm]) == 2 and seed["seconds_per_step"][arm] > 0
+    for arm in ("hybrid", "hybrid-real"):
+        assert seed[arm]["collectives"] >= 1  # every read is agreed: at least the final flush
+        assert 0 < seed[arm]["collective_fraction"] < 1
+    assert "decision collectives" in proc.stdout
