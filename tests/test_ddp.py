@@ -68,6 +68,24 @@ def test_torch_collective_needs_an_initialized_group_and_a_positive_timeout(one_
     assert coll.gather_bytes(b"abc" * 500, "y") == [b"abc" * 500]
 
 
+def test_payloads_of_any_length_come_back_whole_around_the_first_block(one_rank_group):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    coll = TorchCollective(timeout=10)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.one_of(st.binary(max_size=40), st.binary(min_size=1000, max_size=1100), st.binary(max_size=5000)),
+           st.lists(st.floats(allow_nan=False), max_size=300))
+    def check(data, values):
+        before = coll.calls
+        assert coll.gather_bytes(data, "bytes") == [data]
+        assert coll.calls - before == (1 if len(data) <= 1024 else 2)  # a second all-gather only past the block
+        assert coll.all_gather(values, "row").tolist() == [values]
+
+    check()
+
+
 def test_torch_collective_without_a_process_group_is_a_backend_error():
     assert not dist.is_initialized()
     with pytest.raises(BackendError, match="not initialized"):
