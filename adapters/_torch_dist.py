@@ -68,7 +68,6 @@ class TorchCollective:
         ranks = None if group is None else dist.get_process_group_ranks(group)
         self._rank = dist.get_rank(group)
         self._world = dist.get_world_size(group)
-        self._global = ranks if ranks is not None else list(range(self._world))
         self._group = dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=self.timeout))
         self._broken: str | None = None
         self.calls = 0
