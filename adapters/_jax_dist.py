@@ -18,9 +18,11 @@ heartbeat_timeout_seconds=...)``, 100 s by default): see docs/distributed-jax.md
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
+import queue
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +57,7 @@ class JaxCollective:
         self.calls = 0
         """Collectives this object ran (each one ``process_allgather``)."""
         self._broken: str | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jax-collective")
+        self._worker = _Worker()
         self._lock = threading.Lock()
 
     @property
@@ -93,10 +95,9 @@ class JaxCollective:
                 raise BackendError(f"{what}: rank {self._rank} cannot take part in collectives any more "
                                    f"(an earlier one failed: {self._broken})", _HINT)
             self.calls += 1
-            future = self._pool.submit(multihost_utils.process_allgather, words)
             try:
-                out = future.result(timeout=self.timeout)
-            except concurrent.futures.TimeoutError:
+                out = self._worker.run(multihost_utils.process_allgather, words, self.timeout)
+            except TimeoutError:
                 self._broken = f"{what} timed out"
                 others = ", ".join(str(r) for r in range(self._world) if r != self._rank)
                 raise BackendError(
@@ -115,3 +116,38 @@ class JaxCollective:
 
     def __repr__(self) -> str:
         return f"JaxCollective(rank={self._rank}, world_size={self._world})"
+
+
+class _Worker:
+    """One daemon thread that runs the collectives, so the caller can stop waiting for one that does not end.
+
+    A daemon thread (not a ``concurrent.futures`` pool, whose threads are joined at interpreter exit): a
+    collective stuck for good must not keep the process from exiting.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[..., Any], Any, queue.Queue[tuple[bool, Any]]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, fn: Callable[..., Any], arg: Any, timeout: float) -> Any:
+        """``fn(arg)`` on the worker: its result, its exception re-raised, or `TimeoutError` after ``timeout``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="jax-collective", daemon=True)
+            self._thread.start()
+        answer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+        self._jobs.put((fn, arg, answer))
+        try:
+            ok, value = answer.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        if not ok:
+            raise value
+        return value
+
+    def _loop(self) -> None:
+        while True:
+            fn, arg, answer = self._jobs.get()
+            try:
+                answer.put((True, fn(arg)))
+            except BaseException as exc:  # handed to the caller, which raises it as a BackendError
+                answer.put((False, exc))
