@@ -66,6 +66,13 @@ def main():
     found["replicated_read"] = to_host_floats([replicated])
     found["replicated_numpy"] = to_numpy(replicated).tolist()
     found["split_read"] = _error(lambda: to_host_floats([split]))
+    # What one agreed read costs: a process_allgather of a 64-entry row (the smallest `agree` sends).
+    times = []
+    for _ in range(200):
+        start = time.perf_counter()
+        coll.all_gather(np.zeros(64), "timing")
+        times.append(time.perf_counter() - start)
+    found["gather_seconds"] = sorted(times)[len(times) // 2]
     found["bad_timeout"] = [_error(lambda t=t: JaxCollective(timeout=t)) for t in (0, -1.0, float("inf"), True)]
     # A rank that does not answer within the timeout: rank 0 gives up after 1 s, rank 1 comes 4 s late.
     slow = JaxCollective(timeout=1.0)

@@ -4,6 +4,7 @@ distributed runtime are fixed when it starts): tests/_jax_dist_child.py and test
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -183,3 +184,32 @@ def test_jax_collective_contract_on_two_processes(tmp_path):
     assert 0.9 <= found[0]["late_seconds"] < 3.0
     assert "cannot take part in collectives any more" in found[0]["after_timeout"]
     assert found[1]["after_timeout"].startswith("BackendError: next gather: rank 1 waited 1 s for rank(s) 0")
+
+
+def _example(*args: str, devices: int | None) -> str:
+    env = _env(devices)
+    run = subprocess.run([sys.executable, str(HERE.parent / "examples" / "jax_multidevice.py"), *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def example_runs() -> dict[str, list[str]]:
+    return {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["devices", "processes"])
+def test_the_multidevice_example_runs_on_two_devices_and_on_two_processes(mode, example_runs):
+    args, devices = ((), 2) if mode == "devices" else (("--processes", "2"), None)
+    out = _example("--steps", "300", "--timeout", "240", *args, devices=devices)
+    lines = [line for line in out.strip().splitlines() if not line.startswith("[Gloo]")]  # gloo's own notice
+    assert "parameters replicated: True; identical on all 2 devices: True" in lines, out
+    phases = ast.literal_eval(out.split("steps per phase: ", 1)[1].splitlines()[0])
+    assert phases["predict"] > 0 and sum(phases.values()) == 300, phases
+    assert lines[0] == ("devices: 2 over 1 process(es); collective: SingleProcess()" if mode == "devices" else
+                        "devices: 2 over 2 process(es); collective: JaxCollective(rank=0, world_size=2)")
+    example_runs[mode] = lines[1:]
+    if len(example_runs) == 2:  # the same run either way, down to the validation loss
+        assert example_runs["devices"] == example_runs["processes"]
