@@ -6,6 +6,7 @@ Runs the collective's contract on real processes and writes what each check foun
 """
 
 import json
+import os
 import sys
 import time
 
@@ -82,6 +83,18 @@ def main():
     found["late"] = _error(lambda: slow.all_gather(np.ones(3), "late gather"))
     found["late_seconds"] = time.perf_counter() - start
     found["after_timeout"] = _error(lambda: slow.all_gather(np.ones(3), "next gather"))
+    # A rank that dies: rank 1 leaves abruptly, rank 0's next collective fails at once, naming it.
+    if rank == 1:
+        _write(found)
+        os._exit(0)
+    time.sleep(6.0)  # rank 1 reaches "next gather" at ~4 s, gives up at ~5 s and exits: nobody meets this one
+    start = time.perf_counter()
+    found["dead_peer"] = _error(lambda: coll.all_gather(np.ones(3), "after the peer died"))
+    found["dead_peer_seconds"] = time.perf_counter() - start
+    _write(found)
+
+
+def _write(found):
     with open(out_path, "w") as f:
         json.dump(found, f)
 
