@@ -90,7 +90,8 @@ def train(args: argparse.Namespace) -> int:
 
     if args.processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
+                                   coordinator_bind_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
                                    process_id=args.process_id)
     import jax.numpy as jnp
     import numpy as np

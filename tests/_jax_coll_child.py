@@ -14,7 +14,8 @@ import jax
 
 out_path, rank, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank,
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                           coordinator_bind_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank,
                            heartbeat_timeout_seconds=10)
 
 import jax.numpy as jnp  # noqa: E402

@@ -34,7 +34,8 @@ import jax  # noqa: E402
 
 if args.processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
+                               coordinator_bind_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
                                process_id=args.process, heartbeat_timeout_seconds=10)
 
 import jax.numpy as jnp  # noqa: E402
