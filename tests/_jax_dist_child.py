@@ -2,6 +2,7 @@
 run resumed from the checkpoint it saved midway.
 
     python _jax_dist_child.py OUT STEPS CKPT [--devices 1|all] [--process I --processes N --port P] [--die-at S]
+                              [--load FILE]
 
 Single process: the mesh is ``jax.devices()`` (set XLA_FLAGS=--xla_force_host_platform_device_count=2 before
 starting it) or only the first device (``--devices 1``). Several processes: ``jax.distributed.initialize`` on
@@ -9,6 +10,7 @@ starting it) or only the first device (``--devices 1``). Several processes: ``ja
 of every global batch (``jax.make_array_from_process_local_data``). Parameters are replicated
 (``NamedSharding(mesh, P())``), batches split by rows (``P("data")``). Writes OUT (JSON) when done.
 ``--die-at S``: process 1 exits abruptly (os._exit) at step S; the others report the error they get.
+``--load FILE``: only resume FILE (written by a run of any number of processes) and run to STEPS.
 """
 
 import argparse
@@ -28,6 +30,7 @@ parser.add_argument("--processes", type=int, default=1)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--die-at", type=int, default=-1)
 parser.add_argument("--timeout", type=float, default=60.0)
+parser.add_argument("--load", default=None, help="resume this checkpoint (of any world size) and run to STEPS")
 args = parser.parse_args()
 
 import jax  # noqa: E402
@@ -108,6 +111,16 @@ def main():
     out = {"process": args.process, "devices": len(DEVICES), "dtype": np.dtype(DTYPE).name,
            "world_size": trainer.collective.world_size, "collective": repr(trainer.collective)}
     start = time.perf_counter()
+    if args.load:
+        model, optimizer, _, _ = _trainer(collective)
+        trainer = HybridTrainer.load(args.load, model, optimizer, collective=collective)
+        out["loaded_at"] = trainer.steps_done
+        trainer.fit(_batch, max_steps=args.steps, progress=False)
+        trainer.flush()
+        out["log"] = [[r.step, r.phase, r.backward] for r in trainer.metrics.records]
+        out["params"] = _params(model)
+        _write(out)
+        return
     try:
         if args.die_at >= 0:
             for i in range(args.steps):

@@ -121,14 +121,21 @@ def test_two_host_devices_match_one_device_and_resume_bit_exact(two_devices, tmp
     assert two["resumed_params"]["sharding"] == two["params"]["sharding"]
 
 
-@pytest.mark.slow
-def test_two_processes_decide_together_end_bit_identical_and_resume_bit_exact(two_devices, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    codes, logs, _ = _processes(tmp_path, "_jax_dist_child.py", lambda r, port: [
-        str(tmp_path / f"rank{r}.json"), str(STEPS), str(ckpt), "--process", str(r), "--processes", "2",
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> tuple[list[dict], Path]:
+    """2 processes of 1 device: 500 steps (checkpoint at 250), then both resumed from that checkpoint."""
+    tmp = tmp_path_factory.mktemp("two_processes")
+    ckpt = tmp / "ckpt"
+    codes, logs, _ = _processes(tmp, "_jax_dist_child.py", lambda r, port: [
+        str(tmp / f"rank{r}.json"), str(STEPS), str(ckpt), "--process", str(r), "--processes", "2",
         "--port", str(port)], timeout=300)
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)], ckpt
+
+
+@pytest.mark.slow
+def test_two_processes_decide_together_end_bit_identical_and_resume_bit_exact(two_devices, two_processes):
+    runs, _ = two_processes
     for r, run in enumerate(runs):
         assert (run["world_size"], run["collective"]) == (2, f"JaxCollective(rank={r}, world_size=2)")
         assert run["collective_calls"] > 50  # every read went through the collective
@@ -144,6 +151,16 @@ def test_two_processes_decide_together_end_bit_identical_and_resume_bit_exact(tw
     # Two processes of one device each compute what one process of two devices does, bit for bit.
     assert runs[0]["log"] == two_devices["log"]
     assert [d[0] for d in two_devices["params"]["digests"]] == [d[0] for d in runs[0]["params"]["digests"]]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_processes_resumes_in_one_process_of_two_devices(two_processes, tmp_path):
+    runs, ckpt = two_processes
+    resumed = _one_process(tmp_path, "from-two-processes", str(STEPS), str(ckpt), "--load", str(ckpt))
+    assert (resumed["world_size"], resumed["devices"], resumed["loaded_at"]) == (1, 2, STEPS // 2)
+    assert resumed["log"] == runs[0]["log"]
+    assert [d[0] for d in resumed["params"]["digests"]] == [d[0] for d in runs[0]["params"]["digests"]]
+    _assert_replicated(resumed["params"], 2)
 
 
 @pytest.mark.slow
