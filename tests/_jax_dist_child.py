@@ -9,7 +9,8 @@ starting it) or only the first device (``--devices 1``). Several processes: ``ja
 127.0.0.1 with gloo CPU collectives; the mesh spans every process's device, each process puts its own half
 of every global batch (``jax.make_array_from_process_local_data``). Parameters are replicated
 (``NamedSharding(mesh, P())``), batches split by rows (``P("data")``). Writes OUT (JSON) when done.
-``--die-at S``: process 1 exits abruptly (os._exit) at step S; the others report the error they get.
+``--die-at S``: process 1 exits abruptly (os._exit) at step S (``--hang``: stops itself with SIGSTOP); the
+others report the error they get.
 ``--load FILE``: only resume FILE (written by a run of any number of processes) and run to STEPS.
 """
 
@@ -17,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -29,7 +31,9 @@ parser.add_argument("--process", type=int, default=0)
 parser.add_argument("--processes", type=int, default=1)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--die-at", type=int, default=-1)
+parser.add_argument("--hang", action="store_true", help="at --die-at, process 1 stops (SIGSTOP) instead of exiting")
 parser.add_argument("--timeout", type=float, default=60.0)
+parser.add_argument("--no-resume", action="store_true", help="skip the resumed run")
 parser.add_argument("--load", default=None, help="resume this checkpoint (of any world size) and run to STEPS")
 args = parser.parse_args()
 
@@ -126,6 +130,8 @@ def main():
             for i in range(args.steps):
                 if args.process == 1 and i == args.die_at:
                     _write({**out, "died_at": time.time()})
+                    if args.hang:  # alive but silent: no heartbeats, no answers (the parent kills it)
+                        os.kill(os.getpid(), signal.SIGSTOP)
                     os._exit(7)
                 trainer.step(_batch(i))
             trainer.flush()
@@ -145,6 +151,9 @@ def main():
     out["events"] = trainer.metrics.summary()["events"]
     out["params"] = _params(model)
     out["collective_calls"] = getattr(trainer.collective, "calls", None)
+    if args.no_resume:
+        _write(out)
+        return
     model2, optimizer2, _, _ = _trainer(collective)
     resumed = HybridTrainer.load(args.ckpt, model2, optimizer2, collective=collective)
     resumed.fit(_batch, max_steps=args.steps, progress=False)

@@ -48,9 +48,11 @@ def _one_process(tmp: Path, name: str, *args: str, devices: int = 2, timeout: fl
     return json.loads(out.read_text())
 
 
-def _processes(tmp: Path, script: str, args_of, timeout: float) -> tuple[list[int | None], list[str], float]:
-    """Start 2 processes of ``script`` (``args_of(rank, port)``), wait at most ``timeout`` s for both, kill
-    what is left. Their return codes (None: killed at the deadline), their outputs, and the seconds taken."""
+def _processes(tmp: Path, script: str, args_of, timeout: float,
+               wait_for: tuple[int, ...] = (0, 1)) -> tuple[list[int | None], list[str], float]:
+    """Start 2 processes of ``script`` (``args_of(rank, port)``), wait at most ``timeout`` s for those of
+    ``wait_for``, kill what is left. Their return codes (None: still running when waiting ended), their
+    outputs, and the seconds taken."""
     port = _free_port()
     logs = [open(tmp / f"{script}-{r}.log", "w+") for r in range(2)]
     start = time.monotonic()
@@ -58,9 +60,10 @@ def _processes(tmp: Path, script: str, args_of, timeout: float) -> tuple[list[in
                               stderr=subprocess.STDOUT, cwd=HERE, env=_env(None)) for r in range(2)]
     codes: list[int | None] = []
     try:
-        for p in procs:
+        for r, p in enumerate(procs):
             try:
-                codes.append(p.wait(timeout=max(1.0, timeout - (time.monotonic() - start))))
+                left = max(1.0, timeout - (time.monotonic() - start)) if r in wait_for else 0.1
+                codes.append(p.wait(timeout=left))
             except subprocess.TimeoutExpired:
                 codes.append(None)
     finally:
@@ -101,7 +104,7 @@ def _assert_replicated(params: dict, copies: int) -> None:
 
 @pytest.mark.slow
 def test_two_host_devices_match_one_device_and_resume_bit_exact(two_devices, tmp_path):
-    one = _one_process(tmp_path, "one", str(STEPS), str(tmp_path / "ckpt"), "--devices", "1")
+    one = _one_process(tmp_path, "one", str(STEPS), str(tmp_path / "ckpt"), "--devices", "1", "--no-resume")
     two = two_devices
     assert (one["devices"], two["devices"]) == (1, 2)
     _assert_every_mechanism_ran(two)
@@ -179,6 +182,23 @@ def test_a_process_that_dies_is_a_backend_error_naming_it_on_the_survivor(tmp_pa
     assert error["at"] - dead["died_at"] < 30  # the transport sees the closed connection at once
     # Then JAX's coordination service ends the survivor (heartbeat timeout 10 s in the child): no hang.
     assert codes[0] is not None, f"the survivor still ran after {seconds:.0f} s"
+
+
+@pytest.mark.slow
+def test_a_process_that_hangs_makes_jax_end_the_survivor_within_the_heartbeat_timeout(tmp_path):
+    # A process that stops answering (SIGSTOP: alive, silent) while the survivor waits inside the step's own
+    # all-reduce: no Python code runs on the survivor until that returns, so no BackendError can be raised.
+    # What bounds it is JAX's coordination service: after heartbeat_timeout_seconds (10 s in the child)
+    # without heartbeats it aborts the survivor (SIGABRT), instead of a silent hang.
+    codes, logs, _ = _processes(tmp_path, "_jax_dist_child.py", lambda r, port: [
+        str(tmp_path / f"rank{r}.json"), "400", str(tmp_path / "ckpt"), "--process", str(r), "--processes", "2",
+        "--port", str(port), "--die-at", "120", "--hang", "--timeout", "300"], timeout=120, wait_for=(0,))
+    ended = time.time()
+    stopped = json.loads((tmp_path / "rank1.json").read_text())["died_at"]
+    assert codes[0] is not None, "the survivor still waited at the deadline"
+    assert codes[0] != 0 and not (tmp_path / "rank0.json").exists()  # ended by JAX, not by finishing
+    assert "detected fatal errors" in logs[0] or "heartbeat" in logs[0], logs[0][-3000:]
+    assert ended - stopped < 100
 
 
 @pytest.mark.slow
