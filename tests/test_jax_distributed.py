@@ -255,3 +255,20 @@ def test_the_multidevice_example_runs_on_two_devices_and_on_two_processes(mode, 
     example_runs[mode] = lines[1:]
     if len(example_runs) == 2:  # the same run either way, down to the validation loss
         assert example_runs["devices"] == example_runs["processes"]
+
+
+def test_jax_collective_in_one_process_is_rank_0_of_1_and_checks_its_timeout():
+    from hybrid_core import BackendError
+    from hybrid_core._collective import Collective
+    from hybrid_core.adapters.jax import JaxCollective
+
+    coll = JaxCollective(timeout=30)
+    assert isinstance(coll, Collective) and (coll.rank, coll.world_size) == (0, 1)
+    row = np.array([1 / 3, -0.0, 5e-324, np.inf])
+    got = coll.all_gather(row, "one")
+    assert got.shape == (1, 4) and np.array_equal(got.view(np.uint64), row.reshape(1, 4).view(np.uint64))
+    assert coll.gather_bytes(b"abc", "bytes") == [b"abc"] and coll.gather_bytes(b"", "empty") == [b""]
+    assert coll.calls == 5  # one for the row; two for each bytes: their lengths, then the padded bytes
+    for bad in (0, -1, float("nan"), float("inf"), True, "5"):
+        with pytest.raises(BackendError, match="timeout="):
+            JaxCollective(timeout=bad)
