@@ -1,11 +1,12 @@
 """`JaxCollective`: the processes of a multi-process JAX run (``jax.distributed.initialize``) as a
-`hybrid_core.Collective`, so every rank takes the trainer's decisions from the same numbers.
+`hybrid_core._collective.Collective`, so every rank takes the trainer's decisions from the same numbers.
 
 `hybrid_core._collective.discover` builds one when the model's arrays are JAX arrays and
 ``jax.process_count() > 1``. Each collective is one ``multihost_utils.process_allgather`` over all
-processes (through JAX's CPU collectives, gloo, on CPU hosts; NCCL or the TPU interconnect
-elsewhere). Values travel as their raw 64-bit patterns (two ``uint32`` words each), so every
-rank sees every other rank's float64 values bit for bit whether or not ``jax_enable_x64`` is set.
+processes, through whatever JAX uses across processes on the platform (tested: CPU hosts with
+``jax_cpu_collectives_implementation="gloo"``). Values travel as their raw 64-bit patterns (two
+``uint32`` words each), so every rank sees every other rank's float64 values bit for bit whether or
+not ``jax_enable_x64`` is set.
 
 Failures: a rank that died makes the collective fail on the others (the transport reports a
 closed connection); a rank that does not answer makes it wait. Either way the survivors raise
@@ -49,7 +50,6 @@ class JaxCollective:
                                "Pass e.g. JaxCollective(timeout=300).")
         import jax
 
-        self._jax = jax
         self._rank = int(jax.process_index())
         self._world = int(jax.process_count())
         self.timeout = float(timeout)
