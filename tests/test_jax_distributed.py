@@ -151,6 +151,7 @@ def test_two_processes_decide_together_end_bit_identical_and_resume_bit_exact(tw
     for run in runs:
         assert run["resumed_log"] == run["log"]
         assert run["resumed_params"]["digests"] == run["params"]["digests"]
+        _assert_replicated(run["resumed_params"], 1)  # loaded back replicated on the mesh over both processes
     # Two processes of one device each compute what one process of two devices does, bit for bit.
     assert runs[0]["log"] == two_devices["log"]
     assert [d[0] for d in two_devices["params"]["digests"]] == [d[0] for d in runs[0]["params"]["digests"]]
