@@ -1,4 +1,5 @@
-"""JAX/optax adapter: `JaxModel` (a loss function over a parameter pytree) and `OptaxOptimizer`."""
+"""JAX/optax adapter: `JaxModel` (a loss function over a parameter pytree), `OptaxOptimizer`, and
+`JaxCollective` (the processes of a ``jax.distributed`` run; docs/distributed-jax.md)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from hybrid_core._errors import BackendError, BatchError, CheckpointError, Confi
 from hybrid_core.models._checks import check_like_parameters
 
 from ._batch import library_of
+from ._jax_dist import JaxCollective
 from ._jax_model import JaxModel, _hashable, hold_frozen, value_and_flat_grad
 from ._optax_state import INJECTED, advance_schedules, find_all, has_schedule, injected_holding, replace_node
 
-__all__ = ["JaxModel", "OptaxOptimizer"]
+__all__ = ["JaxCollective", "JaxModel", "OptaxOptimizer"]
 
 _STATE_KEYS = frozenset({"kind", "structure", "leaves", "steps", "last_update", "last_grads"})
 _STATE_HINT = "Load a state_dict() saved by an OptaxOptimizer with the same transformation and model."

@@ -184,6 +184,8 @@ def to_numpy(x: Any) -> np.ndarray:
         return x.detach().cpu().numpy()
     if array_api_compat.is_cupy_namespace(xp):
         return x.get()
+    if array_api_compat.is_jax_namespace(xp):
+        x = _jax_local(x)
     try:
         return np.asarray(x)
     except Exception:
@@ -207,12 +209,27 @@ def to_host_floats(arrays: Sequence[Any]) -> list[float]:
     if array_api_compat.is_jax_namespace(xp):
         import jax
 
-        return [float(v) for a in jax.device_get(list(arrays)) for v in np.ravel(a).tolist()]
+        return [float(v) for a in jax.device_get([_jax_local(a) for a in arrays]) for v in np.ravel(a).tolist()]
     on_device = (array_api_compat.is_cupy_namespace(xp)
                  or (array_api_compat.is_torch_namespace(xp) and first.device.type != "cpu"))
     if on_device and len(arrays) > 1:
         arrays = [xp.concat([xp.reshape(a, (-1,)) for a in arrays])]
     return [float(v) for a in arrays for v in np.ravel(to_numpy(a)).tolist()]
+
+
+def _jax_local(x: Any) -> Any:
+    """A JAX array this process can read whole: ``x``, or for an array laid out over the devices of several
+    processes (``jax.distributed``) and replicated, this process's own copy. `BackendError` for one split
+    across processes (no process holds all of it)."""
+    if getattr(x, "is_fully_addressable", True):
+        return x
+    if not x.is_fully_replicated:
+        raise BackendError(
+            f"a jax array of shape {tuple(x.shape)} is split over the devices of several processes ({x.sharding}): "
+            "no process holds all of it, so it cannot be read here",
+            "Replicate what the trainer reads (losses, parameters, optimizer state: NamedSharding(mesh, P())); "
+            "split only the batches.")
+    return x.addressable_data(0)
 
 
 def _array_library(a: Any) -> str:

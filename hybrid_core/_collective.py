@@ -27,7 +27,7 @@ import numpy as np
 
 from ._errors import BackendError
 
-__all__ = ["Collective", "SingleProcess", "agree", "discover", "gather_flags"]
+__all__ = ["Collective", "SingleProcess", "agree", "discover", "gather_flags", "lost_rank"]
 
 _HEADER = 2
 """Leading entries of every gathered row: the number of values, then the fingerprint's length."""
@@ -147,6 +147,17 @@ def require_collective(collective: Any) -> Collective:
         raise BackendError(f"collective has rank {collective.rank!r} of world size {collective.world_size!r}",
                            "rank must be an int in [0, world_size).")
     return collective
+
+
+def lost_rank(collective: Collective, what: str, exc: BaseException,
+              doing: str = "could not read the step's values from the device") -> str:
+    """The message for an engine error met while the ranks run together: this rank, the point ``what``, the
+    engine's own words (a peer's connection reset: the rank that died is named when there is only one other)."""
+    others = [r for r in range(collective.world_size) if r != collective.rank]
+    who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
+    text = " ".join(str(exc).split())
+    return (f"{what}: rank {collective.rank} of {collective.world_size} {doing}; {who} probably died or dropped "
+            f"its connection ({type(exc).__name__}: {text[:300]})")
 
 
 def _point(row: np.ndarray) -> str:

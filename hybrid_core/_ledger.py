@@ -20,8 +20,8 @@ import array_api_compat
 
 from ._backend import to_host_floats
 from ._checks import has_method
-from ._collective import Collective, SingleProcess, agree
-from ._errors import CheckpointError, DivergenceError
+from ._collective import Collective, SingleProcess, agree, lost_rank
+from ._errors import BackendError, CheckpointError, DivergenceError, HybridError
 from ._phase import PhaseState
 from ._protocols import Array, Model, Optimizer
 from ._statecheck import fields, integer
@@ -73,9 +73,14 @@ class Ledger:
         """The entries of 0-d or 1-D device arrays, in order, as floats: one counted host read (in a run of
         several processes, the mean over ranks, the same on every rank: one collective)."""
         self.host_syncs += 1
-        values = to_host_floats(arrays)
         if self.collective.world_size == 1:
-            return values
+            return to_host_floats(arrays)
+        try:
+            values = to_host_floats(arrays)
+        except HybridError:
+            raise
+        except Exception as exc:  # the engine's own error: a collective inside the step failed (a rank is gone)
+            raise BackendError(lost_rank(self.collective, f"read {self.host_syncs}", exc), _LOST_HINT) from exc
         return agree(self.collective, values, self.fingerprint(), f"read {self.host_syncs}")
 
     def read(self, extra: Sequence[Array] = ()) -> tuple[list[list[float]], list[float]]:
@@ -145,6 +150,10 @@ class Ledger:
         """Restore what `state_dict` returned."""
         self.host_syncs = self.check_state_dict(state)
         self.pending = []
+
+
+_LOST_HINT = ("A run of several processes cannot go on without one of them: check the other ranks' logs, then "
+              "restart every rank from the last checkpoint.")
 
 
 def _copy(array: Array) -> Array:
