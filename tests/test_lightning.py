@@ -21,8 +21,8 @@ def _trainer(**kw):
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
     # max_epochs: a guard, should the step count stop advancing (25 batches per epoch)
-    return pl.Trainer(max_steps=kw.pop("max_steps", STEPS), max_epochs=20, accelerator="cpu", devices=1, enable_progress_bar=False,
-                      enable_model_summary=False, **kw)
+    return pl.Trainer(max_steps=kw.pop("max_steps", STEPS), max_epochs=20, accelerator="cpu", devices=1,
+                      enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
 def _weights(module):
