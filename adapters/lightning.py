@@ -44,8 +44,6 @@ How it meets Lightning's loops (docs/integrations-torch.md):
 from __future__ import annotations
 
 import abc
-import os
-import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -58,6 +56,7 @@ from hybrid_core._protocols import DynamicsModel
 from hybrid_core._result import StepResult
 from hybrid_core._trainer import HybridTrainer
 
+from ._trainer_bytes import restore_from_bytes, trainer_bytes
 from .torch import TorchModel, TorchOptimizer
 
 __all__ = ["CHECKPOINT_KEY", "PHASE_CODES", "HybridLightningModule"]
@@ -154,7 +153,7 @@ class HybridLightningModule(pl.LightningModule, abc.ABC):
             # Lightning has already put the checkpoint's optimizer state back, so the rate in force is the
             # scheduled one, not the run's starting rate: the file's own record is taken (see _runinfo).
             hybrid.run_lr = None
-            _restore_from_bytes(hybrid, saved)
+            restore_from_bytes(hybrid, saved)
         self.hybrid = hybrid
         return hybrid
 
@@ -195,12 +194,9 @@ class HybridLightningModule(pl.LightningModule, abc.ABC):
             if self._hybrid_resume is not None:  # saved before training resumed: keep what was loaded
                 checkpoint[CHECKPOINT_KEY] = self._hybrid_resume
             return
-        with tempfile.TemporaryDirectory(prefix="hybrid-lightning-") as tmp:
-            path = os.path.join(tmp, "hybrid.ckpt")
-            self.hybrid.save(path)
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    checkpoint[CHECKPOINT_KEY] = f.read()
+        data = trainer_bytes(self.hybrid)
+        if data is not None:
+            checkpoint[CHECKPOINT_KEY] = data
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the hybrid trainer's state of a Lightning checkpoint; it is restored when training starts.
@@ -215,10 +211,3 @@ class HybridLightningModule(pl.LightningModule, abc.ABC):
         self._hybrid_resume = saved
         self.hybrid = None
 
-
-def _restore_from_bytes(hybrid: HybridTrainer, saved: bytes) -> None:
-    with tempfile.TemporaryDirectory(prefix="hybrid-lightning-") as tmp:
-        path = os.path.join(tmp, "hybrid.ckpt")
-        with open(path, "wb") as f:
-            f.write(saved)
-        hybrid.restore(path)
