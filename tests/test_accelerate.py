@@ -1,6 +1,7 @@
 """Hugging Face Accelerate: the hybrid trainer in a prepared loop — backward, bf16, accumulation, save_state."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -133,3 +134,18 @@ def test_accelerate_launch_with_two_processes_keeps_the_ranks_identical_and_resu
         assert out["resumed_at"] == SAVE_AT and out["resumed_phases"] == out["phases"]
         assert all(torch.equal(a, b) for a, b in zip(out["weights"], out["resumed_weights"], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(first["weights"], second["weights"], strict=True))
+
+
+def test_the_gpt2_example_fine_tunes_a_model_built_from_a_config(tmp_path):
+    pytest.importorskip("transformers", reason="the example needs transformers (pip install '.[accelerate]')")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "..", "examples", "accelerate_gpt2.py"), "--steps", "24",
+                           "--pretrain", "8", "--out", str(tmp_path / "state")], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r"held-out English loss: ([\d.]+) after pre-training .*, ([\d.]+) after fine-tuning", proc.stdout)
+    assert match, proc.stdout
+    before, after = map(float, match.groups())
+    assert after < before < 5.6  # ln 256 = 5.55 at chance
+    assert "gradient accumulation: 2" in proc.stdout and "mixed precision: bf16" in proc.stdout
+    assert (tmp_path / "state" / "custom_checkpoint_0.pkl").is_file()
