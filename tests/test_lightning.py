@@ -2,6 +2,11 @@
 
 import csv
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +20,8 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from hybrid_core import CheckpointError, ConfigError, Phase  # noqa: E402
 from hybrid_core.adapters.lightning import CHECKPOINT_KEY, PHASE_CODES  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _trainer(**kw):
@@ -121,3 +128,35 @@ def test_bf16_mixed_precision_trains_under_lightnings_autocast():
 def test_hybrid_config_must_be_a_config():
     with pytest.raises(ConfigError, match="HybridConfig"):
         Net(hybrid_config={"warmup_steps": 3})
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_keeps_the_ranks_identical_and_resumes_bit_exactly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_lightning_ddp_child.py"), str(tmp_path)], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # Lightning's second rank is in the same session
+        proc.communicate()
+        pytest.fail("the DDP run did not finish within 150 s")
+    assert proc.returncode == 0, output.decode()[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert [first["world"], second["world"], first["world_seen"], second["world_seen"]] == [2, 2, 2, 2]
+    phases = first["summary"]["steps_per_phase"]
+    assert sum(phases.values()) == STEPS and all(phases[p.value] > 0 for p in Phase)
+    assert first["summary"] == second["summary"]
+    assert all(torch.equal(a, b) for a, b in zip(first["weights"], second["weights"], strict=True))
+    for rank in (first, second):
+        assert rank["steps"] == STEPS and rank["resumed_summary"] == rank["summary"]
+        assert all(torch.equal(a, b) for a, b in zip(rank["weights"], rank["resumed_weights"], strict=True))
