@@ -115,8 +115,11 @@ def test_accelerate_launch_with_two_processes_keeps_the_ranks_identical_and_resu
         pytest.skip("the accelerate command is not on the PATH")
     env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "bf16",
-           "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+    # --multi_gpu picks Accelerate's torchrun launcher (its --cpu launcher starts several processes only through
+    # mpirun); the script's Accelerator(cpu=True) then runs on CPU over gloo.
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(_free_port()),
            os.path.join(HERE, "_accelerate_run.py"), str(tmp_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
