@@ -105,8 +105,9 @@ class HybridLightningModule(pl.LightningModule, abc.ABC):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """One `HybridTrainer.step` on ``batch``, counted as one optimizer step, and its values logged."""
         hybrid = self.hybrid
-        if hybrid is None:  # fit without on_train_start (e.g. a user's loop calling training_step)
-            hybrid = self._build_hybrid()
+        if hybrid is None:
+            raise ConfigError("the hybrid trainer is built when Trainer.fit starts training (on_train_start)",
+                              "Train the module with lightning.Trainer.fit.")
         optimizer = self.optimizers()
         # Lightning counts manual-optimization steps around LightningOptimizer.step; the trainer steps the
         # torch optimizer itself (or predicts), so every hybrid step is announced the same way.
