@@ -30,9 +30,10 @@ How it meets Lightning's loops (docs/integrations-torch.md):
   Lightning's automatic-optimization features: pass ``clip_grad_norm`` and ``accumulate`` here instead.
 - *Precision*: ``"32-true"``, ``"64-true"``, ``"bf16-true"`` and ``"bf16-mixed"`` (Lightning's autocast wraps the
   step); ``"16-mixed"`` needs Lightning's GradScaler around its own backward call and is refused.
-- *Logging* (``self.log``, on step): ``hybrid/phase`` (0 WARMUP, 1 FULL, 2 PREDICT, 3 CORRECT), ``train_loss``
-  on the steps whose loss has been read (every ``read_every`` steps; `HybridTrainer.flush`), and
-  ``hybrid/backward_skipped`` (predicted steps so far).
+- *Logging* (``self.log``, on step): ``hybrid/phase`` (0 WARMUP, 1 FULL, 2 PREDICT, 3 CORRECT) and
+  ``hybrid/backward_skipped`` (predicted steps so far) on the steps Lightning's loggers write
+  (``log_every_n_steps``) and on those whose loss has been read (every ``read_every`` steps;
+  `HybridTrainer.flush`), which also log ``train_loss``.
 - *Checkpoints*: ``on_save_checkpoint`` puts the whole hybrid trainer (`HybridTrainer.save`'s file, its
   checksum included) under ``checkpoint["hybrid_trainer"]``; ``Trainer.fit(ckpt_path=...)`` restores it at
   ``on_train_start``, after Lightning restored the weights, optimizer and scheduler, so the resumed run
@@ -117,6 +118,12 @@ class HybridLightningModule(pl.LightningModule, abc.ABC):
         self._log_step(hybrid, result)
 
     def _log_step(self, hybrid: HybridTrainer, result: StepResult) -> None:
+        # Each self.log call runs Lightning's bookkeeping (a tensor per value, a result-collection update), a
+        # measurable share of a small model's step: log where it is used — the steps Lightning's loggers write
+        # (log_every_n_steps) and those whose loss was read.
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if result.loss is None and connector is not None and not connector.should_update_logs:
+            return
         self.log("hybrid/phase", PHASE_CODES[result.phase], on_step=True, on_epoch=False)
         self.log("hybrid/backward_skipped", float(hybrid.metrics.backward_passes_skipped), on_step=True,
                  on_epoch=False)

@@ -2,22 +2,25 @@
 
 Run: python docs/bench/integrations_overhead.py [--seeds 0 1 2] [--steps 200] [--hidden 1024] [--json PATH]
 
-One process, interleaved: for each seed, each framework trains the same MLP (64 → hidden → hidden → 10, AdamW
-and a OneCycleLR sized to the run, synthetic 10-class data, batches of 64) once as its users write it and once
-through the integration (default `HybridConfig(seed=seed)`), the order alternating with the seed. Lightning:
-automatic optimization (``training_step`` returns the loss) against `HybridLightningModule`. Accelerate (bf16
-autocast, gradient accumulation 2): the ``accelerator.accumulate``/``backward``/``step`` loop over batches of 32
-against `hybrid_core.adapters.accelerate.prepare` over batches of 64 cut in two (the same examples per
-optimizer step). Per seed the runs go plain, hybrid, hybrid, plain (or the reverse) and each kind's two runs
-are averaged. The figures: the mean wall-clock seconds per step after the first 20 steps (periodic costs such
-as the trainer's reads included, its last read inside the timing) and the median step, and the ratio
-integration / plain per seed, whose median and range over seeds are printed at the end.
+One process, interleaved. Each framework trains the same MLP (64 → hidden → hidden → 10, AdamW and a OneCycleLR
+sized to the run, synthetic 10-class data, 64 examples per optimizer step) as its users write it and through the
+integration (default `HybridConfig(seed=seed)`), one torch thread.
+
+- Lightning: automatic optimization (``training_step`` returns the loss) against `HybridLightningModule`; per
+  seed four whole fits, plain-hybrid-hybrid-plain (or the reverse, alternating with the seed), each kind's two
+  runs averaged.
+- Accelerate (bf16 autocast, gradient accumulation 2): the ``accelerator.accumulate``/``backward``/``step`` loop
+  over batches of 32 against `hybrid_core.adapters.accelerate.prepare` over batches of 64 cut in two (the same
+  examples per optimizer step), both on one Accelerator and stepped in turn, each step timed on its own.
+
+The figures: wall-clock and this process's CPU time per step after the first 20 steps (the trainer's periodic
+reads included, its last read inside the timing), their ratio integration / plain per seed, and the median
+and range of that ratio over the seeds. On a machine shared with other jobs the CPU time is the steadier one.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import time
@@ -57,25 +60,29 @@ def optimizers(params, steps):
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
 
 
+def stamp() -> tuple[float, float]:
+    """(wall-clock, this process's CPU time): the CPU time barely moves with other processes' load."""
+    return time.perf_counter(), time.process_time()
+
+
 class _Clock(pl.Callback):
-    """The time at the end of every step, and at the end of training (after the trainer's last read)."""
+    """A `stamp` at the end of every step, and at the end of training (after the trainer's last read)."""
 
     def __init__(self):
-        self.times = []
+        self.stamps = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter())
+        self.stamps.append(stamp())
 
     def on_train_end(self, trainer, pl_module):
-        self.times.append(time.perf_counter())
+        self.stamps.append(stamp())
 
 
-def timing(times: list[float]) -> dict:
-    """Mean seconds per step from the end of step SKIP to the end (periodic costs included), and the median
-    step (robust to a burst of load from other processes on a shared machine)."""
-    steps = times[SKIP:]
-    gaps = [b - a for a, b in itertools.pairwise(steps)]
-    return {"seconds_per_step": (steps[-1] - steps[0]) / (len(steps) - 2), "median_step": statistics.median(gaps)}
+def timing(stamps: list[tuple[float, float]]) -> dict:
+    """Mean wall-clock and CPU seconds per step from the end of step SKIP to the end (periodic costs included)."""
+    steps = stamps[SKIP:]
+    count = len(steps) - 2  # the last stamp closes the last step (and holds the final read)
+    return {"wall": (steps[-1][0] - steps[0][0]) / count, "cpu": (steps[-1][1] - steps[0][1]) / count}
 
 
 class PlainModule(pl.LightningModule):
@@ -112,40 +119,53 @@ def lightning_run(kind: str, seed: int, steps: int, hidden: int) -> dict:
     loader = torch.utils.data.DataLoader(data(seed), batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     trainer.fit(module, loader)
-    out = timing(clock.times)
+    out = timing(clock.stamps)
     if kind == "hybrid":
         out["steps_per_phase"] = module.hybrid.summary()["steps_per_phase"]
     return out
 
 
-def accelerate_run(kind: str, seed: int, steps: int, hidden: int) -> dict:
+def accelerate_pair(seed: int, steps: int, hidden: int) -> dict:
+    """The plain Accelerate loop and the hybrid trainer, built on one Accelerator and stepped in turn, one
+    optimizer step each (the first to step alternating), each step timed on its own."""
     accelerate.state.AcceleratorState._reset_state(True)
     acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
-    net = mlp(hidden, seed)
-    opt, sched = optimizers(net.parameters(), steps)
-    loader = torch.utils.data.DataLoader(data(seed), batch_size=64 if kind == "hybrid" else 32, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
-    batches = iter(_forever(loader))
-    times = []
-    if kind == "hybrid":
-        trainer = prepare(acc, net, opt, ce, sched, HybridConfig(seed=seed), checkpointing=False)
-        for _ in range(steps):
-            trainer.step(next(batches))
-            times.append(time.perf_counter())
-        trainer.flush()
-        times.append(time.perf_counter())
-        return {**timing(times), "steps_per_phase": trainer.summary()["steps_per_phase"]}
-    for _ in range(steps):
+    loops = {}
+    for kind, batch_size in (("plain", 32), ("hybrid", 64)):
+        net = mlp(hidden, seed)
+        opt, sched = optimizers(net.parameters(), steps)
+        loader = torch.utils.data.DataLoader(data(seed), batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
+        net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
+        loops[kind] = (net, opt, sched, iter(_forever(loader)))
+    net, opt, sched, plain_batches = loops["plain"]
+    hybrid_net, hybrid_opt, hybrid_sched, hybrid_batches = loops["hybrid"]
+    trainer = prepare(acc, hybrid_net, hybrid_opt, ce, hybrid_sched, HybridConfig(seed=seed), checkpointing=False)
+
+    def plain_step():
         for _ in range(2):  # two micro-batches: accelerate steps the optimizer on the second
             with acc.accumulate(net):
-                acc.backward(ce(net, next(batches)))
+                acc.backward(ce(net, next(plain_batches)))
                 opt.step()
                 sched.step()
                 opt.zero_grad()
-        times.append(time.perf_counter())
-    times.append(time.perf_counter())
-    return timing(times)
+
+    spent = {"plain": [0.0, 0.0], "hybrid": [0.0, 0.0]}
+    run = {"plain": plain_step, "hybrid": lambda: trainer.step(next(hybrid_batches))}
+    for step in range(steps):
+        for kind in (("plain", "hybrid") if step % 2 == 0 else ("hybrid", "plain")):
+            before = stamp()
+            run[kind]()
+            if kind == "hybrid" and step == steps - 1:
+                trainer.flush()
+            after = stamp()
+            if step >= SKIP:
+                spent[kind][0] += after[0] - before[0]
+                spent[kind][1] += after[1] - before[1]
+    count = steps - SKIP
+    out = {kind: {"wall": w / count, "cpu": c / count} for kind, (w, c) in spent.items()}
+    out["hybrid"]["steps_per_phase"] = trainer.summary()["steps_per_phase"]
+    return out
 
 
 def _forever(loader):
@@ -162,32 +182,32 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    runs = {"lightning": lightning_run, "accelerate": accelerate_run}
-    results: dict = {name: [] for name in runs}
+    results: dict = {"lightning": [], "accelerate": []}
     for seed in args.seeds:
-        # A-B-B-A per seed (the first kind alternating with the seed), each kind's two runs averaged: a load
-        # that drifts during the seed's four runs falls on both kinds alike.
+        # Lightning: whole fits, plain-hybrid-hybrid-plain (the first kind alternating with the seed), each kind's
+        # two runs averaged, so a load drifting over the four runs falls on both kinds alike.
         first, second = ("plain", "hybrid") if seed % 2 == 0 else ("hybrid", "plain")
-        for name, run in runs.items():
-            got: dict = {"plain": [], "hybrid": []}
-            for kind in (first, second, second, first):
-                got[kind].append(run(kind, seed, args.steps, args.hidden))
-            row = {"seed": seed, "runs": got}
-            for key in ("seconds_per_step", "median_step"):
-                row[key] = {kind: statistics.fmean(r[key] for r in got[kind]) for kind in got}
-                row[key]["ratio"] = row[key]["hybrid"] / row[key]["plain"]
-            row["steps_per_phase"] = got["hybrid"][0]["steps_per_phase"]
-            results[name].append(row)
-            mean, median = row["seconds_per_step"], row["median_step"]
-            print(f"{name:10s} seed {seed}: mean plain {1e3 * mean['plain']:.2f} ms/step, hybrid "
-                  f"{1e3 * mean['hybrid']:.2f}, ratio {mean['ratio']:.3f}; median step ratio {median['ratio']:.3f}; "
-                  f"phases {row['steps_per_phase']}", flush=True)
+        got: dict = {"plain": [], "hybrid": []}
+        for kind in (first, second, second, first):
+            got[kind].append(lightning_run(kind, seed, args.steps, args.hidden))
+        row = {kind: {key: statistics.fmean(r[key] for r in got[kind]) for key in ("wall", "cpu")} for kind in got}
+        row["hybrid"]["steps_per_phase"] = got["hybrid"][0]["steps_per_phase"]
+        results["lightning"].append({"seed": seed, **row})
+        # Accelerate: both loops in one Accelerator, stepped in turn.
+        results["accelerate"].append({"seed": seed, **accelerate_pair(seed, args.steps, args.hidden)})
+        for name in results:
+            r = results[name][-1]
+            print(f"{name:10s} seed {seed}: wall plain {1e3 * r['plain']['wall']:.2f} ms/step, hybrid "
+                  f"{1e3 * r['hybrid']['wall']:.2f} ({r['hybrid']['wall'] / r['plain']['wall']:.3f}); cpu plain "
+                  f"{1e3 * r['plain']['cpu']:.2f}, hybrid {1e3 * r['hybrid']['cpu']:.2f} "
+                  f"({r['hybrid']['cpu'] / r['plain']['cpu']:.3f}); phases {r['hybrid']['steps_per_phase']}",
+                  flush=True)
     for name, rows in results.items():
-        for key in ("seconds_per_step", "median_step"):
-            plain = [1e3 * r[key]["plain"] for r in rows]
-            hybrid = [1e3 * r[key]["hybrid"] for r in rows]
-            ratios = [r[key]["ratio"] for r in rows]
-            print(f"{name} {key}: plain {statistics.median(plain):.2f} ms [{min(plain):.2f}–{max(plain):.2f}], "
+        for key in ("wall", "cpu"):
+            plain = [1e3 * r["plain"][key] for r in rows]
+            hybrid = [1e3 * r["hybrid"][key] for r in rows]
+            ratios = [r["hybrid"][key] / r["plain"][key] for r in rows]
+            print(f"{name} {key}: plain {statistics.median(plain):.2f} ms/step [{min(plain):.2f}–{max(plain):.2f}], "
                   f"hybrid {statistics.median(hybrid):.2f} [{min(hybrid):.2f}–{max(hybrid):.2f}], ratio "
                   f"{statistics.median(ratios):.3f} [{min(ratios):.3f}–{max(ratios):.3f}] over {len(rows)} seeds")
     if args.json:
