@@ -6,15 +6,16 @@ One process, interleaved. Each framework trains the same MLP (64 → hidden → 
 sized to the run, synthetic 10-class data, 64 examples per optimizer step) as its users write it and through the
 integration (default `HybridConfig(seed=seed)`), one torch thread.
 
-- Lightning: automatic optimization (``training_step`` returns the loss) against `HybridLightningModule`; per
-  seed four whole fits, plain-hybrid-hybrid-plain (or the reverse, alternating with the seed), each kind's two
-  runs averaged.
+- Lightning: automatic optimization (``training_step`` returns the loss) against `HybridLightningModule`; the
+  two ``Trainer.fit`` calls run in two threads that take turns step by step (one runs, the other waits; the
+  first to step alternating with the seed), each step timed from its batch's start to its end.
 - Accelerate (bf16 autocast, gradient accumulation 2): the ``accelerator.accumulate``/``backward``/``step`` loop
   over batches of 32 against `hybrid_core.adapters.accelerate.prepare` over batches of 64 cut in two (the same
-  examples per optimizer step), both on one Accelerator and stepped in turn, each step timed on its own.
+  examples per optimizer step), both on one Accelerator and stepped in turn, each step timed on its own (the
+  hybrid's last step includes its final read).
 
-The figures: wall-clock and this process's CPU time per step after the first 20 steps (the trainer's periodic
-reads included, its last read inside the timing), their ratio integration / plain per seed, and the median
+The figures: wall-clock and the thread's CPU time per step after the first 20 steps (the trainer's periodic
+reads included), their ratio integration / plain per seed, and the median
 and range of that ratio over the seeds. On a machine shared with other jobs the CPU time is the steadier one.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 import warnings
 
@@ -61,28 +63,30 @@ def optimizers(params, steps):
 
 
 def stamp() -> tuple[float, float]:
-    """(wall-clock, this process's CPU time): the CPU time barely moves with other processes' load."""
-    return time.perf_counter(), time.process_time()
+    """(wall-clock, this thread's CPU time): the CPU time moves less with other processes' load."""
+    return time.perf_counter(), time.thread_time()
 
 
-class _Clock(pl.Callback):
-    """A `stamp` at the end of every step, and at the end of training (after the trainer's last read)."""
+class _Turns(pl.Callback):
+    """Two Lightning fits in two threads, taking turns step by step (one runs while the other waits), each
+    step timed on its own: wall-clock and the thread's CPU time from its batch's start to its end."""
 
-    def __init__(self):
-        self.stamps = []
+    def __init__(self, mine: threading.Event, theirs: threading.Event) -> None:
+        self.mine, self.theirs = mine, theirs
+        self.steps: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.mine.wait()
+        self.mine.clear()
+        self.start = (time.perf_counter(), time.thread_time())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.stamps.append(stamp())
+        end = (time.perf_counter(), time.thread_time())
+        self.steps.append((end[0] - self.start[0], end[1] - self.start[1]))
+        self.theirs.set()
 
     def on_train_end(self, trainer, pl_module):
-        self.stamps.append(stamp())
-
-
-def timing(stamps: list[tuple[float, float]]) -> dict:
-    """Mean wall-clock and CPU seconds per step from the end of step SKIP to the end (periodic costs included)."""
-    steps = stamps[SKIP:]
-    count = len(steps) - 2  # the last stamp closes the last step (and holds the final read)
-    return {"wall": (steps[-1][0] - steps[0][0]) / count, "cpu": (steps[-1][1] - steps[0][1]) / count}
+        self.theirs.set()
 
 
 class PlainModule(pl.LightningModule):
@@ -111,17 +115,38 @@ class HybridModule(HybridLightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def lightning_run(kind: str, seed: int, steps: int, hidden: int) -> dict:
-    module = (HybridModule if kind == "hybrid" else PlainModule)(hidden, seed, steps)
-    clock = _Clock()
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
-    loader = torch.utils.data.DataLoader(data(seed), batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    trainer.fit(module, loader)
-    out = timing(clock.stamps)
-    if kind == "hybrid":
-        out["steps_per_phase"] = module.hybrid.summary()["steps_per_phase"]
+def lightning_pair(seed: int, steps: int, hidden: int) -> dict:
+    """Plain and hybrid Lightning fits in turn, step by step (the plain one starts on even seeds)."""
+    turns = {"plain": threading.Event(), "hybrid": threading.Event()}
+    clocks = {"plain": _Turns(turns["plain"], turns["hybrid"]), "hybrid": _Turns(turns["hybrid"], turns["plain"])}
+    modules = {"plain": PlainModule(hidden, seed, steps), "hybrid": HybridModule(hidden, seed, steps)}
+    errors: list[BaseException] = []
+
+    def fit(kind: str) -> None:
+        try:
+            trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                 callbacks=[clocks[kind]])
+            loader = torch.utils.data.DataLoader(data(seed), batch_size=64, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(seed))
+            trainer.fit(modules[kind], loader)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+            clocks[kind].theirs.set()
+
+    threads = [threading.Thread(target=fit, args=(kind,)) for kind in ("plain", "hybrid")]
+    turns["plain" if seed % 2 == 0 else "hybrid"].set()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    out: dict = {}
+    for kind, clock in clocks.items():
+        timed = clock.steps[SKIP:]
+        out[kind] = {"wall": statistics.fmean(w for w, _ in timed), "cpu": statistics.fmean(c for _, c in timed)}
+    out["hybrid"]["steps_per_phase"] = modules["hybrid"].hybrid.summary()["steps_per_phase"]
     return out
 
 
@@ -184,15 +209,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     results: dict = {"lightning": [], "accelerate": []}
     for seed in args.seeds:
-        # Lightning: whole fits, plain-hybrid-hybrid-plain (the first kind alternating with the seed), each kind's
-        # two runs averaged, so a load drifting over the four runs falls on both kinds alike.
-        first, second = ("plain", "hybrid") if seed % 2 == 0 else ("hybrid", "plain")
-        got: dict = {"plain": [], "hybrid": []}
-        for kind in (first, second, second, first):
-            got[kind].append(lightning_run(kind, seed, args.steps, args.hidden))
-        row = {kind: {key: statistics.fmean(r[key] for r in got[kind]) for key in ("wall", "cpu")} for kind in got}
-        row["hybrid"]["steps_per_phase"] = got["hybrid"][0]["steps_per_phase"]
-        results["lightning"].append({"seed": seed, **row})
+        # Lightning: the two fits in two threads, taking turns step by step.
+        results["lightning"].append({"seed": seed, **lightning_pair(seed, args.steps, args.hidden)})
         # Accelerate: both loops in one Accelerator, stepped in turn.
         results["accelerate"].append({"seed": seed, **accelerate_pair(seed, args.steps, args.hidden)})
         for name in results:
