@@ -1,6 +1,7 @@
 """PyTorch Lightning: `HybridLightningModule` under `Trainer.fit` — phases, logging, checkpoints, refusals."""
 
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -9,12 +10,14 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch", reason="the Lightning integration needs torch (pip install '.[lightning]')")
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning integration needs lightning "
                          "(pip install '.[lightning]')")
 
-from _lightning_net import STEPS, Net, comparable, loader  # noqa: E402
+from _lightning_net import CONFIG, STEPS, Net, comparable, loader  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
@@ -160,3 +163,14 @@ def test_ddp_on_two_cpu_processes_keeps_the_ranks_identical_and_resumes_bit_exac
     for rank in (first, second):
         assert rank["steps"] == STEPS and rank["resumed_summary"] == rank["summary"]
         assert all(torch.equal(a, b) for a, b in zip(rank["weights"], rank["resumed_weights"], strict=True))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.integers(1, 60), read_every=st.integers(1, 9))
+def test_every_hybrid_step_is_one_lightning_step_and_max_steps_is_the_total(steps, read_every):
+    config = dataclasses.replace(CONFIG, read_every=read_every)
+    net = Net(steps=steps, hybrid_config=config)
+    trainer = _trainer(max_steps=steps)
+    trainer.fit(net, loader())
+    assert trainer.global_step == net.hybrid.steps_done == steps
+    assert sum(net.hybrid.summary()["steps_per_phase"].values()) == steps  # every step read by the end
