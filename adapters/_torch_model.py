@@ -66,6 +66,15 @@ class TorchModel:
     (up to rounding), so the optimizer takes one step per batch and the trainer counts steps as
     optimizer steps. `loss` is computed the same way. Batch-norm then normalises per micro-batch.
 
+    Data parallel (docs/distributed.md): ``module`` may be a ``DistributedDataParallel`` wrapper. Real steps
+    (`loss_and_grad`, `backward`) run through it, so its backward pass all-reduces the gradients; with
+    ``accumulate=k`` the first k-1 micro-batches run under ``no_sync()`` and the last one all-reduces. The
+    forward-only passes (`loss`: checks, line searches, read-out probes) call ``loss_fn`` with the module
+    inside the wrapper (``module.module``), so DDP prepares no gradient reduction for them: ``loss_fn`` must
+    only call the module it is given. A failed all-reduce (a rank died or stalled) is a `BackendError`.
+    Layer freezing is refused under DDP (`ConfigError`). A module sharded by FSDP2 (``fully_shard``, DTensor
+    parameters) is refused (`ModelError`, which says what does not work yet).
+
     Layer freezing (`parameter_groups`, `set_trainable`): by default one group per top-level child of the
     module, in registration order (the root's own parameters, such as a positional embedding, join the
     first group); ``groups`` gives them as lists of parameter names instead. A frozen group's tensors get
@@ -86,10 +95,14 @@ class TorchModel:
         if any(torch.is_complex(p) for p in params):
             raise ModelError("complex parameters are not supported",
                              "Split them into real and imaginary parts.")
+        _refuse_sharded(module, params)
         devices = {p.device for p in params}
         self._device = next(iter(devices)) if len(devices) == 1 else None
         _check_options(autocast, accumulate, self._device, devices)
         self.module = module
+        self._ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
+        self._forward_module = module.module if self._ddp else module
+        """What forward-only passes (`loss`) call: the module inside a DDP wrapper, so DDP's reducer is not armed."""
         self.loss_fn = loss_fn
         self.eval_for_loss = bool(eval_for_loss)
         self.move_batch = bool(move_batch)
@@ -124,7 +137,7 @@ class TorchModel:
         with torch.no_grad(), mode:
             for weight, micro in self._micro_batches(batch):
                 with self._autocast():
-                    part = self._scalar(self.loss_fn(self.module, micro))
+                    part = self._scalar(self.loss_fn(self._forward_module, micro))
                 part = part if weight == 1.0 else part * weight
                 total = part if total is None else total + part
         assert total is not None
@@ -163,15 +176,19 @@ class TorchModel:
         loss before its backward pass. Returns the detached loss of the whole batch."""
         mode = contextlib.nullcontext() if self.module.training else train_mode(self.module, True)
         total: torch.Tensor | None = None
+        micros = self._micro_batches(batch)
         with torch.enable_grad(), mode:
-            for weight, micro in self._micro_batches(batch):
-                with self._autocast():
-                    part = self._scalar(self.loss_fn(self.module, micro))
-                if not part.requires_grad:
-                    raise ModelError("the loss does not depend on any trainable parameter",
-                                     "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
-                part = part if weight == 1.0 else part * weight
-                (part if scale is None else scale(part)).backward()
+            for k, (weight, micro) in enumerate(micros):
+                # DDP: all-reduce the gradients once, in the last micro-batch's backward pass
+                sync = self.module.no_sync() if self._ddp and k < len(micros) - 1 else contextlib.nullcontext()
+                with sync, _collective_errors(self._ddp):
+                    with self._autocast():
+                        part = self._scalar(self.loss_fn(self.module, micro))
+                    if not part.requires_grad:
+                        raise ModelError("the loss does not depend on any trainable parameter",
+                                         "Compute the loss from module(batch) in loss_fn, outside torch.no_grad().")
+                    part = part if weight == 1.0 else part * weight
+                    (part if scale is None else scale(part)).backward()
                 total = part.detach() if total is None else total + part.detach()
         assert total is not None
         return total
@@ -185,12 +202,21 @@ class TorchModel:
         return torch.autocast(self._device.type, dtype=self.autocast)
 
     def parameter_groups(self) -> list[list[int]]:
-        """Indices into `parameters` by group, input side first (see the class docstring)."""
+        """Indices into `parameters` by group, input side first (see the class docstring).
+
+        `ConfigError` for a ``DistributedDataParallel`` module: its reducer fixes at construction which
+        parameters receive gradients, so layer freezing (which turns ``requires_grad`` off) cannot run under it.
+        """
+        if self._ddp:
+            raise ConfigError("layer freezing is not supported for a DistributedDataParallel module: DDP fixes at "
+                              "construction which parameters get gradients, and freezing turns requires_grad off",
+                              "Use HybridConfig(layer_freeze='off') for a DDP run.")
         return [list(g) for g in self._groups]
 
     def set_trainable(self, flags: Sequence[bool]) -> None:
         """Train (True) or freeze (False) each group: ``requires_grad_`` on its tensors; a frozen one's
         ``.grad`` is dropped, so no optimizer step moves it."""
+        self.parameter_groups()  # ConfigError under DDP
         if len(flags) != len(self._groups) or not all(isinstance(f, bool) for f in flags):
             raise ModelError(f"set_trainable needs {len(self._groups)} bools (one per group), got {list(flags)!r}")
         for group, flag in zip(self._groups, flags):
@@ -238,6 +264,49 @@ class TorchModel:
     def __repr__(self) -> str:
         return f"TorchModel({type(self.module).__name__}, {len(self._params)} parameter tensors)"
 
+
+@contextlib.contextmanager
+def _collective_errors(ddp: bool) -> Iterator[None]:
+    """Under DDP, a failed gradient all-reduce (a rank died or timed out) as `BackendError`, not as an error
+    of the batch (the trainer turns a model's own errors into `BatchError`)."""
+    if not ddp:
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as exc:
+        dist_error = getattr(torch.distributed, "DistError", ())
+        text = str(exc)
+        if not (isinstance(exc, dist_error) or any(m in text for m in _COLLECTIVE_FAILURES)):
+            raise
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 0)
+        who = f"rank {1 - rank}" if world == 2 else f"a rank other than {rank}"
+        raise BackendError(
+            f"DDP gradient all-reduce (backward pass): {who} did not answer, on rank {rank} "
+            f"({type(exc).__name__}: {text.strip().splitlines()[0][:300] if text.strip() else ''})",
+            "A rank died or stalled: read its log, restart every rank and resume from the last checkpoint "
+            "(HybridTrainer.load). The wait is bounded by init_process_group(timeout=...).") from exc
+
+
+def _refuse_sharded(module: torch.nn.Module, params: Sequence[torch.Tensor]) -> None:
+    """`ModelError` for a module sharded by FSDP2 (``fully_shard``: its parameters are DTensors)."""
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    fsdp = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    sharded = dtensor is not None and any(isinstance(p, dtensor) for p in params)
+    if sharded or (fsdp is not None and any(isinstance(m, fsdp) for m in module.modules())):
+        raise ModelError(
+            f"the module is sharded by FSDP2 (fully_shard: {type(module).__name__}, DTensor parameters), which "
+            "the trainer does not support yet: measured on CPU/gloo (torch 2.13), the fused step's statistics "
+            "flatten the gradients (view(-1) of a sharded dimension needs a redistribution), rollbacks copy into "
+            "the parameters with torch._foreach_copy_ (no sharding strategy for DTensors) and checkpoints read "
+            "the parameters with .numpy() (not supported for DTensors)",
+            "Train data-parallel with DistributedDataParallel (docs/distributed.md), which keeps every "
+            "parameter whole on every rank.")
+
+
+_COLLECTIVE_FAILURES = ("gloo", "Connection closed by peer", "Timed out waiting", "NCCL", "ProcessGroup")
+"""Text of the RuntimeErrors torch raises (not always as DistError) when a collective of DDP fails."""
 
 
 def _check_options(autocast: Any, accumulate: Any, device: torch.device | None, devices: set[torch.device]) -> None:

@@ -1,4 +1,5 @@
-"""PyTorch adapter: `TorchModel` (an ``nn.Module`` plus a loss) and `TorchOptimizer` (any ``torch.optim``)."""
+"""PyTorch adapter: `TorchModel` (an ``nn.Module`` plus a loss), `TorchOptimizer` (any ``torch.optim``) and
+`TorchCollective` (the ranks of a ``torch.distributed`` run, docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from hybrid_core.kernels import fused_stats
 from hybrid_core.models._checks import check_like_parameters
 
 from ._torch_amp import StepWatch, check_scaler_state, finite_or_zero, scaler_problems, scaler_state
+from ._torch_dist import TorchCollective
 from ._torch_model import TorchModel
 from ._torch_rules import GroupView, rule_for, sgd_next
 from ._torch_schedule import SCHEDULE_COUNTS, scheduler_room
 from ._torch_state import check_scheduler, checked_steps, cloned, group_indices
 
-__all__ = ["TorchModel", "TorchOptimizer"]
+__all__ = ["TorchCollective", "TorchModel", "TorchOptimizer"]
 
 _STATE_KEYS = frozenset({"kind", "optimizer_class", "optimizer", "scheduler", "last_update", "last_grads"})
 _SCALER_KEY = "scaler"

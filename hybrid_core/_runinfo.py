@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import array_api_compat
@@ -188,6 +189,10 @@ def _own_random_state(path: str | os.PathLike[str], raw: dict[str, Any], rank: i
     """``raw`` with this rank's random generators as its ``rng`` part when the file holds every rank's
     (written by a run of as many processes); otherwise the file's (rank 0's) for every rank."""
     by_rank = raw.get("rng_by_rank")
+    if by_rank is not None and raw.get("world_size") != world_size:
+        warnings.warn(f"hybrid_core: {os.fspath(path)} was written by a run of {raw.get('world_size')} processes and "
+                      f"is resumed by {world_size}: every rank takes rank 0's random state; the data shards are "
+                      "yours to re-split", stacklevel=5)
     if by_rank is None or raw.get("world_size") != world_size:
         return raw
     if not isinstance(by_rank, list) or len(by_rank) != world_size or not isinstance(by_rank[rank], bytes):
