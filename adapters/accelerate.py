@@ -43,7 +43,7 @@ from hybrid_core._errors import ConfigError, ModelError
 from hybrid_core._protocols import DynamicsModel
 from hybrid_core._trainer import HybridTrainer
 
-from ._torch_model import train_mode
+from ._torch_model import _collective_errors, train_mode
 from ._trainer_bytes import restore_from_bytes, trainer_bytes
 from .torch import TorchModel, TorchOptimizer
 
@@ -84,7 +84,7 @@ class AcceleratedModel(TorchModel):
         with torch.enable_grad(), mode:
             for i, (weight, part_batch) in enumerate(micro):
                 sync = contextlib.nullcontext() if i == count - 1 else self.accelerator.no_sync(self.module)
-                with sync:
+                with sync, _collective_errors(self._ddp):  # a failed all-reduce is a BackendError, as in TorchModel
                     part = self._scalar(self.loss_fn(self.module, part_batch))
                     if not part.requires_grad:
                         raise ModelError("the loss does not depend on any trainable parameter",
