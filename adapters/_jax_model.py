@@ -117,11 +117,15 @@ class JaxModel:
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
         paths = [path for path, _ in with_paths]
         leaves = [jnp.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf for _, leaf in with_paths]
-        bad = [jax.tree_util.keystr(paths[i]) or f"leaf {i}" for i, leaf in enumerate(leaves)
+        bad = [f"{jax.tree_util.keystr(paths[i]) or f'leaf {i}'} ({type(leaf).__name__} {getattr(leaf, 'dtype', '')})"
+               .replace(" )", ")") for i, leaf in enumerate(leaves)
                if not isinstance(leaf, jax.Array) or not jnp.issubdtype(leaf.dtype, jnp.floating)]
         if not leaves or bad:
+            from ._jax_modules import module_hint
+
             raise ModelError(f"params must be a pytree of floating-point arrays (bad: {bad or 'no leaves'})",
-                             "Pass jnp arrays (real floating dtypes) as the pytree's leaves.")
+                             module_hint(params) or "Pass jnp arrays (real floating dtypes) as the pytree's leaves; "
+                             "keep other values out of it (e.g. in loss_fn's closure).")
         self.loss_fn = loss_fn
         self._treedef = treedef
         self._leaves = leaves
