@@ -239,3 +239,33 @@ def test_a_frozen_group_gets_no_gradient_and_stays_still(hybrid_case: Conformanc
     opt.step(model.loss_and_grad(next(batches))[1])
     assert any(not np.array_equal(after[i], _host([model.parameters()[i]])[0]) for i in frozen), (
         f"{contract}: set_trainable(True) did not train the group again")
+
+
+def test_reading_lr_and_an_unmeasured_fused_step_read_nothing_from_the_device(hybrid_case: ConformanceCase) -> None:
+    from hybrid_core import FusedStep
+
+    model, opt, batches, xp = _setup(hybrid_case, seed=9)
+    if getattr(opt, "lr_on_device", False) is True:
+        return  # the optimizer says reading its rate is a device read (the trainer counts each one)
+    contract = "contract 'unless lr_on_device, Optimizer.lr is a host number and reading it reads no device'"
+    fused = isinstance(opt, FusedStep) and opt.model is model
+    for k in range(3):
+        batch = next(batches)
+        with _no_device_reads(xp):
+            if fused:  # an unmeasured fused step leaves everything on the device (JAX: checked by a transfer guard)
+                opt.fused_step(batch, False)
+            lr = opt.lr
+        if not fused:
+            opt.step(model.loss_and_grad(batch)[1])
+        assert isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, f"{contract}: lr = {lr!r} at step {k}"
+
+
+def _no_device_reads(xp: Any) -> Any:
+    """``jax.transfer_guard_device_to_host("disallow")`` for JAX arrays; nothing to guard for the others."""
+    import contextlib
+
+    if "jax" in getattr(xp, "__name__", ""):
+        import jax
+
+        return jax.transfer_guard_device_to_host("disallow")
+    return contextlib.nullcontext()
