@@ -272,7 +272,7 @@ def test_lr_that_cannot_be_known_or_set_is_a_config_error():
         ja.OptaxOptimizer(model, optax.scale_by_adam())  # no learning rate in it at all
     assert "learning_rate=" in raised.value.recovery
     assert ja.OptaxOptimizer(model, optax.adam(1e-3)).lr == pytest.approx(1e-3)  # found inside it
-    with pytest.raises(ConfigError, match="uses 0.001"):
+    with pytest.raises(ConfigError, match=r"uses 0\.001"):
         ja.OptaxOptimizer(model, optax.adam(1e-3), lr=1e-2)  # not the one it holds
     with pytest.raises(ConfigError, match="injects"):
         ja.OptaxOptimizer(model, _injected(optax.adam, learning_rate=1e-3), lr=1e-3)
