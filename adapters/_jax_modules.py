@@ -13,6 +13,7 @@ take randomness from the batch instead (see docs/integrations.md).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -62,17 +63,29 @@ def _kind(tree: Any) -> str | None:
 
 
 class _BoundLoss:
-    """``loss_fn`` over the trainable pytree: binds it into the module (``build``) and calls the user's loss.
+    """``loss_fn`` over the trainable pytree: ``build(params, held)`` binds the parameters and the held state (both
+    traced; the model feeds ``(held, batch)`` as the batch) into the module, and the user's loss takes it.
 
-    Hashed and compared by identity: a static argument of ``jax.jit``, compiled once per instance.
+    A static argument of ``jax.jit``: equal (and so sharing compiled code) when ``key`` is, i.e. for modules of the
+    same structure and the same loss; ``key`` None compares by identity (compiled once per model).
     """
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Any], build: Callable[[Any], Any]) -> None:
+    def __init__(self, loss_fn: Callable[[Any, Any], Any], build: Callable[[Any, Any], Any], key: Any) -> None:
         self.user_loss = loss_fn
         self.build = build
+        self.key = key
 
-    def __call__(self, params: Any, batch: Any) -> Any:
-        return self.user_loss(self.build(params), batch)
+    def __call__(self, params: Any, fed: Any) -> Any:
+        held, batch = fed
+        return self.user_loss(self.build(params, held), batch)
+
+    def __hash__(self) -> int:
+        return hash(self.key) if self.key is not None else id(self)
+
+    def __eq__(self, other: object) -> bool:
+        if self.key is None or not isinstance(other, _BoundLoss):
+            return self is other
+        return self.key == other.key and self.user_loss == other.user_loss
 
     def __repr__(self) -> str:
         return f"bound({getattr(self.user_loss, '__qualname__', self.user_loss)!r})"
@@ -94,6 +107,18 @@ def _bad_leaves(tree: Any, wanted: Callable[[Any], bool]) -> list[str]:
 def _describe(leaf: Any) -> str:
     dtype = getattr(leaf, "dtype", None)
     return f"{type(leaf).__name__} {dtype}" if dtype is not None else type(leaf).__name__
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray))
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _floating(leaf: Any) -> bool:
@@ -148,6 +173,23 @@ def _plain(a: Any) -> Any:
     return a if isinstance(a, jax.Array) else np.asarray(a)
 
 
+def _eqx_static(static_def: Any, flags: tuple[bool, ...], consts: tuple[Any, ...], arrays: Sequence[Any]) -> Any:
+    """The static half of an Equinox module with ``arrays`` in its array slots."""
+    arrays, rest = iter(arrays), iter(consts)
+    return static_def.unflatten([next(arrays) if f else next(rest) for f in flags])
+
+
+def _eqx_combine(eqx: Any, static_def: Any, flags: tuple[bool, ...], consts: tuple[Any, ...], params: Any,
+                 arrays: Any) -> Any:
+    return eqx.combine(params, _eqx_static(static_def, flags, consts, arrays))
+
+
+def _nnx_merge(nnx: Any, graphdef: Any, params: Any, rest: Any) -> Any:
+    # Fresh variables inside the trace (tree_map rebuilds them), so layers that write their state while the loss
+    # runs (BatchNorm's running averages, RNG counts) may; what they write is dropped with the trace.
+    return nnx.merge(graphdef, params, jax.tree_util.tree_map(lambda a: a, rest))
+
+
 class EquinoxModel(_HeldState, JaxModel):
     """An ``eqx.Module`` and ``loss_fn(module, batch) -> scalar``, trained as a `JaxModel`.
 
@@ -174,31 +216,41 @@ class EquinoxModel(_HeldState, JaxModel):
                              "Keep the default filter_spec (eqx.is_inexact_array), or give a filter that selects "
                              "real floating arrays; mark other fields eqx.field(static=True).")
         self._eqx = eqx
-        self._static = static
-        super().__init__(self._bound(loss_fn), params, groups=groups)
+        # The static half: its arrays (integer buffers) are fed to the loss as traced arguments, the rest (functions,
+        # numbers) is compiled in; modules of one structure share the compiled code.
+        leaves, self._static_def = jax.tree_util.tree_flatten(static)
+        self._flags = tuple(_is_array(leaf) for leaf in leaves)
+        self._consts = tuple(leaf for leaf, f in zip(leaves, self._flags, strict=True) if not f)
+        self._arrays = [leaf for leaf, f in zip(leaves, self._flags, strict=True) if f]
+        key = (self._static_def, self._flags, self._consts)
+        # The build function holds no model (the jit cache keeps it): only the structure.
+        build = functools.partial(_eqx_combine, eqx, self._static_def, self._flags, self._consts)
+        super().__init__(_BoundLoss(loss_fn, build, key if _hashable(key) else None), params, groups=groups)
 
-    def _bound(self, loss_fn: Callable[[Any, Any], Any]) -> _BoundLoss:
-        eqx, static = self._eqx, self._static
-        return _BoundLoss(loss_fn, lambda p: eqx.combine(p, static))
+    def _rebuild(self, arrays: Sequence[Any]) -> Any:
+        return _eqx_static(self._static_def, self._flags, self._consts, arrays)
+
+    def _combine(self, params: Any, arrays: Any) -> Any:
+        return self._eqx.combine(params, self._rebuild(arrays))
+
+    def _fed(self, batch: Any) -> Any:
+        return self._arrays, batch
 
     @property
     def module(self) -> Any:
         """The module with the current weights (a new ``eqx.Module``: modules are immutable)."""
-        return self._eqx.combine(self.params, self._static)
+        return self._combine(self.params, self._arrays)
 
     def _held(self) -> list[Any]:
-        return [a for a in jax.tree_util.tree_leaves(self._static) if isinstance(a, (jax.Array, np.ndarray))]
+        return list(self._arrays)
 
     def _paths(self) -> list[str]:
-        return [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_flatten_with_path(self._static)[0]
-                if isinstance(a, (jax.Array, np.ndarray))]
+        with_paths = jax.tree_util.tree_flatten_with_path(self._rebuild(self._arrays))[0]
+        return [jax.tree_util.keystr(p) for (p, _), f in zip(with_paths, self._flags, strict=True) if f]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Hold the saved untrained arrays (integer buffers); `CheckpointError` and no change if they do not fit."""
-        values = iter(self.check_state_dict(state))
-        self._static = jax.tree_util.tree_map(
-            lambda a: next(values) if isinstance(a, (jax.Array, np.ndarray)) else a, self._static)
-        self.loss_fn = self._bound(self.loss_fn.user_loss)
+        self._arrays = self.check_state_dict(state)
 
     def __repr__(self) -> str:
         return f"EquinoxModel({type(self.module).__name__}, {len(self.parameters())} trainable arrays)"
@@ -231,18 +283,17 @@ class NNXModel(_HeldState, JaxModel):
                              "Keep the default trainable=nnx.Param, or give an nnx filter that selects floating "
                              "variables only (e.g. nnx.All(nnx.Param, ...)).")
         self._nnx, self._graphdef, self._rest = nnx, graphdef, rest
-        super().__init__(self._bound(loss_fn), params, groups=groups)
+        key = (graphdef, jax.tree_util.tree_structure(rest))
+        build = functools.partial(_nnx_merge, nnx, graphdef)
+        super().__init__(_BoundLoss(loss_fn, build, key if _hashable(key) else None), params, groups=groups)
 
-    def _bound(self, loss_fn: Callable[[Any, Any], Any]) -> _BoundLoss:
-        nnx, graphdef, rest = self._nnx, self._graphdef, self._rest
-        # Fresh variables inside the trace (tree_map rebuilds them), so layers that write their state while the
-        # loss runs (BatchNorm's running averages, RNG counts) may; what they write is dropped with the trace.
-        return _BoundLoss(loss_fn, lambda p: nnx.merge(graphdef, p, jax.tree_util.tree_map(lambda a: a, rest)))
+    def _fed(self, batch: Any) -> Any:
+        return self._rest, batch
 
     @property
     def module(self) -> Any:
         """A module with the current weights and the held state (``nnx.merge``)."""
-        return self._nnx.merge(self._graphdef, self.params, self._rest)
+        return _nnx_merge(self._nnx, self._graphdef, self.params, self._rest)
 
     def update_module(self, module: Any) -> None:
         """Write the current weights and held state into ``module`` (yours, built like the one given) in place."""
@@ -259,7 +310,6 @@ class NNXModel(_HeldState, JaxModel):
         does not fit."""
         values = self.check_state_dict(state)
         self._rest = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self._rest), values)
-        self.loss_fn = self._bound(self.loss_fn.user_loss)
 
     def __repr__(self) -> str:
         return f"NNXModel({len(self.parameters())} trainable arrays, {len(self._held())} held)"

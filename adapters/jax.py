@@ -241,7 +241,8 @@ class OptaxOptimizer:
         leaves, state, loss, update, grads, stats = _fused_step(
             model.loss_fn, self.transformation, model.treedef, model.trainable, bool(measure),
             self._rule == "replay" or before_update is not None, self._rule in ("last", "spread"),
-            None if lr is None else jax.device_put(np.float32(lr)), model.parameters(), self._state, batch)
+            None if lr is None else jax.device_put(np.float32(lr)), model.parameters(), self._state,
+            model._fed(batch))
         if before_update is not None:
             before_update(list(grads))
         model._rebind(leaves)
