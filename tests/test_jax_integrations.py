@@ -342,3 +342,18 @@ def test_scheduled_optimizer_state_round_trips_with_its_host_count():
     with pytest.raises(CheckpointError, match=r"lr\.count"):
         opt_b.load_state_dict(dict(saved, lr={"count": -1, "mini": 0, "used": 0}))
     assert opt_b.lr == opt_a.lr  # unchanged by the refused load
+
+
+@pytest.mark.slow
+def test_the_overhead_benchmark_script_runs_and_reports_medians(tmp_path):
+    _needs("equinox")
+    _needs("flax.nnx")
+    import runpy
+
+    bench = runpy.run_path(str(__import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "bench" /
+                               "jax_integrations.py"), run_name="bench")
+    doc = bench["run"](2, 20, 1)
+    assert [(r["seed"], r["model"]) for r in doc["rows"]] == [(0, "equinox"), (0, "nnx"), (1, "equinox"), (1, "nnx")]
+    for kind in ("equinox", "nnx"):
+        median, low, high = doc["summary"][kind]["full_over_plain"]
+        assert 0 < low <= median <= high
