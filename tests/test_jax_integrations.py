@@ -3,6 +3,8 @@ errors naming leaves by path, checkpoints, and a schedule's learning rate never 
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 jax = pytest.importorskip("jax", reason="the JAX adapter needs jax (pip install '.[jax]')")
 optax = pytest.importorskip("optax", reason="the JAX adapter needs optax (pip install '.[jax]')")
@@ -357,3 +359,33 @@ def test_the_overhead_benchmark_script_runs_and_reports_medians(tmp_path):
     for kind in ("equinox", "nnx"):
         median, low, high = doc["summary"][kind]["full_over_plain"]
         assert 0 < low <= median <= high
+
+
+def _device_schedule_count(state):
+    nodes = [n for n in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+             if isinstance(n, optax.ScaleByScheduleState)]
+    assert len(nodes) == 1
+    return int(nodes[0].count)
+
+
+@settings(max_examples=12, deadline=None)
+@given(k=st.sampled_from([None, 1, 3]), ops=st.lists(st.booleans(), max_size=10), start=st.integers(0, 9000))
+def test_the_host_count_mirrors_the_device_count_and_the_rate_is_optaxs(k, ops, start):
+    """Any sequence of real steps (True) and steps without an update (False), MultiSteps or not: the host's count
+    is the optax state's, and `lr` is the schedule's float32 value at the count of the last update."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 50, 10_000, 1e-4)
+    inner = optax.adamw(schedule)
+    model = _pytree_model()
+    opt = OptaxOptimizer(model, inner if k is None else optax.MultiSteps(inner, every_k_schedule=k))
+    for _ in range(start % 7):  # some schedule steps first, so counts past a chunk's start are covered too
+        opt.schedule_step()
+    batch = next(_batches())
+    for real in ops:
+        if real:
+            opt.fused_step(batch, False)
+        else:
+            opt.schedule_step()
+        assert opt._lr.count == _device_schedule_count(opt.opt_state)
+    assert opt.lr == float(np.float32(schedule(opt._lr.used)))
+    far = _optax_lr.HostSchedule(schedule)
+    assert far(start) == float(np.float32(schedule(start)))  # one chunk read for a count beyond the first chunk
