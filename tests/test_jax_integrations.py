@@ -194,6 +194,16 @@ def test_held_state_round_trips_and_a_mismatch_names_the_array():
     with pytest.raises(CheckpointError, match="not a NNXModel state_dict"):
         other.load_state_dict({"kind": "EquinoxModel", "arrays": []})
     assert [np.asarray(a).tolist() for a in other.state_dict()["arrays"]] == [[2.0] * 16, [3.0] * 16]  # unchanged
+    # In evaluation mode the held statistics are used: the jitted loss sees the loaded ones, as the module does.
+    from hybrid_core.adapters.jax import NNXModel
+
+    net = _nnx_net()
+    net.b_norm.use_running_average = True
+    frozen = NNXModel(_nnx_loss, net)
+    before = float(frozen.loss(batch))
+    frozen.load_state_dict(changed)
+    assert float(frozen.loss(batch)) != pytest.approx(before, rel=1e-3)
+    assert float(frozen.loss(batch)) == pytest.approx(float(_nnx_loss(frozen.module, batch)), rel=1e-6)
     rngs = _nnx_model_with_dropout()
     keys = rngs.state_dict()
     rngs.load_state_dict(keys)  # typed PRNG keys saved as their key data and wrapped back
