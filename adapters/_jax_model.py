@@ -117,11 +117,15 @@ class JaxModel:
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
         paths = [path for path, _ in with_paths]
         leaves = [jnp.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf for _, leaf in with_paths]
-        bad = [jax.tree_util.keystr(paths[i]) or f"leaf {i}" for i, leaf in enumerate(leaves)
+        bad = [f"{jax.tree_util.keystr(paths[i]) or f'leaf {i}'} ({type(leaf).__name__} {getattr(leaf, 'dtype', '')})"
+               .replace(" )", ")") for i, leaf in enumerate(leaves)
                if not isinstance(leaf, jax.Array) or not jnp.issubdtype(leaf.dtype, jnp.floating)]
         if not leaves or bad:
+            from ._jax_modules import module_hint
+
             raise ModelError(f"params must be a pytree of floating-point arrays (bad: {bad or 'no leaves'})",
-                             "Pass jnp arrays (real floating dtypes) as the pytree's leaves.")
+                             module_hint(params) or "Pass jnp arrays (real floating dtypes) as the pytree's leaves; "
+                             "keep other values out of it (e.g. in loss_fn's closure).")
         self.loss_fn = loss_fn
         self._treedef = treedef
         self._leaves = leaves
@@ -153,7 +157,7 @@ class JaxModel:
     def loss(self, batch: Any) -> jax.Array:
         """The jitted loss on ``batch`` (a device scalar, not read to the host)."""
         self._check_batch(batch)
-        loss = _loss(self.loss_fn, self._params, batch)
+        loss = _loss(self.loss_fn, self._params, self._fed(batch))
         shape = tuple(jnp.shape(loss))
         if shape not in ((), (1,)):
             raise BatchError(f"loss_fn returned a loss of shape {shape}; a scalar was expected",
@@ -164,7 +168,7 @@ class JaxModel:
         """The jitted ``jax.value_and_grad``: the loss and one gradient per leaf (zeros, not computed,
         for frozen leaves)."""
         self._check_batch(batch)
-        return _value_and_grad(self.loss_fn, self._treedef, self._trainable, self._leaves, batch)
+        return _value_and_grad(self.loss_fn, self._treedef, self._trainable, self._leaves, self._fed(batch))
 
     def parameter_groups(self) -> list[list[int]]:
         """Indices into `parameters` by group, in flatten order (see the class docstring)."""
@@ -194,6 +198,12 @@ class JaxModel:
         """Take ``leaves`` as the parameters, unchecked (for this package's own jitted updates)."""
         self._leaves = list(leaves)
         self._params = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
+
+    def _fed(self, batch: Any) -> Any:
+        """What the jitted functions pass to ``loss_fn`` as its batch: ``batch`` itself here; a subclass may add
+        arrays its loss needs that are not trained (`EquinoxModel`, `NNXModel`: the state they hold aside), so
+        they are traced arguments, not constants compiled into the code."""
+        return batch
 
     def _check_batch(self, batch: Any) -> None:
         for leaf in batch_leaves(batch):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,21 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hybrid_core._backend import dtype_name, is_low_precision, namespace_of
+from hybrid_core._backend import namespace_of
 from hybrid_core._errors import BackendError, BatchError, CheckpointError, ConfigError, ModelError
 from hybrid_core.models._checks import check_like_parameters
 
 from ._batch import library_of
 from ._jax_dist import JaxCollective
 from ._jax_model import JaxModel, _hashable, hold_frozen, value_and_flat_grad
-from ._optax_state import INJECTED, advance_schedules, find_all, has_schedule, injected_holding, replace_node
+from ._jax_modules import EquinoxModel, NNXModel
+from ._optax_lr import LearningRate, check_hyperparam_dtypes
+from ._optax_state import advance_schedules, find_all, has_schedule, injected_holding
 
-__all__ = ["JaxCollective", "JaxModel", "OptaxOptimizer"]
+__all__ = ["EquinoxModel", "JaxCollective", "JaxModel", "NNXModel", "OptaxOptimizer"]
 
 _STATE_KEYS = frozenset({"kind", "structure", "leaves", "steps", "last_update", "last_grads"})
 _STATE_HINT = "Load a state_dict() saved by an OptaxOptimizer with the same transformation and model."
-_LR_HINT = ("Build the transformation with optax.inject_hyperparams, e.g. optax.inject_hyperparams("
-            "optax.adam)(learning_rate=1e-3), so the learning rate lives in its state.")
+_RULES = {"mhat": "the update for the next gradient = Adam's bias-corrected first moment m̂ (through the whole chain)",
+          "replay": "the update for the next gradient = the last gradient (through the whole chain)",
+          "spread": "MultiSteps: the last applied update spread over its k steps",
+          "last": "fallback: the last real update (the transformation is not one of adam/adamw/sgd/momentum)"}
 
 
 # Module-level jitted functions with the user's transformation as a static argument: optimizers
@@ -50,9 +53,9 @@ def _held_updates(treedef: Any, trainable: tuple[bool, ...] | None, updates: Any
     return [u.astype(p.dtype) if t else jnp.zeros_like(p) for u, p, t in pairs]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any, trainable: tuple[bool, ...] | None,
-                measure: bool, keep_grads: bool, keep_update: bool, fixed_lr: float | None, leaves: list[jax.Array],
+                measure: bool, keep_grads: bool, keep_update: bool, host_lr: jax.Array | None, leaves: list[jax.Array],
                 state: Any, batch: Any) -> tuple[Any, ...]:
     """One real step in one computation: loss and gradients (of the trainable leaves only), the optax
     update applied (frozen leaves and their state held), and (``measure``) the statistics
@@ -70,7 +73,7 @@ def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any,
         g32 = [g.astype(f32) for g in flat_g]
         u32 = [u.astype(f32) for u in flat_u]
         node = injected_holding(new_state, "learning_rate")
-        lr = jnp.asarray(fixed_lr if node is None else node.hyperparams["learning_rate"], f32)
+        lr = jnp.asarray(host_lr if host_lr is not None else node.hyperparams["learning_rate"], f32)
         stats = jnp.stack([loss.astype(f32), sum(jnp.sum(g * g) for g in g32), sum(jnp.sum(u * u) for u in u32),
                            sum(jnp.sum(g * u) for g, u in zip(g32, u32, strict=True)),
                            jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in g32])),
@@ -78,11 +81,12 @@ def _fused_step(loss_fn: Callable[[Any, Any], jax.Array], tx: Any, treedef: Any,
     return new_leaves, new_state, loss, (flat_u if keep_update else None), (flat_g if keep_grads else None), stats
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _mhat_update(tx: Any, treedef: Any, state: Any, params: Any) -> list[jax.Array]:
-    """The update ``tx`` would take for the gradient m̂_t of its one (injected-b1) Adam state."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _mhat_update(tx: Any, treedef: Any, b1: float | None, state: Any, params: Any) -> list[jax.Array]:
+    """The update ``tx`` would take for the gradient m̂_t of its one Adam state (``b1`` None: injected)."""
     adam = find_all(state, optax.ScaleByAdamState)[0]
-    b1 = injected_holding(state, "b1", adam).hyperparams["b1"]
+    if b1 is None:
+        b1 = injected_holding(state, "b1", adam).hyperparams["b1"]
     mhat = optax.tree.bias_correction(adam.mu, b1, adam.count)
     mhat = jax.tree.map(lambda m, p: m.astype(p.dtype), mhat, params)
     return _transform(tx, treedef, None, mhat, state, params)[0]
@@ -91,62 +95,62 @@ def _mhat_update(tx: Any, treedef: Any, state: Any, params: Any) -> list[jax.Arr
 class OptaxOptimizer:
     """An optax ``GradientTransformation`` driving a `JaxModel`, seen as a `hybrid_core.Optimizer`.
 
-    Learning rate: if the transformation is built with ``optax.inject_hyperparams`` (anywhere in a
-    chain), `lr` reads and writes its ``learning_rate`` hyperparameter (reading it is one scalar host
-    read; a scheduled learning rate cannot be set). Otherwise pass ``lr``, the value the transformation
-    uses: then `lr` is read-only. Giving both, or neither, is a `ConfigError`.
+    Any transformation as users write it: ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))``,
+    ``optax.MultiSteps(...)``, ``optax.inject_hyperparams(...)``. The learning rate (`lr`, `LearningRate`) is known
+    on the host, never read from the device per step: a schedule or constant given to an optax optimizer (or to
+    ``inject_hyperparams``) is found inside the transformation; otherwise pass ``learning_rate=`` (or ``lr=``), the
+    float or schedule you gave optax. A schedule is evaluated on the host at a step count kept on the host (its
+    values come from the device ``4096`` steps at a time, one read per 4096 steps). Only a constant
+    ``inject_hyperparams`` learning rate can be set (`lr` setter); setting a schedule's or a constant built into the
+    transformation is a `ConfigError`.
 
     `extrapolate` runs the real ``transformation.update`` on an assumed next gradient and discards
     the new state, so the whole chain (clipping, weight decay, masks, lr) is covered exactly:
 
-    - one ``ScaleByAdamState`` over all parameters whose ``b1`` is injected (e.g.
-      ``inject_hyperparams(optax.adamw)``): next gradient = m̂_t = μ_t/(1 − b1ᵗ);
-    - otherwise, if the state has an Adam or a momentum (``TraceState``) state: next gradient = the
-      last one (a plain ``optax.adam`` keeps b1 out of its state, so m̂ cannot be formed);
-    - any other transformation: the last update. Zeros before any step.
+    - one ``ScaleByAdamState`` over all parameters whose ``b1`` is injected or found (``optax.adam``,
+      ``optax.adamw``, chained with clipping or not): next gradient = m̂_t = μ_t/(1 − b1ᵗ);
+    - otherwise, if the state has an Adam or a momentum (``TraceState``) state: next gradient = the last one;
+    - ``MultiSteps(k)``: the last applied update divided by k (it applies one update per k steps);
+    - any other transformation: the last update (the fallback; `summary` says which rule is in use).
+      Zeros before any step.
 
-    Schedules (``optax.adam(learning_rate=schedule)``, ``inject_hyperparams(...)(learning_rate=schedule)``,
-    ``optax.scale_by_schedule``) count every training step by default (``schedule_counts="steps"``): a
-    real step's update advances their counts, and the trainer calls `schedule_step` after each step that
-    ran no update (a predicted step, a real step skipped for a non-finite value), which advances the
-    schedules' counts alone (``ScaleByScheduleState``, the ``inject_hyperparams`` counts), on the device.
+    Schedules count every training step by default (``schedule_counts="steps"``): a real step's update
+    advances their counts, and the trainer calls `schedule_step` after each step that ran no update (a
+    predicted step, a real step skipped for a non-finite value), which advances the schedules' counts alone
+    (``ScaleByScheduleState``, the ``inject_hyperparams`` counts) on the device, and the host's count with them.
     Adam's own ``count`` is not a schedule (its bias correction counts the gradients its moments hold) and
-    is left alone. ``schedule_counts="updates"``: updates only. The `lr` an injected schedule shows is the
-    rate of the last update until the next one. An optax schedule has no end the trainer could step past:
-    past its length it holds its last value (`schedule_left` is None).
+    is left alone. ``schedule_counts="updates"``: updates only. `lr` is the rate of the last update until the
+    next one. An optax schedule has no end the trainer could step past: past its length it holds its last
+    value (`schedule_left` is None).
     """
 
     def __init__(self, model: JaxModel, transformation: optax.GradientTransformation,
-                 lr: float | None = None, *, schedule_counts: str = "steps") -> None:
+                 lr: float | Callable[[Any], Any] | None = None, *,
+                 learning_rate: float | Callable[[Any], Any] | None = None, schedule_counts: str = "steps") -> None:
         if not isinstance(model, JaxModel):
-            raise ModelError(f"OptaxOptimizer needs a JaxModel, got {type(model).__name__}")
+            raise ModelError(f"OptaxOptimizer needs a JaxModel, got {type(model).__name__}",
+                             "Wrap the model: JaxModel(loss_fn, params), EquinoxModel or NNXModel(loss_fn, module).")
         if not (callable(getattr(transformation, "init", None)) and callable(getattr(transformation, "update",
                                                                                      None))
                 and _hashable(transformation)):
             raise ConfigError(f"transformation is a {type(transformation).__name__}, not an optax "
                               "GradientTransformation", "Pass e.g. optax.adam(1e-3).")
-        state = transformation.init(model.params)
-        injected = injected_holding(state, "learning_rate") is not None
-        if lr is not None and injected:
-            raise ConfigError("lr is given but the transformation injects its own learning_rate",
-                              "Drop lr=; read and set the learning rate through OptaxOptimizer.lr.")
-        if lr is None and not injected:
-            raise ConfigError("the learning rate is not visible in this transformation's state", _LR_HINT)
-        if lr is not None and not _positive(lr):
-            raise ConfigError(f"lr={lr!r}: must be a finite number > 0")
+        if lr is not None and learning_rate is not None:
+            raise ConfigError("both lr= and learning_rate= are given", "Give one (they mean the same).")
         if schedule_counts not in ("steps", "updates"):
             raise ConfigError(f"schedule_counts={schedule_counts!r}: must be 'steps' (every training step, predicted "
                               "ones included) or 'updates' (optimizer updates only)")
-        _check_hyperparam_dtypes(state)
+        state = transformation.init(model.params)
+        check_hyperparam_dtypes(state)
+        self._lr = LearningRate(transformation, state, learning_rate if lr is None else lr)
         self.model = model
         self.transformation = transformation
         self._state = state
         self.schedule_counts = schedule_counts
         """``"steps"``: the schedules count every training step; ``"updates"``: optimizer updates only."""
         self._scheduled = has_schedule(state)
-        self._fixed_lr = None if lr is None else float(lr)
-        self._host_lr: float | None = None  # host copy of a constant injected lr: reading it must not sync
-        self._rule = _rule_for(state, model.treedef)
+        self._b1 = self._lr.found.adam_b1[0] if len(self._lr.found.adam_b1) == 1 else None
+        self._rule = _rule_for(state, model.treedef, self._b1, self._lr.every_k)
         self._xp = namespace_of(model.parameters(), what="the model's parameters")
         self._steps = 0
         self._last_update: list[jax.Array] | None = None
@@ -154,43 +158,27 @@ class OptaxOptimizer:
 
     @property
     def lr(self) -> float:
-        """The learning rate (the injected hyperparameter, or the ``lr`` given at construction)."""
-        node = injected_holding(self._state, "learning_rate")
-        if node is None:
-            return self._fixed_lr
-        if "learning_rate" in getattr(node, "hyperparams_states", {}):
-            return float(node.hyperparams["learning_rate"])  # a schedule moves it on the device
-        if self._host_lr is None:  # constant between `lr` sets and state loads: read it once
-            self._host_lr = float(node.hyperparams["learning_rate"])
-        return self._host_lr
+        """The learning rate of the last update (before any: of the first), a host float (see the class docstring)."""
+        return self._lr.value(self._state)
 
     @property
     def adaptive(self) -> bool:
         """Whether the transformation holds one Adam state and an injected, settable learning rate."""
-        node = injected_holding(self._state, "learning_rate")
-        settable = node is not None and "learning_rate" not in getattr(node, "hyperparams_states", {})
-        return settable and len(find_all(self._state, optax.ScaleByAdamState)) == 1
+        return self._lr.kind == "injected" and len(find_all(self._state, optax.ScaleByAdamState)) == 1
 
     @property
     def lr_on_device(self) -> bool:
-        """Whether reading `lr` is a device→host read (a scheduled learning rate lives on the device)."""
-        node = injected_holding(self._state, "learning_rate")
-        return node is not None and "learning_rate" in getattr(node, "hyperparams_states", {})
+        """Whether reading `lr` is a device→host read: only for an ``inject_hyperparams`` schedule not found."""
+        return self._lr.kind == "device"
 
     @lr.setter
     def lr(self, value: float) -> None:
-        node = injected_holding(self._state, "learning_rate")
-        if node is None:
-            raise ConfigError("this transformation's learning rate is fixed inside it", _LR_HINT)
-        if "learning_rate" in getattr(node, "hyperparams_states", {}):
-            raise ConfigError("the learning rate is a schedule, which would overwrite it at the next step",
-                              "Change the schedule, or inject a constant learning_rate to set it by hand.")
-        if not _positive(value):
-            raise ConfigError(f"lr={value!r}: must be a finite number > 0")
-        old = node.hyperparams["learning_rate"]
-        hyper = {**node.hyperparams, "learning_rate": jnp.asarray(value, dtype=old.dtype)}
-        self._state = replace_node(self._state, node, lambda n: n._replace(hyperparams=hyper))
-        self._host_lr = float(value)
+        self._state = self._lr.set(self._state, value)
+
+    def summary(self) -> dict[str, Any]:
+        """Where the learning rate comes from and how `extrapolate` predicts (`HybridTrainer.summary` shows it)."""
+        return {"learning_rate": self._lr.describe(), "extrapolate": _RULES[self._rule],
+                "multisteps_k": self._lr.every_k}
 
     @property
     def opt_state(self) -> Any:
@@ -204,17 +192,26 @@ class OptaxOptimizer:
         update, state = _transform(self.transformation, treedef, self.model.trainable, treedef.unflatten(grads),
                                    self._state, self.model.params)
         self.model.apply_update(update, 1.0)
-        self._state, self._last_update = state, list(update)
-        if self._rule == "replay":  # only replaying needs them; otherwise they would pin a gradient's memory
-            self._last_grads = grads
-        self._steps += 1
+        self._state = state
+        self._stepped(list(update), grads)
         return list(update)
+
+    def _stepped(self, update: list[jax.Array] | None, grads: list[jax.Array] | None) -> None:
+        """After a real update: the host's schedule count, and what `extrapolate` keeps (the last update, for
+        MultiSteps the last one it applied; the gradients only for "replay": they would pin a gradient's memory)."""
+        applied = self._lr.updated()
+        if self._rule != "spread" or applied:
+            self._last_update = update
+        if grads is not None and self._rule == "replay":
+            self._last_grads = list(grads)
+        self._steps += 1
 
     def schedule_step(self) -> None:
         """A training step ran without an update (predicted, or skipped): advance the schedules' counts by one, as
         the update would have (nothing with ``schedule_counts="updates"`` or without a schedule). No host read."""
         if self.schedule_counts == "steps" and self._scheduled:
             self._state = advance_schedules(self._state)
+            self._lr.skip()
 
     def schedule_left(self) -> None:
         """None: an optax schedule holds its last value past its length, so there is no end to guard."""
@@ -233,7 +230,7 @@ class OptaxOptimizer:
                    before_update: Callable[[list[jax.Array]], None] | None = None,
                    ) -> tuple[jax.Array, jax.Array | None]:
         """One real step as one ``jax.jit``-ed computation: value_and_grad, the optax update applied, and
-        (``measure``) the statistics vector, lr included (read from the state on the device, no host read).
+        (``measure``) the statistics vector, lr included (the host's, or an injected one read on the device).
 
         ``before_update``, if given, is called with the gradients while the model still holds the
         parameters they were taken at (the new ones are bound after it returns)."""
@@ -241,26 +238,27 @@ class OptaxOptimizer:
         if measure:
             model._check_batch(batch)
         # Extrapolating with m̂ needs neither the update nor the gradients; "replay" needs the
-        # gradients, "last" the update.
+        # gradients, "last" and "spread" the update.
+        lr = self._lr.next_value() if measure else None
         leaves, state, loss, update, grads, stats = _fused_step(
             model.loss_fn, self.transformation, model.treedef, model.trainable, bool(measure),
-            self._rule == "replay" or before_update is not None, self._rule == "last", self._fixed_lr,
-            model.parameters(), self._state, batch)
+            self._rule == "replay" or before_update is not None, self._rule in ("last", "spread"),
+            None if lr is None else jax.device_put(np.float32(lr)), model.parameters(), self._state,
+            model._fed(batch))
         if before_update is not None:
             before_update(list(grads))
         model._rebind(leaves)
         self._state = state
-        self._last_update = None if update is None else list(update)
-        if grads is not None and self._rule == "replay":
-            self._last_grads = list(grads)
-        self._steps += 1
+        self._stepped(None if update is None else list(update), grads)
         return loss, stats
 
     def extrapolate(self) -> list[jax.Array]:
         """The predicted next update (see the class docstring); changes neither model nor state."""
         params, treedef, tx = self.model.params, self.model.treedef, self.transformation
         if self._rule == "mhat" and self._steps > 0:
-            return list(_mhat_update(tx, treedef, self._state, params))
+            return list(_mhat_update(tx, treedef, self._b1, self._state, params))
+        if self._rule == "spread" and self._last_update is not None:
+            return [u / self._lr.every_k for u in self._last_update]
         if self._rule == "replay" and self._last_grads is not None:
             return list(_transform(tx, treedef, None, treedef.unflatten(self._last_grads), self._state, params)[0])
         if self._last_update is not None:
@@ -272,14 +270,15 @@ class OptaxOptimizer:
         leaves, treedef = jax.tree_util.tree_flatten(self._state)
         return {"kind": "OptaxOptimizer", "structure": str(treedef), "leaves": list(leaves),
                 "steps": self._steps, "last_update": _listed(self._last_update),
-                "last_grads": _listed(self._last_grads)}
+                "last_grads": _listed(self._last_grads), "lr": self._lr.state_dict()}
 
-    def check_state_dict(self, state: dict[str, Any]) -> tuple[Any, list[Any], int, Any, Any]:
-        """(structure, leaves, steps, last update, last gradients) as `load_state_dict` would set them;
+    def check_state_dict(self, state: dict[str, Any]) -> tuple[Any, list[Any], int, Any, Any, Any]:
+        """(structure, leaves, steps, last update, last gradients, lr counts) as `load_state_dict` would set them;
         `CheckpointError` naming the field, and nothing changed, on any mismatch: structure, array count, shapes,
         dtypes, NaN anywhere, ±Inf in a leaf with more than one value (a scalar such as a best-value-so-far may
         start at Inf), a step count that is not an integer >= 0."""
-        if not isinstance(state, Mapping) or set(state) != _STATE_KEYS or state["kind"] != "OptaxOptimizer":
+        if (not isinstance(state, Mapping) or not _STATE_KEYS <= set(state) <= _STATE_KEYS | {"lr"}
+                or state["kind"] != "OptaxOptimizer"):
             raise CheckpointError("this is not an OptaxOptimizer state_dict", _STATE_HINT)
         current, treedef = jax.tree_util.tree_flatten(self._state)
         if state["structure"] != str(treedef):
@@ -302,14 +301,16 @@ class OptaxOptimizer:
                                       "Load an earlier checkpoint, saved before the run diverged.")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise CheckpointError(f"steps={steps!r}: expected an integer >= 0", _STATE_HINT)
+        # A file from before the host kept the schedule's count: the count of a run without skipped steps.
+        counts = state.get("lr", {"count": steps, "mini": 0, "used": max(steps - 1, 0)})
         return (treedef, list(leaves), steps, self._arrays(state["last_update"], "last_update"),
-                self._arrays(state["last_grads"], "last_grads"))
+                self._arrays(state["last_grads"], "last_grads"), self._lr.check_state_dict(counts))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict` output; `CheckpointError` (and no change) on any mismatch (see `check_state_dict`)."""
-        treedef, leaves, steps, last_update, last_grads = self.check_state_dict(state)
+        treedef, leaves, steps, last_update, last_grads, counts = self.check_state_dict(state)
         self._state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
-        self._host_lr = None
+        self._lr.load_state_dict(counts)
         self._steps, self._last_update, self._last_grads = steps, last_update, last_grads
 
     def _stepped_dtypes(self, count: int) -> list[Any]:
@@ -345,35 +346,17 @@ class OptaxOptimizer:
         return f"OptaxOptimizer(rule={self._rule!r}, steps={self._steps})"
 
 
-def _check_hyperparam_dtypes(state: Any) -> None:
-    """`ConfigError` if ``optax.inject_hyperparams`` keeps a float hyperparameter in bfloat16 or float16.
-
-    Without ``hyperparam_dtype`` optax stores them in the parameters' dtype, and in bfloat16 Adam's
-    ``b2=0.999`` is 1.0, so its bias correction divides by zero at the first step (NaN everywhere).
-    """
-    for node in find_all(state, INJECTED):
-        low = sorted(k for k, v in node.hyperparams.items() if is_low_precision(v))
-        if low:
-            dtype = dtype_name(node.hyperparams[low[0]])
-            raise ConfigError(
-                f"optax.inject_hyperparams keeps {', '.join(low)} in {dtype} (the parameters' dtype), where they "
-                f"round: b2=0.999 is 1.0 in bfloat16 and Adam divides by zero",
-                "Build it with optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32).")
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-
-
 def _listed(arrays: list[jax.Array] | None) -> list[jax.Array] | None:
     return None if arrays is None else list(arrays)
 
 
-def _rule_for(state: Any, treedef: Any) -> str:
-    """'mhat', 'replay' or 'last': how `OptaxOptimizer.extrapolate` predicts (see its docstring)."""
+def _rule_for(state: Any, treedef: Any, b1: float | None, every_k: int | None) -> str:
+    """'spread', 'mhat', 'replay' or 'last': how `OptaxOptimizer.extrapolate` predicts (see its docstring)."""
+    if every_k is not None:
+        return "spread"
     adams = find_all(state, optax.ScaleByAdamState)
     if (len(adams) == 1 and jax.tree_util.tree_structure(adams[0].mu) == treedef
-            and injected_holding(state, "b1", adams[0]) is not None):
+            and (b1 is not None or injected_holding(state, "b1", adams[0]) is not None)):
         return "mhat"
     if adams or find_all(state, optax.TraceState):
         return "replay"

@@ -11,6 +11,7 @@ import numpy as np
 from hybrid_core._backend import BACKEND_MODULES, from_numpy, namespace_for
 from hybrid_core._errors import BackendError
 from hybrid_core.conformance._case import ConformanceCase
+from hybrid_core.conformance._jax_cases import jax_library_cases
 from hybrid_core.models import MLP
 from hybrid_core.optim import Adam
 
@@ -139,8 +140,10 @@ def _jax_loss(params: Any, batch: Any) -> Any:
 
 
 def builtin_cases() -> list[ConformanceCase]:
-    """The reference MLP on every backend (float32), plus the PyTorch and JAX/optax adapters.
+    """The reference MLP on every backend (float32), plus the PyTorch and JAX/optax adapters, an Equinox and a
+    Flax NNX module and an optax chain with a schedule.
 
     Missing or GPU-less backends are skipped with a reason.
     """
-    return [*(_case(name) for name in BACKEND_MODULES), _torch_adapter_case(), _jax_adapter_case()]
+    return [*(_case(name) for name in BACKEND_MODULES), _torch_adapter_case(), _jax_adapter_case(),
+            *jax_library_cases()]

@@ -239,3 +239,68 @@ def test_a_frozen_group_gets_no_gradient_and_stays_still(hybrid_case: Conformanc
     opt.step(model.loss_and_grad(next(batches))[1])
     assert any(not np.array_equal(after[i], _host([model.parameters()[i]])[0]) for i in frozen), (
         f"{contract}: set_trainable(True) did not train the group again")
+
+
+def test_lr_and_an_unmeasured_fused_step_read_nothing_from_the_device_per_step(hybrid_case: ConformanceCase) -> None:
+    from hybrid_core import FusedStep
+
+    model, opt, batches, xp = _setup(hybrid_case, seed=9)
+    if getattr(opt, "lr_on_device", False) is True:
+        return  # the optimizer says reading its rate is a device read (the trainer counts each one)
+    contract = ("contract 'unless lr_on_device, Optimizer.lr is a host number and reading it reads no device "
+                "per step'")
+    fused = isinstance(opt, FusedStep) and opt.model is model
+    float(opt.lr)  # a constant may be read from the device once, before the first step
+    for k in range(3):
+        batch = next(batches)
+        with _no_device_reads(xp):
+            if fused:  # an unmeasured fused step leaves everything on the device (JAX: checked by a transfer guard)
+                opt.fused_step(batch, False)
+            lr = opt.lr
+        if not fused:
+            opt.step(model.loss_and_grad(batch)[1])
+        assert isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, f"{contract}: lr = {lr!r} at step {k}"
+
+
+def _no_device_reads(xp: Any) -> Any:
+    """For JAX arrays: any read of an array's value to the host (``float``/``int``/``bool``/``item``/``__array__``/
+    ``jax.device_get``; an uncached ``_value``) raises. On a CPU device ``np.asarray`` can take the buffer directly,
+    unseen; so does a transfer guard. Nothing to guard for the other libraries."""
+    import contextlib
+
+    if "jax" not in getattr(xp, "__name__", ""):
+        return contextlib.nullcontext()
+    return _jax_read_trap()
+
+
+def _jax_read_trap() -> Any:
+    import contextlib
+
+    import jax
+    import jax.numpy as jnp
+
+    array_type = type(jnp.zeros(()))
+
+    def refuse(what: str) -> Any:
+        raise AssertionError(f"a device→host read ({what}) where none was expected")
+
+    @contextlib.contextmanager
+    def trap() -> Any:
+        saved = {k: array_type.__dict__[k] for k in ("_value", "__array__", "item") if k in array_type.__dict__}
+        device_get = jax.device_get
+        value = saved.get("_value")
+        try:
+            if isinstance(value, property):
+                array_type._value = property(lambda a: value.fget(a) if a._npy_value is not None else refuse("_value"))
+            for name in ("__array__", "item"):
+                if name in saved:
+                    setattr(array_type, name, lambda a, *args, _n=name, **kw: refuse(_n))
+            jax.device_get = lambda *args, **kw: refuse("jax.device_get")
+            with jax.transfer_guard_device_to_host("disallow"):
+                yield
+        finally:
+            for name, attr in saved.items():
+                setattr(array_type, name, attr)
+            jax.device_get = device_get
+
+    return trap()

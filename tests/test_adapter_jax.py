@@ -160,7 +160,12 @@ NEXT_CASES = [
     pytest.param(SGD_MOMENTUM, 0.1, "last", id="sgd-momentum"),
     pytest.param(_injected(optax.sgd, learning_rate=0.05, momentum=0.8, nesterov=True), None, "last",
                  id="sgd-nesterov"),
-    pytest.param(optax.adam(1e-2), 1e-2, "last", id="plain-adam-replays-last-gradient"),
+    # As users write them: b1 and the learning rate (constant or schedule) are found inside the transformation.
+    pytest.param(optax.adam(1e-2), 1e-2, "mhat", id="plain-adam-b1-found"),
+    pytest.param(optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(optax.linear_schedule(1e-2, 1e-3, 50))),
+                 None, "mhat", id="chain-clip-adamw-schedule"),
+    pytest.param(optax.sgd(optax.cosine_decay_schedule(0.1, 50), momentum=0.9), None, "last",
+                 id="sgd-momentum-schedule"),
 ]
 
 
@@ -230,16 +235,18 @@ def test_lr_reads_and_writes_the_injected_learning_rate():
             opt.lr = bad
 
 
-def test_a_constant_lr_is_read_from_the_device_once_and_a_schedule_every_time():
+def test_a_constant_lr_is_read_from_the_device_once_and_a_schedule_never():
+    from hybrid_core.adapters._optax_state import injected_holding, replace_node
+
     model = ja.JaxModel(_mse, _params())
     opt = ja.OptaxOptimizer(model, _injected(optax.adam, learning_rate=1e-3))
     assert opt.lr == pytest.approx(1e-3)
     _train(model, opt, 3)
 
     def poke(optimizer, value):  # change the device value behind the adapter's back
-        node = ja.injected_holding(optimizer._state, "learning_rate")
+        node = injected_holding(optimizer._state, "learning_rate")
         hyper = {**node.hyperparams, "learning_rate": jnp.asarray(value, dtype=jnp.float32)}
-        optimizer._state = ja.replace_node(optimizer._state, node, lambda n: n._replace(hyperparams=hyper))
+        optimizer._state = replace_node(optimizer._state, node, lambda n: n._replace(hyperparams=hyper))
 
     poke(opt, 0.5)
     assert opt.lr == pytest.approx(1e-3)  # the host copy: no device read per step
@@ -250,9 +257,10 @@ def test_a_constant_lr_is_read_from_the_device_once_and_a_schedule_every_time():
     assert opt.lr == pytest.approx(0.25)  # re-read once after a load
     schedule = optax.linear_schedule(1e-3, 0.0, 10)
     scheduled = ja.OptaxOptimizer(model, _injected(optax.adam, learning_rate=schedule))
+    assert not scheduled.lr_on_device  # the schedule is found inside inject_hyperparams and evaluated on the host
     _train(model, scheduled, 4)
-    # A schedule moves it on the device, so it is read every time (optax reports the value
-    # used by the last of the 4 updates).
+    poke(scheduled, 0.5)  # the device's value is not what `lr` reads
+    # The value used by the last of the 4 updates.
     assert scheduled.lr == pytest.approx(1e-3 * (1 - 3 / 10), rel=1e-5)
     _train(model, scheduled, 1)
     assert scheduled.lr == pytest.approx(1e-3 * (1 - 4 / 10), rel=1e-5)
@@ -260,8 +268,12 @@ def test_a_constant_lr_is_read_from_the_device_once_and_a_schedule_every_time():
 
 def test_lr_that_cannot_be_known_or_set_is_a_config_error():
     model = ja.JaxModel(_mse, _params())
-    with pytest.raises(ConfigError, match="inject_hyperparams"):
-        ja.OptaxOptimizer(model, optax.adam(1e-3))
+    with pytest.raises(ConfigError, match="not visible") as raised:
+        ja.OptaxOptimizer(model, optax.scale_by_adam())  # no learning rate in it at all
+    assert "learning_rate=" in raised.value.recovery
+    assert ja.OptaxOptimizer(model, optax.adam(1e-3)).lr == pytest.approx(1e-3)  # found inside it
+    with pytest.raises(ConfigError, match=r"uses 0\.001"):
+        ja.OptaxOptimizer(model, optax.adam(1e-3), lr=1e-2)  # not the one it holds
     with pytest.raises(ConfigError, match="injects"):
         ja.OptaxOptimizer(model, _injected(optax.adam, learning_rate=1e-3), lr=1e-3)
     fixed = ja.OptaxOptimizer(model, optax.adam(1e-3), lr=1e-3)

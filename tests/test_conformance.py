@@ -60,7 +60,7 @@ def test_broken_gradient_fails_naming_the_gradient_contract(tmp_path):
 def test_builtin_cases_cover_every_backend():
     names = [c.name for c in builtin_cases()]
     assert names == [f"reference-mlp-{b}" for b in ("numpy", "array_api_strict", "torch", "jax", "cupy")] + [
-        "torch-adapter", "jax-adapter"]
+        "torch-adapter", "jax-adapter", "equinox-module", "nnx-module", "optax-chain-schedule"]
     assert all(isinstance(c, ConformanceCase) for c in builtin_cases())
 
 

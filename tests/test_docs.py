@@ -63,8 +63,8 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     try:
         _run_file(path)
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in {"torch", "jax", "optax", "cupy", "triton", "lightning",
-                                                        "accelerate", "transformers"}:
+        if exc.name and exc.name.split(".")[0] in {"torch", "jax", "optax", "cupy", "triton", "equinox", "flax",
+                                                        "lightning", "accelerate", "transformers"}:
             pytest.skip(f"{path.name} needs {exc.name}, which is not installed")
         raise
     finally:

@@ -156,7 +156,8 @@ class _Unsure(TrendDynamics):
 
 
 @pytest.mark.skipif(not available("jax"), reason="jax is not installed")
-def test_a_scheduled_lr_read_outside_the_fused_step_is_counted():
+@pytest.mark.parametrize("stateful", [False, True])
+def test_a_scheduled_lr_is_evaluated_on_the_host_and_only_a_stateful_one_read_and_counted(stateful):
     import jax.numpy as jnp
     import optax
 
@@ -166,14 +167,35 @@ def test_a_scheduled_lr_read_outside_the_fused_step_is_counted():
     rng = np.random.default_rng(0)
     params = [jnp.asarray(rng.normal(0, 0.1, (64, 10)), jnp.float32), jnp.zeros(10)]
     model = JaxModel(_linear_loss, params)
-    opt = OptaxOptimizer(model, optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(
-        1e-3, 1e-4, 100)))
-    assert opt.lr_on_device
+    schedule = optax.linear_schedule(1e-3, 1e-4, 100)
+    opt = OptaxOptimizer(model, optax.inject_hyperparams(optax.adam)(
+        learning_rate=_Stateful(schedule) if stateful else schedule))
+    assert opt.lr_on_device is stateful  # a stateful schedule's value exists on the device only
     trainer = HybridTrainer(model, opt, CONFIG.replace(read_every=1), TrendDynamics())  # every step read at once
     for i in range(10):
         idx = np.random.default_rng(i).choice(len(y), n, replace=False)
         trainer.step((jnp.asarray(x[idx]), jnp.asarray(y[idx])))
-    assert trainer.host_syncs == 2 * 10  # the statistics and the learning rate, each step
+    # The statistics each step, and for the stateful schedule the learning rate too.
+    assert trainer.host_syncs == (2 if stateful else 1) * 10
+    assert trainer.state.lr == pytest.approx(float(schedule(9)), rel=1e-6)
+
+
+class _Stateful:
+    """An optax StatefulSchedule (init/update/__call__ over a state) around a plain schedule."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def init(self):
+        import jax.numpy as jnp
+
+        return jnp.zeros([], jnp.int32)
+
+    def update(self, state, **extra):
+        return state + 1
+
+    def __call__(self, state, **extra):
+        return self.fn(state)
 
 
 def _linear_loss(params, batch):

@@ -163,8 +163,8 @@ def _jax_trainer(transformation, counts="steps"):
         return jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2)
 
     model = ja.JaxModel(loss, params)
-    lr = None if "Inject" in type(transformation.init(params)).__name__ else 0.02  # a rate it cannot show: given
-    return HybridTrainer(model, ja.OptaxOptimizer(model, transformation, lr, schedule_counts=counts), CONFIG)
+    # The learning rate (a schedule, injected or given to optax.adam) is found inside the transformation.
+    return HybridTrainer(model, ja.OptaxOptimizer(model, transformation, schedule_counts=counts), CONFIG)
 
 
 def jax_batch(i):
