@@ -1,6 +1,7 @@
-"""Reference models written in the pure array API (run on every backend)."""
+"""Reference models written in the pure array API (run on every backend), and the FastGRNN's int8 form."""
 
+from ._quantized import QuantizedFastGRNN
 from .fastgrnn import FastGRNN
 from .mlp import MLP
 
-__all__ = ["MLP", "FastGRNN"]
+__all__ = ["MLP", "FastGRNN", "QuantizedFastGRNN"]
