@@ -43,6 +43,8 @@ class HardThresholding:
         if not isinstance(model, Thresholded):
             problems.append(f"model={type(model).__name__}: has no unconstrained() and threshold() "
                             "(prune it first, e.g. FastGRNN.prune)")
+        elif getattr(model, "support", True) is None:
+            problems.append(f"model={type(model).__name__}: has no support yet (call prune first)")
         if problems:
             raise ConfigError(problems)
         self._inner = optimizer
@@ -69,10 +71,10 @@ class HardThresholding:
 
     def step(self, grads: Sequence[Array]) -> list[Array]:
         """The wrapped step without projection, then the hard threshold; returns the wrapped step's update."""
-        try:
-            with self._model.unconstrained():
-                update = self._inner.step(grads)
-        finally:
+        # The threshold runs inside: leaving the block first would project onto the old support, and a
+        # pruned weight could never come back. If the step raises, leaving projects onto the old one.
+        with self._model.unconstrained():
+            update = self._inner.step(grads)
             self._model.threshold()
         return update
 
