@@ -174,7 +174,7 @@ def compressed(request, tmp_path_factory):
 
 
 def test_integer_inference_agrees_with_the_float_model(compressed):
-    x, y, trained, result, _, _ = compressed
+    x, _, trained, result, _, _ = compressed
     val = trained.val_indices
     rows = {r["stage"]: r for r in result.stages}
     for stage in ("int8 low-rank", "int8 sparse"):

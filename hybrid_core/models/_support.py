@@ -78,10 +78,6 @@ class Support:
         """``params`` with every masked one multiplied by its mask (the others as they are)."""
         return [p * self.masks[i] if i in self.masks else p for i, p in enumerate(params)]
 
-    def kept(self) -> dict[int, int]:
-        """Parameter index → how many entries its mask keeps."""
-        return {i: int(round(float(np.sum(to_numpy(m))))) for i, m in self.masks.items()}
-
     def state_dict(self) -> dict[str, Any]:
         """Densities and masks (the live 0/1 arrays: masks are rebound, never written in place)."""
         return {"densities": self.densities, "masks": {str(i): m for i, m in self.masks.items()}}

@@ -31,7 +31,7 @@ from ._io import QuantizedRouter, save_quantized_router
 from ._pipeline import RouterResult, _bce, _checked_data, _write_json
 from ._router import Router
 
-__all__ = ["CompressConfig", "CompressResult", "compress_router"]
+__all__ = ["CompressConfig", "CompressResult", "compress_router", "format_stages"]
 
 _HEADER_BYTES = 50  # the checkpoint header: magic, version, length, SHA-256
 
@@ -196,3 +196,15 @@ def _int8_row(stage: str, router: Router, x_train: np.ndarray, x_val: np.ndarray
             "parameters": sum(a.size for a in quantized.model.weights.values()) + 2 * len(quantized.model.b_z) + 3,
             "size_bytes": model_size_bytes(quantized.model),
             "file_bytes": _HEADER_BYTES + len(encode(doc, lambda _: None)), "agreement": agree}
+
+
+def format_stages(rows: list[dict[str, Any]]) -> str:
+    """The stage rows as a Markdown table: accuracy, non-zeros, stored bytes, file bytes, int8/float agreement."""
+    lines = ["| form | val accuracy | non-zero weights | size (bytes) | file (bytes) | agrees with float |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        agree = "" if r["agreement"] is None else f"{r['agreement']:.2%}"
+        file_bytes = "" if r["file_bytes"] is None else str(r["file_bytes"])
+        lines.append(f"| {r['stage']} | {r['val_accuracy']:.2%} | {r['nonzeros']} / {r['parameters']} | "
+                     f"{r['size_bytes']} | {file_bytes} | {agree} |")
+    return "\n".join(lines)
