@@ -156,8 +156,7 @@ def _dynamics_eval(args: argparse.Namespace) -> int:
 
 def _fastgrnn_compress(args: argparse.Namespace) -> int:
     from .data import sequential_digits
-    from .router import CompressConfig, RouterConfig, compress_router, routing_logs, train_router
-    from .router._compress import format_stages
+    from .router import CompressConfig, RouterConfig, compress_router, format_stages, routing_logs, train_router
 
     x, y = sequential_digits() if args.data == "digits" else routing_logs(args.windows, seed=args.seed)
     config = RouterConfig(hidden_size=args.hidden, u_rank=args.u_rank, epochs=args.epochs, seed=args.seed,

@@ -9,7 +9,7 @@ z-score normalisation; `save_router` / `load_router` keep the weights and the no
 `save_quantized_router`).
 """
 
-from ._compress import CompressConfig, CompressResult, compress_router
+from ._compress import CompressConfig, CompressResult, compress_router, format_stages
 from ._io import QuantizedRouter, load_quantized_router, load_router, save_quantized_router, save_router
 from ._logs import ROUTING_FEATURES, routing_logs
 from ._pipeline import RouterConfig, RouterResult, train_router
@@ -25,6 +25,7 @@ __all__ = [
     "RouterResult",
     "ZScore",
     "compress_router",
+    "format_stages",
     "load_quantized_router",
     "load_router",
     "routing_logs",
