@@ -14,6 +14,7 @@ import numpy as np
 from .._backend import as_namespace, library_name, to_numpy
 from .._errors import BatchError, CheckpointError, ConfigError
 from ._checks import check_batch_array, check_like_parameters, parameters_from_host
+from ._gates import bce_with_logits, pwl_sigmoid, pwl_tanh, sigmoid, slopes, tanh
 from ._support import Support
 
 __all__ = ["NONLINEARITIES", "FastGRNN"]
@@ -236,8 +237,8 @@ class FastGRNN:
         xp = self._xp
         w1, w2, u1, u2, bz, bh, zeta_hat, nu_hat, v, c = self._params
         n, steps = x.shape[0], x.shape[1]
-        zeta, nu = _sigmoid(xp, zeta_hat), _sigmoid(xp, nu_hat)
-        gate, update = (_pwl_sigmoid, _pwl_tanh) if self._settings["nonlinearity"] == "pwl" else (_sigmoid, _tanh)
+        zeta, nu = sigmoid(xp, zeta_hat), sigmoid(xp, nu_hat)
+        gate, update = (pwl_sigmoid, pwl_tanh) if self._settings["nonlinearity"] == "pwl" else (sigmoid, tanh)
         wx = (x @ w1) @ w2  # all time steps at once: the input path does not depend on h
         h = xp.zeros((n, self._settings["hidden_size"]), dtype=self.dtype, device=array_api_compat.device(w1))
         cache = []
@@ -253,7 +254,7 @@ class FastGRNN:
         """Gradients of every parameter given dL/ds, walking the sequence backwards."""
         xp = self._xp
         w1, w2, u1, u2, _, _, zeta_hat, nu_hat, v, _ = self._params
-        zeta, nu = _sigmoid(xp, zeta_hat), _sigmoid(xp, nu_hat)
+        zeta, nu = sigmoid(xp, zeta_hat), sigmoid(xp, nu_hat)
         n, steps, d = x.shape
         h_last = cache[-1][0]
         g_v = h_last.T @ ds
@@ -267,7 +268,7 @@ class FastGRNN:
         d_pre: list[Any] = [None] * steps
         for t in range(steps - 1, -1, -1):
             h_prev, z, cand = cache[t]
-            dz_da, dcand_da = _slopes(xp, z, cand, self._settings["nonlinearity"] == "pwl")
+            dz_da, dcand_da = slopes(xp, z, cand, self._settings["nonlinearity"] == "pwl")
             d_z = gh * (h_prev - zeta * cand) * dz_da
             d_cand = gh * (zeta * (1.0 - z) + nu) * dcand_da
             g_zeta = g_zeta + xp.sum(gh * (1.0 - z) * cand)
@@ -294,14 +295,14 @@ class FastGRNN:
         """The loss (distillation and L2 included) and, if asked, dL/ds."""
         xp = self._xp
         n = s.shape[0]
-        loss = xp.mean(_bce_with_logits(xp, s, y))
-        delta = (_sigmoid(xp, s) - y) / n if with_delta else None
+        loss = xp.mean(bce_with_logits(xp, s, y))
+        delta = (sigmoid(xp, s) - y) / n if with_delta else None
         alpha, temp = self._settings["distill_alpha"], self._settings["temperature"]
         if teacher is not None and alpha:
-            soft = _sigmoid(xp, teacher / temp)
-            loss = (1.0 - alpha) * loss + alpha * temp**2 * xp.mean(_bce_with_logits(xp, s / temp, soft))
+            soft = sigmoid(xp, teacher / temp)
+            loss = (1.0 - alpha) * loss + alpha * temp**2 * xp.mean(bce_with_logits(xp, s / temp, soft))
             if with_delta:
-                delta = (1.0 - alpha) * delta + alpha * temp * (_sigmoid(xp, s / temp) - soft) / n
+                delta = (1.0 - alpha) * delta + alpha * temp * (sigmoid(xp, s / temp) - soft) / n
         l2 = self._settings["l2"]
         if l2:
             penalty = xp.sum(self._params[8] * self._params[8])
@@ -354,38 +355,6 @@ class FastGRNN:
 
     def _check_array(self, a: Any, what: str) -> None:
         check_batch_array(self._xp, a, what, self._params[0])
-
-
-def _sigmoid(xp: ModuleType, a: Any) -> Any:
-    """σ(a) written with tanh: no exp() that can overflow for large |a|."""
-    return 0.5 * (1.0 + xp.tanh(0.5 * a))
-
-
-def _tanh(xp: ModuleType, a: Any) -> Any:
-    return xp.tanh(a)
-
-
-def _pwl_sigmoid(xp: ModuleType, a: Any) -> Any:
-    """σ̂(a) = clip((a + 1)/2, 0, 1), the paper's piecewise-linear σ."""
-    return xp.clip(0.5 * (a + 1.0), 0.0, 1.0)
-
-
-def _pwl_tanh(xp: ModuleType, a: Any) -> Any:
-    """tanĥ(a) = clip(a, −1, 1), the paper's piecewise-linear tanh."""
-    return xp.clip(a, -1.0, 1.0)
-
-
-def _slopes(xp: ModuleType, z: Any, cand: Any, pwl: bool) -> tuple[Any, Any]:
-    """dz/da and dh̃/da from the outputs: σ(1 − σ) and 1 − tanh², or ½ and 1 strictly inside the clip range."""
-    if not pwl:
-        return z * (1.0 - z), 1.0 - cand * cand
-    inside_z = xp.astype((z > 0.0) & (z < 1.0), z.dtype)
-    return 0.5 * inside_z, xp.astype(xp.abs(cand) < 1.0, cand.dtype)
-
-
-def _bce_with_logits(xp: ModuleType, s: Any, p: Any) -> Any:
-    """max(s, 0) − s·p + log(1 + e^{−|s|}) elementwise: −p·log σ(s) − (1 − p)·log(1 − σ(s)) without overflow."""
-    return xp.maximum(s, xp.zeros_like(s)) - s * p + xp.log1p(xp.exp(-xp.abs(s)))
 
 
 def _is_count(value: Any) -> bool:
