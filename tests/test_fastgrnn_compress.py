@@ -4,10 +4,9 @@ import math
 
 import numpy as np
 import pytest
+from _namespaces import namespace_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from _namespaces import namespace_fixture
 
 from hybrid_core import CheckpointError, ConfigError, HybridConfig, HybridTrainer
 from hybrid_core._codec import encode, write_atomic
@@ -278,24 +277,44 @@ def test_damaged_or_foreign_exports_raise_checkpoint_error(compressed, tmp_path)
         load_router(out / "router.fgq")
     # well-formed files (valid checksum) whose contents lie: each refused by the field checks
     q = result.quantized.model
+    def weight(name, **fields):
+        return lambda d: d["weights"].__setitem__(name, fields)
+
+    size_u1 = q.weights["u1"].size
     lies = {
-        "index past the end": lambda d: d["weights"]["u1"].update(encoding="index", index=np.array(
-            [10_000], dtype=np.uint16), values=np.array([1], dtype=np.int8)),
-        "bits for too few values": lambda d: d["weights"]["w1"].update(encoding="bitmap", bits=np.full(
+        "index past the end": weight("u1", encoding="index", index=np.array([size_u1], dtype=np.uint16),
+                                     values=np.array([1], dtype=np.int8)),
+        "indices not increasing": weight("u1", encoding="index", index=np.array([3, 2], dtype=np.uint16),
+                                         values=np.array([1, 1], dtype=np.int8)),
+        "bits for too few values": weight("w1", encoding="bitmap", bits=np.full(
             (q.weights["w1"].size + 7) // 8, 255, dtype=np.uint8), values=np.array([1], dtype=np.int8)),
+        "a zero among the non-zeros": weight("u1", encoding="index", index=np.array([0], dtype=np.uint16),
+                                             values=np.array([0], dtype=np.int8)),
+        "-128": weight("v", encoding="dense", values=np.full(q.weights["v"].size, -128, dtype=np.int8)),
+        "float weights": weight("v", encoding="dense", values=np.zeros(q.weights["v"].size, dtype=np.float32)),
+        "too few dense values": weight("v", encoding="dense", values=np.zeros(3, dtype=np.int8)),
+        "unknown encoding": weight("v", encoding="csr", values=np.zeros(3, dtype=np.int8)),
         "wrong bias length": lambda d: d.update(b_z=d["b_z"][:-1]),
-        "float weights": lambda d: d["weights"]["v"].update(encoding="dense", values=np.zeros(
-            q.weights["v"].size, dtype=np.float32)),
+        "zeta beyond one": lambda d: d.update(zeta=np.array([20000], dtype=np.int16)),
+        "huge exponent": lambda d: d.update(exponents=np.full(len(d["exponents"]), 100, dtype=np.int8)),
         "bad settings": lambda d: d["settings"].update(nonlinearity="relu"),
+        "a huge width (no allocation before the check)": lambda d: d["settings"].update(hidden_size=10**9),
         "extra key": lambda d: d.update(more=1),
+        "no normaliser": lambda d: d.update(extra={}),
     }
     for what, lie in lies.items():
         doc = quantized_document(q, result.quantized.extra())
         lie(doc)
-        write_atomic(tmp_path / "lie.fgq", encode(doc, lambda _: None))
+        path = tmp_path / f"{what.replace(' ', '-')}.fgq"  # a failure names the lie
+        write_atomic(path, encode(doc, lambda _: None))
         with pytest.raises(CheckpointError):
+            load_quantized_router(path)
+    for what in ("index past the end", "indices not increasing"):  # the field checks, not a later IndexError
+        doc = quantized_document(q, result.quantized.extra())
+        lies[what](doc)
+        write_atomic(tmp_path / "lie.fgq", encode(doc, lambda _: None))
+        with pytest.raises(CheckpointError, match="increasing"):
             load_quantized_router(tmp_path / "lie.fgq")
-        assert what
 
 
 def test_quantizing_needs_sequences_of_the_models_width():
@@ -311,3 +330,35 @@ def test_digits_targets_float_95_int8_sparse_94_under_8_kb(compressed):
         pytest.skip("the targets are stated for the default model")
     assert rows["float low-rank"]["val_accuracy"] >= 0.95, rows
     assert rows["int8 sparse"]["val_accuracy"] >= 0.94 and rows["int8 sparse"]["file_bytes"] <= 8192, rows
+
+
+def test_a_failing_step_inside_hard_thresholding_leaves_the_model_on_its_support():
+    model = FastGRNN(3, 6, seed=7)
+    model.prune(0.5, 0.5)
+    want = _sparse_counts(model)
+
+    class Exploding(Adam):
+        def step(self, grads):
+            super().step(grads)  # the dense update lands, then the optimizer fails
+            raise RuntimeError("boom")
+
+    optimizer = HardThresholding(Exploding(model, lr=0.1), model)
+    with pytest.raises(RuntimeError, match="boom"):
+        optimizer.step(model.loss_and_grad(_memory_batch(1))[1])
+    assert _sparse_counts(model) == want
+    model.apply_update([np.ones_like(p) for p in model.parameters()], 1.0)
+    assert _sparse_counts(model) == want  # projecting again after the failure
+
+
+def test_hard_thresholding_state_round_trips_and_refuses_foreign_states():
+    model = FastGRNN(3, 6, seed=7)
+    model.prune(0.5, 0.5)
+    optimizer = HardThresholding(Adam(model, lr=0.1), model)
+    optimizer.step(model.loss_and_grad(_memory_batch(1))[1])
+    state = optimizer.state_dict()
+    other = HardThresholding(Adam(model, lr=0.1), model)
+    other.load_state_dict(state)
+    for a, b in zip(other.extrapolate(), optimizer.extrapolate(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointError, match="HardThresholding"):
+        other.load_state_dict(state["inner"])

@@ -23,12 +23,14 @@ from .._errors import CheckpointError, HybridError
 from ._quantized import EXPONENTS, WEIGHTS, QuantizedFastGRNN
 from .fastgrnn import FastGRNN
 
-__all__ = ["EXPORT_MAX_BYTES", "from_document", "load_quantized", "model_size_bytes", "quantized_document",
+__all__ = ["EXPORT_MAX_BYTES", "MAX_WIDTH", "from_document", "load_quantized", "model_size_bytes", "quantized_document",
            "save_quantized", "stored_bytes"]
 
 KIND = "hybrid_core.fastgrnn.int8"
 _VERSION = 1
 _KEYS = {"kind", "version", "settings", "exponents", "weights", "b_z", "b_h", "c", "zeta", "nu", "extra"}
+MAX_WIDTH = 515
+"""Largest size or rank an export may hold: the int32 accumulators of `QuantizedFastGRNN` bound it."""
 EXPORT_MAX_BYTES = 64 * 2**20
 """Largest export `load_quantized` reads unless told otherwise (64 MiB)."""
 
@@ -126,9 +128,13 @@ def from_document(doc: Any) -> tuple[QuantizedFastGRNN, dict[str, Any]]:
     if set(doc) != _KEYS or doc["version"] != _VERSION:
         raise CheckpointError(f"export has keys {sorted(doc)} and version {doc.get('version')!r}; expected "
                               f"{sorted(_KEYS)} and version {_VERSION}")
+    settings = doc["settings"]
+    sizes = ("input_size", "hidden_size", "w_rank", "u_rank")
+    if not isinstance(settings, dict) or not all(
+            type(settings.get(k)) is int and 1 <= settings[k] <= MAX_WIDTH for k in sizes):
+        raise CheckpointError(f"the export's sizes and ranks must be integers in [1, {MAX_WIDTH}]")
     try:
-        settings = dict(doc["settings"])
-        FastGRNN(**settings)  # every setting checked (sizes, ranks, nonlinearity)
+        FastGRNN(**settings)  # every setting checked (ranks, l2, nonlinearity, ...); small, as the sizes are
     except (HybridError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the export's settings do not make a FastGRNN ({exc})") from exc
     d, h, rw, ru = (settings[k] for k in ("input_size", "hidden_size", "w_rank", "u_rank"))
