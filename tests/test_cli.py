@@ -167,3 +167,22 @@ def test_the_demo_writes_what_it_was_asked_to(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(30)) and all("lr" in r and "grad_norm" in r for r in rows)
     assert os.path.getsize(tmp_path / "t.json") > 0
+
+
+def test_fastgrnn_compress_prints_the_table_and_writes_the_export(tmp_path, capsys):
+    code = cli.main(["fastgrnn-compress", "--epochs", "2", "--iht-epochs", "1", "--finetune-epochs", "1",
+                     "--hidden", "16", "--u-rank", "4", "--out", str(tmp_path / "run"),
+                     "--json", str(tmp_path / "t.json"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for stage in ("float low-rank", "int8 low-rank", "sparse (IHT)", "sparse fine-tuned", "int8 sparse"):
+        assert f"| {stage} |" in out
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["compress"]["w_density"] == 0.5 and [r["stage"] for r in doc["stages"]][-1] == "int8 sparse"
+    assert doc["stages"][-1]["file_bytes"] == (tmp_path / "run" / "router.fgq").stat().st_size
+
+
+def test_fastgrnn_compress_rejects_a_density_out_of_range(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fastgrnn-compress", "--w-density", "0"])
+    assert info.value.code == 2 and "(0, 1]" in capsys.readouterr().err

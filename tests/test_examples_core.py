@@ -50,6 +50,13 @@ def test_fastgrnn_router_on_digits(tmp_path):
     assert (tmp_path / "d" / "router.ckpt").exists()
 
 
+def test_fastgrnn_router_compresses_to_int8(tmp_path):
+    out = _run("fastgrnn_router.py", "--data", "digits", "--epochs", "2", "--compress", "--out", "d", cwd=tmp_path)
+    assert "| int8 sparse |" in out and "| float low-rank |" in out
+    assert "identical integer predictions on 359 validation windows: yes" in out
+    assert (tmp_path / "d" / "router.fgq").exists() and (tmp_path / "d" / "compression.json").exists()
+
+
 def test_fastgrnn_router_rejects_bad_flags(tmp_path):
     proc = subprocess.run([sys.executable, str(EXAMPLES / "fastgrnn_router.py"), "--backend", "tensorflow"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)

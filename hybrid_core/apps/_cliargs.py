@@ -108,6 +108,31 @@ def output_path(text: str) -> str:
     return text
 
 
+def density(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return value
+
+
+def output_dir(text: str) -> str:
+    """A directory that exists or can be created (its parent exists and is writable)."""
+    if os.path.isdir(text):
+        if not os.access(text, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write into {text}: permission denied")
+        return text
+    if os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {parent} is missing or not writable")
+    return text
+
+
 def input_file(text: str) -> str:
     """An existing, readable file."""
     if not os.path.isfile(text):
@@ -209,6 +234,32 @@ def build_parser() -> OneLineParser:
     dyn.add_argument("--out", type=output_path, metavar="JSON",
                      help="write every score and the machine description as JSON (default: not written)")
     dyn.add_argument("--quiet", action="store_true", help="no progress display")
+
+    comp = _sub(sub, "fastgrnn-compress", "train the FastGRNN router, prune it (IHT), fine-tune on the support and "
+                                           "quantize it to int8; print accuracy and size at each stage")
+    comp.add_argument("--data", choices=["digits", "synthetic"], default="digits",
+                      help="digits: the bundled digits row by row, 0-4 vs 5-9; synthetic: seeded routing logs")
+    comp.add_argument("--windows", type=positive_int, default=4000, metavar="N", help="synthetic windows to generate")
+    comp.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
+                      help="seed of the split, the batches, the teacher and the initial weights")
+    comp.add_argument("--epochs", type=positive_int, default=30, metavar="N",
+                      help="at most this many epochs of low-rank training (stage 1)")
+    comp.add_argument("--iht-epochs", type=positive_int, default=10, metavar="N",
+                      help="epochs of iterative hard thresholding (stage 2)")
+    comp.add_argument("--finetune-epochs", type=positive_int, default=10, metavar="N",
+                      help="at most this many epochs of fine-tuning on the fixed support (stage 3)")
+    comp.add_argument("--w-density", type=density, default=0.5, metavar="D", help="share of W1 and of W2 kept")
+    comp.add_argument("--u-density", type=density, default=0.5, metavar="D", help="share of U1 and of U2 kept")
+    comp.add_argument("--hidden", type=positive_int, default=48, metavar="H", help="FastGRNN hidden units")
+    comp.add_argument("--u-rank", type=positive_int, default=16, metavar="R", help="rank of U = U1·U2")
+    comp.add_argument("--nonlinearity", choices=["exact", "pwl"], default="exact",
+                      help="gates: exact σ/tanh (integer path: interpolated table) or the paper's piecewise-linear")
+    comp.add_argument("--out", type=output_dir, default=None, metavar="DIR",
+                      help="write router.ckpt, router.fgq (the int8 export), summary.json and compression.json "
+                           "there (default: nothing written)")
+    comp.add_argument("--json", type=output_path, metavar="PATH",
+                      help="write the table and the settings as JSON (default: not written)")
+    comp.add_argument("--quiet", action="store_true", help="no progress display")
 
     plot = _sub(sub, "plot", "draw a run's loss against step and wall-clock, phases shaded")
     plot.add_argument("run", type=input_file, metavar="RUN.jsonl",

@@ -154,6 +154,35 @@ def _dynamics_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fastgrnn_compress(args: argparse.Namespace) -> int:
+    from .data import sequential_digits
+    from .router import CompressConfig, RouterConfig, compress_router, format_stages, routing_logs, train_router
+
+    x, y = sequential_digits() if args.data == "digits" else routing_logs(args.windows, seed=args.seed)
+    config = RouterConfig(hidden_size=args.hidden, u_rank=args.u_rank, epochs=args.epochs, seed=args.seed,
+                          nonlinearity=args.nonlinearity)
+    compress = CompressConfig(w_density=args.w_density, u_density=args.u_density, iht_epochs=args.iht_epochs,
+                              finetune_epochs=args.finetune_epochs)
+    print(f"hybrid-train fastgrnn-compress: {args.data} ({x.shape[0]} windows of {x.shape[1]} x {x.shape[2]}), "
+          f"FastGRNN H={args.hidden} rank(U)={args.u_rank} {args.nonlinearity} gates, seed {args.seed}; "
+          f"densities W {args.w_density:g} U {args.u_density:g}", flush=True)
+    trained = train_router(x, y, config, out_dir=args.out, progress=not args.quiet)
+    result = compress_router(trained, x, y, compress, hybrid=config.hybrid, batch_size=config.batch_size,
+                             lr_decay=config.lr_decay, seed=args.seed, out_dir=args.out, progress=not args.quiet)
+    print()
+    print(format_stages(result.stages))
+    if args.out:
+        print(f"wrote {args.out}/router.fgq ({result.stages[-1]['file_bytes']} bytes) and {args.out}/compression.json")
+    if args.json:
+        from dataclasses import asdict
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"router": asdict(config), "compress": asdict(compress), **result.to_dict()}, f, indent=1,
+                      default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_run, require_matplotlib
 
@@ -165,7 +194,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": _demo, "bench": _bench, "conformance": _conformance, "bench-kernels": _bench_kernels,
-            "dynamics-eval": _dynamics_eval, "plot": _plot}
+            "dynamics-eval": _dynamics_eval, "fastgrnn-compress": _fastgrnn_compress, "plot": _plot}
 """The function of each subcommand."""
 
 

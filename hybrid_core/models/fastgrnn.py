@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any, final
 
 import array_api_compat
 import numpy as np
 
-from .._backend import as_namespace, library_name
-from .._errors import BatchError, ConfigError
+from .._backend import as_namespace, library_name, to_numpy
+from .._errors import BatchError, CheckpointError, ConfigError
 from ._checks import check_batch_array, check_like_parameters, parameters_from_host
+from ._gates import bce_with_logits, pwl_sigmoid, pwl_tanh, sigmoid, slopes, tanh
+from ._support import Support
 
-__all__ = ["FastGRNN"]
+__all__ = ["NONLINEARITIES", "FastGRNN"]
+
+NONLINEARITIES = ("exact", "pwl")
+"""The gate nonlinearities of `FastGRNN`: σ and tanh, or the paper's piecewise-linear σ̂ and tanĥ."""
+
 
 @final
 class FastGRNN:
@@ -41,6 +48,16 @@ class FastGRNN:
     factor from ``numpy.random.default_rng(seed)``; b_z = 1 (gates start half-open towards
     keeping h), b_h = 0, ζ̂ = 1, ν̂ = −4 (the authors' initialisation). Gradients are full
     back-propagation through time; updates rebind arrays, so immutable arrays (JAX) work.
+
+    ``nonlinearity="pwl"`` replaces σ and tanh in the cell by the paper's piecewise-linear
+    σ̂(a) = clip((a + 1)/2, 0, 1) and tanĥ(a) = clip(a, −1, 1) (the forms an integer-only
+    device computes exactly; see `hybrid_core.models.QuantizedFastGRNN`).
+
+    Sparsity: `prune` keeps the largest-magnitude entries of W1, W2 (``w_density``) and U1, U2
+    (``u_density``) and from then on every parameter change (`apply_update`, `set_parameters`) is
+    projected onto that support (see `hybrid_core.models._support`); `threshold` re-selects it from
+    the current magnitudes (iterative hard thresholding, driven by
+    `hybrid_core.optim.HardThresholding`). The support is model state (`state_dict`).
     """
 
     def __init__(
@@ -57,18 +74,23 @@ class FastGRNN:
         l2: float = 0.0,
         distill_alpha: float = 0.0,
         temperature: float = 1.0,
+        nonlinearity: str = "exact",
     ) -> None:
         if _is_count(input_size) and _is_count(hidden_size):
             w_rank = min(input_size, hidden_size) if w_rank is None else w_rank
             u_rank = hidden_size if u_rank is None else u_rank
         problems = _problems(input_size, hidden_size, w_rank, u_rank, seed, l2, distill_alpha, temperature)
+        if nonlinearity not in NONLINEARITIES:
+            problems.append(f"nonlinearity={nonlinearity!r}: must be one of {', '.join(NONLINEARITIES)}")
         if problems:
             raise ConfigError(problems)
         self._xp = as_namespace(xp)
         self._settings = {"input_size": input_size, "hidden_size": hidden_size, "w_rank": w_rank,
                           "u_rank": u_rank, "l2": float(l2), "distill_alpha": float(distill_alpha),
-                          "temperature": float(temperature)}
+                          "temperature": float(temperature), "nonlinearity": nonlinearity}
         self._params = self._initial_parameters(seed, self._xp.float32 if dtype is None else dtype, device)
+        self._support: Support | None = None
+        self._projecting = True
 
     def _initial_parameters(self, seed: int, dtype: Any, device: Any) -> list[Any]:
         d, h = self._settings["input_size"], self._settings["hidden_size"]
@@ -101,14 +123,84 @@ class FastGRNN:
         return list(self._params)
 
     def set_parameters(self, values: Sequence[Any]) -> None:
-        """θ ← ``values`` (same shapes, dtypes and library; rebinds to them)."""
-        self._params = list(check_like_parameters(self._xp, self._params, values, "the parameters"))
+        """θ ← ``values`` (same shapes, dtypes and library; rebinds to them), projected onto the support."""
+        self._params = self._projected(check_like_parameters(self._xp, self._params, values, "the parameters"))
 
     def apply_update(self, update: Sequence[Any], scale: float) -> None:
-        """θ ← θ + scale·update for every parameter (rebinds, never writes in place)."""
+        """θ ← θ + scale·update for every parameter (rebinds, never writes in place), projected onto the
+        support if the model is pruned."""
         update = check_like_parameters(self._xp, self._params, update, "the update")
         scale = float(scale)
-        self._params = [p + scale * u for p, u in zip(self._params, update, strict=True)]
+        self._params = self._projected([p + scale * u for p, u in zip(self._params, update, strict=True)])
+
+    # -- sparsity ---------------------------------------------------------------------------
+
+    @property
+    def support(self) -> Support | None:
+        """The sparse support (None: dense)."""
+        return self._support
+
+    def prune(self, w_density: float = 1.0, u_density: float = 1.0) -> None:
+        """Keep the ``w_density`` share of W1 and of W2 and the ``u_density`` share of U1 and of U2 (largest
+        magnitudes, see `hybrid_core.models._support.kept_count`); every later change keeps to that support."""
+        support = Support(self._xp, {"w": ((0, 1), w_density), "u": ((2, 3), u_density)})
+        support.select(self._params)
+        self._support = support
+        self._params = support.project(self._params)
+
+    def threshold(self) -> None:
+        """Re-select the support from the current magnitudes and project (one hard-thresholding step)."""
+        if self._support is None:
+            raise ConfigError("the model has no support to re-select", "Call prune(w_density, u_density) first.")
+        self._support.select(self._params)
+        self._params = self._support.project(self._params)
+
+    @contextlib.contextmanager
+    def unconstrained(self) -> Iterator[None]:
+        """Inside, updates are not projected (a dense step before `threshold`); on exit, even on an error,
+        the parameters are projected onto the support again."""
+        self._projecting = False
+        try:
+            yield
+        finally:
+            self._projecting = True
+            self._params = self._projected(self._params)
+
+    def nonzeros(self) -> list[int]:
+        """The number of non-zero entries of each parameter (a host read)."""
+        return [int(np.count_nonzero(to_numpy(p))) for p in self._params]
+
+    def state_dict(self) -> dict[str, Any]:
+        """State beyond the parameters: the sparse support (None when dense)."""
+        return {"support": None if self._support is None else self._support.state_dict()}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """`CheckpointError` exactly when `load_state_dict` would refuse ``state``; changes nothing."""
+        self._support_from(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output (the support), then project the parameters onto it."""
+        self._support = self._support_from(state)
+        self._params = self._projected(self._params)
+
+    def _support_from(self, state: Any) -> Support | None:
+        if not isinstance(state, dict) or set(state) != {"support"}:
+            raise CheckpointError("FastGRNN state must be {'support': ...}")
+        saved = state["support"]
+        if saved is None:
+            return None
+        densities = saved.get("densities") if isinstance(saved, dict) else None
+        if not isinstance(densities, dict) or set(densities) != {"w", "u"}:
+            raise CheckpointError("FastGRNN support state lacks its 'w' and 'u' densities")
+        try:
+            support = Support(self._xp, {"w": ((0, 1), densities["w"]), "u": ((2, 3), densities["u"])})
+        except ConfigError as exc:
+            raise CheckpointError(f"FastGRNN support state: {'; '.join(exc.problems)}") from exc
+        support.load_state_dict(saved, self._params)
+        return support
+
+    def _projected(self, params: list[Any]) -> list[Any]:
+        return params if self._support is None or not self._projecting else self._support.project(params)
 
     def logits(self, x: Any) -> Any:
         """The logit s of shape (n,) for sequences ``x`` of shape (n, T, input_size)."""
@@ -145,14 +237,14 @@ class FastGRNN:
         xp = self._xp
         w1, w2, u1, u2, bz, bh, zeta_hat, nu_hat, v, c = self._params
         n, steps = x.shape[0], x.shape[1]
-        zeta, nu = _sigmoid(xp, zeta_hat), _sigmoid(xp, nu_hat)
+        zeta, nu = sigmoid(xp, zeta_hat), sigmoid(xp, nu_hat)
+        gate, update = (pwl_sigmoid, pwl_tanh) if self._settings["nonlinearity"] == "pwl" else (sigmoid, tanh)
         wx = (x @ w1) @ w2  # all time steps at once: the input path does not depend on h
         h = xp.zeros((n, self._settings["hidden_size"]), dtype=self.dtype, device=array_api_compat.device(w1))
         cache = []
         for t in range(steps):
             a = wx[:, t, :] + (h @ u1) @ u2
-            z = _sigmoid(xp, a + bz)
-            cand = xp.tanh(a + bh)
+            z, cand = gate(xp, a + bz), update(xp, a + bh)
             cache.append((h, z, cand))
             h = (zeta * (1.0 - z) + nu) * cand + z * h
         cache.append((h, None, None))
@@ -162,7 +254,7 @@ class FastGRNN:
         """Gradients of every parameter given dL/ds, walking the sequence backwards."""
         xp = self._xp
         w1, w2, u1, u2, _, _, zeta_hat, nu_hat, v, _ = self._params
-        zeta, nu = _sigmoid(xp, zeta_hat), _sigmoid(xp, nu_hat)
+        zeta, nu = sigmoid(xp, zeta_hat), sigmoid(xp, nu_hat)
         n, steps, d = x.shape
         h_last = cache[-1][0]
         g_v = h_last.T @ ds
@@ -176,8 +268,9 @@ class FastGRNN:
         d_pre: list[Any] = [None] * steps
         for t in range(steps - 1, -1, -1):
             h_prev, z, cand = cache[t]
-            d_z = gh * (h_prev - zeta * cand) * z * (1.0 - z)
-            d_cand = gh * (zeta * (1.0 - z) + nu) * (1.0 - cand * cand)
+            dz_da, dcand_da = slopes(xp, z, cand, self._settings["nonlinearity"] == "pwl")
+            d_z = gh * (h_prev - zeta * cand) * dz_da
+            d_cand = gh * (zeta * (1.0 - z) + nu) * dcand_da
             g_zeta = g_zeta + xp.sum(gh * (1.0 - z) * cand)
             g_nu = g_nu + xp.sum(gh * cand)
             g_bz = g_bz + xp.sum(d_z, axis=0)
@@ -202,14 +295,14 @@ class FastGRNN:
         """The loss (distillation and L2 included) and, if asked, dL/ds."""
         xp = self._xp
         n = s.shape[0]
-        loss = xp.mean(_bce_with_logits(xp, s, y))
-        delta = (_sigmoid(xp, s) - y) / n if with_delta else None
+        loss = xp.mean(bce_with_logits(xp, s, y))
+        delta = (sigmoid(xp, s) - y) / n if with_delta else None
         alpha, temp = self._settings["distill_alpha"], self._settings["temperature"]
         if teacher is not None and alpha:
-            soft = _sigmoid(xp, teacher / temp)
-            loss = (1.0 - alpha) * loss + alpha * temp**2 * xp.mean(_bce_with_logits(xp, s / temp, soft))
+            soft = sigmoid(xp, teacher / temp)
+            loss = (1.0 - alpha) * loss + alpha * temp**2 * xp.mean(bce_with_logits(xp, s / temp, soft))
             if with_delta:
-                delta = (1.0 - alpha) * delta + alpha * temp * (_sigmoid(xp, s / temp) - soft) / n
+                delta = (1.0 - alpha) * delta + alpha * temp * (sigmoid(xp, s / temp) - soft) / n
         l2 = self._settings["l2"]
         if l2:
             penalty = xp.sum(self._params[8] * self._params[8])
@@ -262,16 +355,6 @@ class FastGRNN:
 
     def _check_array(self, a: Any, what: str) -> None:
         check_batch_array(self._xp, a, what, self._params[0])
-
-
-def _sigmoid(xp: ModuleType, a: Any) -> Any:
-    """σ(a) written with tanh: no exp() that can overflow for large |a|."""
-    return 0.5 * (1.0 + xp.tanh(0.5 * a))
-
-
-def _bce_with_logits(xp: ModuleType, s: Any, p: Any) -> Any:
-    """max(s, 0) − s·p + log(1 + e^{−|s|}) elementwise: −p·log σ(s) − (1 − p)·log(1 − σ(s)) without overflow."""
-    return xp.maximum(s, xp.zeros_like(s)) - s * p + xp.log1p(xp.exp(-xp.abs(s)))
 
 
 def _is_count(value: Any) -> bool:

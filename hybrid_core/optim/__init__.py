@@ -2,6 +2,7 @@
 
 from ._adam import Adam, AdamW
 from ._clip import ClipGradNorm
+from ._iht import HardThresholding
 from ._sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "ClipGradNorm"]
+__all__ = ["SGD", "Adam", "AdamW", "ClipGradNorm", "HardThresholding"]

@@ -17,6 +17,7 @@ from hybrid_core import BatchError, ConfigError, HybridConfig, HybridTrainer
 from hybrid_core._backend import as_namespace, from_numpy, to_numpy
 from hybrid_core.callbacks import EarlyStopping, ExponentialLR, ValidationLogger
 from hybrid_core.models import FastGRNN
+from hybrid_core.models.fastgrnn import NONLINEARITIES
 from hybrid_core.optim import Adam, ClipGradNorm
 
 from ._io import save_router
@@ -70,6 +71,8 @@ class RouterConfig:
     """Hidden units of the MLP teacher."""
     teacher_epochs: int = 20
     """Epochs of plain Adam (lr 3e-3, L2 1e-4, same batch size) for the teacher."""
+    nonlinearity: str = "exact"
+    """The cell's gates: ``"exact"`` (σ, tanh) or ``"pwl"`` (the paper's piecewise-linear forms, see `FastGRNN`)."""
     seed: int = 0
     """Seeds the split, the batches, the teacher and the FastGRNN's initial weights."""
     hybrid: HybridConfig = field(default_factory=_router_hybrid_config)
@@ -155,7 +158,8 @@ def train_router(
     xp = as_namespace(xp)
     model = FastGRNN(x.shape[2], config.hidden_size, w_rank=config.w_rank, u_rank=config.u_rank, xp=xp,
                      seed=config.seed, dtype=dtype, device=device, l2=config.l2,
-                     distill_alpha=config.distill_alpha, temperature=config.temperature)
+                     distill_alpha=config.distill_alpha, temperature=config.temperature,
+                     nonlinearity=config.nonlinearity)
     router = Router(model, normalizer)
     place = {"dtype": model.dtype, "device": array_api_compat.device(model.parameters()[0])}
     optimizer = ClipGradNorm(Adam(model, lr=config.lr), config.clip_norm)
@@ -274,6 +278,8 @@ def _problems(c: RouterConfig) -> list[str]:
     ]
     if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
         checks.append(f"seed={c.seed!r}: must be an integer >= 0")
+    if c.nonlinearity not in NONLINEARITIES:
+        checks.append(f"nonlinearity={c.nonlinearity!r}: must be one of {', '.join(NONLINEARITIES)}")
     if not isinstance(c.hybrid, HybridConfig):
         checks.append(f"hybrid={c.hybrid!r}: must be a HybridConfig")
     return [p for p in checks if p]
