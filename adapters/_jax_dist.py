@@ -14,7 +14,7 @@ closed connection); a rank that does not answer makes it wait. Either way the su
 collective runs in a worker thread that is watched; the thread is left behind, and this
 collective refuses every later call). JAX's own coordination service then ends the surviving
 processes once their heartbeat timeout passes (``jax.distributed.initialize(...,
-heartbeat_timeout_seconds=...)``, 100 s by default): see docs/distributed-jax.md.
+heartbeat_timeout_seconds=...)``, 100 s by default): see docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Hugging Face Accelerate: a `HybridTrainer` inside an ``accelerate``-prepared training loop.
 
 The loop an Accelerate user writes keeps its ``Accelerator``, its ``prepare`` call and its data; the body of
-the loop becomes one `HybridTrainer.step` (docs/integrations-torch.md)::
+the loop becomes one `HybridTrainer.step` (docs/integrations.md)::
 
     accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=2)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

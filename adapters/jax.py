@@ -1,5 +1,5 @@
 """JAX/optax adapter: `JaxModel` (a loss function over a parameter pytree), `OptaxOptimizer`, and
-`JaxCollective` (the processes of a ``jax.distributed`` run; docs/distributed-jax.md)."""
+`JaxCollective` (the processes of a ``jax.distributed`` run; docs/distributed.md)."""
 
 from __future__ import annotations
 

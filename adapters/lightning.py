@@ -19,7 +19,7 @@ trainer runs the backward pass, or none on a predicted step). ``configure_optimi
 
     lightning.Trainer(max_steps=300).fit(Net(), loader)
 
-How it meets Lightning's loops (docs/integrations-torch.md):
+How it meets Lightning's loops (docs/integrations.md):
 
 - *Optimization* is manual (``automatic_optimization = False``): `training_step` hands the batch to
   `HybridTrainer.step`, which runs ``training_loss`` and the backward pass and steps the torch optimizer

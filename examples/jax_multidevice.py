@@ -14,7 +14,7 @@ every device (``NamedSharding(mesh, P())``: each device holds a copy), each batc
 (``P("data")``); with several processes each one makes only its own rows
 (``jax.make_array_from_process_local_data``). The jitted loss and gradient are then global values, so
 every process sees the same numbers; `HybridTrainer` finds the process group (``jax.process_count() > 1``)
-and agrees every read across processes (docs/distributed-jax.md).
+and agrees every read across processes (docs/distributed.md).
 """
 
 from __future__ import annotations
