@@ -186,3 +186,11 @@ def test_fastgrnn_compress_rejects_a_density_out_of_range(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["fastgrnn-compress", "--w-density", "0"])
     assert info.value.code == 2 and "(0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--nproc", "1"], ["--steps", "10", "--chunk", "3"], ["--seeds", "0"]])
+def test_bench_ddp_refuses_bad_arguments_before_launching_anything(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench-ddp", *argv])
+    assert info.value.code == 2
+    assert "bench-ddp" in capsys.readouterr().err

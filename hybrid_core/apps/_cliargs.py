@@ -202,6 +202,15 @@ def build_parser() -> OneLineParser:
                             "(default: not drawn)")
     bench.add_argument("--quiet", action="store_true", help="no progress display")
 
+    ddp = _sub(sub, "bench-ddp", "the cost of the trainer's decision collectives: lm-stdlib under torch DDP on N "
+                                 "local gloo processes, interleaved against the plain DDP loop")
+    ddp.add_argument("--nproc", type=positive_int, default=2, metavar="N", help="processes (at least 2)")
+    ddp.add_argument("--seeds", type=positive_int, default=3, metavar="N", help="seeds")
+    ddp.add_argument("--steps", type=positive_int, default=150, metavar="N", help="steps per arm and seed")
+    ddp.add_argument("--chunk", type=positive_int, default=25, metavar="K",
+                     help="steps per interleaved chunk (divides --steps)")
+    ddp.add_argument("--out", type=output_path, metavar="JSON", help="write the figures as JSON (default: not written)")
+
     conf = _sub(sub, "conformance", "run the conformance suite (needs pytest) on built-in or your cases")
     conf.add_argument("cases", nargs="*", metavar="MODULE:FACTORY",
                       help="factories returning ConformanceCase objects (default: none, the built-in cases)")

@@ -183,6 +183,16 @@ def _fastgrnn_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ddp(args: argparse.Namespace) -> int:
+    from .bench.ddp import main as ddp_main
+
+    if args.nproc < 2 or args.steps % args.chunk:
+        args.parser.error("--nproc must be at least 2 and --chunk must divide --steps")
+    argv = ["--nproc", str(args.nproc), "--seeds", str(args.seeds), "--steps", str(args.steps),
+            "--chunk", str(args.chunk)] + (["--out", str(args.out)] if args.out else [])
+    return ddp_main(argv)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_run, require_matplotlib
 
@@ -193,7 +203,7 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "bench": _bench, "conformance": _conformance, "bench-kernels": _bench_kernels,
+COMMANDS = {"demo": _demo, "bench": _bench, "conformance": _conformance, "bench-kernels": _bench_kernels, "bench-ddp": _bench_ddp,
             "dynamics-eval": _dynamics_eval, "fastgrnn-compress": _fastgrnn_compress, "plot": _plot}
 """The function of each subcommand."""
 
