@@ -204,7 +204,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": _demo, "bench": _bench, "conformance": _conformance, "bench-kernels": _bench_kernels,
-            "bench-ddp": _bench_ddp, "dynamics-eval": _dynamics_eval, "fastgrnn-compress": _fastgrnn_compress, "plot": _plot}
+            "bench-ddp": _bench_ddp, "dynamics-eval": _dynamics_eval, "fastgrnn-compress": _fastgrnn_compress,
+            "plot": _plot}
 """The function of each subcommand."""
 
 
