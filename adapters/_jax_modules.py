@@ -24,7 +24,7 @@ import numpy as np
 
 from hybrid_core._errors import CheckpointError, ModelError
 
-from ._jax_model import JaxModel
+from ._jax_model import JaxModel, _hashable
 
 __all__ = ["EquinoxModel", "NNXModel", "module_hint"]
 
@@ -113,12 +113,6 @@ def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray))
 
 
-def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _floating(leaf: Any) -> bool:

@@ -9,12 +9,13 @@ from .._backend import namespace_of
 from .._errors import CheckpointError, ConfigError
 from .._protocols import Array, Optimizer
 from . import _common as common
+from ._wrapping import Wrapping
 
 __all__ = ["ClipGradNorm"]
 
 
 @final
-class ClipGradNorm:
+class ClipGradNorm(Wrapping):
     """Wraps an `Optimizer`: g ← g·min(1, max_norm/(‖g‖ + eps)), ‖g‖ over all gradients, then step.
 
     Clipping has to happen between the backward pass and the update, so it is an optimizer,
@@ -35,11 +36,6 @@ class ClipGradNorm:
         self._last_norm: Array | None = None
 
     @property
-    def optimizer(self) -> Optimizer:
-        """The wrapped optimizer."""
-        return self._inner
-
-    @property
     def max_norm(self) -> float:
         """The bound on the global gradient norm."""
         return self._max_norm
@@ -48,20 +44,6 @@ class ClipGradNorm:
     def last_norm(self) -> Array | None:
         """The global norm of the last gradients before clipping, a 0-d device array (None before a step)."""
         return self._last_norm
-
-    @property
-    def adaptive(self) -> bool:
-        """Whether the wrapped optimizer is Adam-like."""
-        return getattr(self._inner, "adaptive", False) is True
-
-    @property
-    def lr(self) -> float:
-        """The wrapped optimizer's learning rate."""
-        return self._inner.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self._inner.lr = value
 
     def step(self, grads: Sequence[Array]) -> list[Array]:
         """Clip ``grads`` to the global norm bound, then apply the wrapped optimizer's step."""

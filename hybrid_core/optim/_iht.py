@@ -7,6 +7,7 @@ from typing import Any, Protocol, final, runtime_checkable
 
 from .._errors import CheckpointError, ConfigError
 from .._protocols import Array, Optimizer
+from ._wrapping import Wrapping
 
 __all__ = ["HardThresholding", "Thresholded"]
 
@@ -26,7 +27,7 @@ class Thresholded(Protocol):
 
 
 @final
-class HardThresholding:
+class HardThresholding(Wrapping):
     """Wraps an `Optimizer`: θ ← H_k(θ + Δθ), the wrapped step taken densely, then the support re-selected.
 
     This is IHT (the second stage of FastGRNN's sparse training): a pruned weight can come back
@@ -49,25 +50,6 @@ class HardThresholding:
             raise ConfigError(problems)
         self._inner = optimizer
         self._model = model
-
-    @property
-    def optimizer(self) -> Optimizer:
-        """The wrapped optimizer."""
-        return self._inner
-
-    @property
-    def adaptive(self) -> bool:
-        """Whether the wrapped optimizer is Adam-like."""
-        return getattr(self._inner, "adaptive", False) is True
-
-    @property
-    def lr(self) -> float:
-        """The wrapped optimizer's learning rate."""
-        return self._inner.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self._inner.lr = value
 
     def step(self, grads: Sequence[Array]) -> list[Array]:
         """The wrapped step without projection, then the hard threshold; returns the wrapped step's update."""
