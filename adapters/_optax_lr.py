@@ -119,7 +119,8 @@ def _functions(obj: Any, seen: set[int], depth: int) -> Iterator[types.FunctionT
 
 class HostSchedule:
     """A schedule's values on the host: computed on the device ``_CHUNK`` steps at a time (``jax.vmap``), read
-    in one transfer, then looked up; the values are optax's own (float32, as its update computes them)."""
+    in one transfer, then looked up; the values are optax's (float32, as its update computes them, up to the
+    last bit, which the vectorised evaluation can round otherwise)."""
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn

@@ -396,6 +396,8 @@ def test_the_host_count_mirrors_the_device_count_and_the_rate_is_optaxs(k, ops, 
         else:
             opt.schedule_step()
         assert opt._lr.count == _device_schedule_count(opt.opt_state)
-    assert opt.lr == float(np.float32(schedule(opt._lr.used)))
+    # The vectorised evaluation may round the last float32 bit otherwise than a scalar call (seen: counts 15,
+    # 3661): equal to float32 rounding, far closer than one step of the schedule moves it.
+    assert opt.lr == pytest.approx(float(np.float32(schedule(opt._lr.used))), rel=1e-6, abs=1e-12)
     far = _optax_lr.HostSchedule(schedule)
-    assert far(start) == float(np.float32(schedule(start)))  # one chunk read for a count beyond the first chunk
+    assert far(start) == pytest.approx(float(np.float32(schedule(start))), rel=1e-6, abs=1e-12)  # a later chunk
