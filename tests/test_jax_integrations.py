@@ -3,7 +3,7 @@ errors naming leaves by path, checkpoints, and a schedule's learning rate never 
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 jax = pytest.importorskip("jax", reason="the JAX adapter needs jax (pip install '.[jax]')")
@@ -380,6 +380,8 @@ def _device_schedule_count(state):
 
 @settings(max_examples=12, deadline=None)
 @given(k=st.sampled_from([None, 1, 3]), ops=st.lists(st.booleans(), max_size=10), start=st.integers(0, 9000))
+@example(k=None, ops=[False] * 9 + [True], start=160).via("found in CI: a last-bit difference at count 15")
+@example(k=None, ops=[], start=3661).via("found in CI: a last-bit difference at count 3661")
 def test_the_host_count_mirrors_the_device_count_and_the_rate_is_optaxs(k, ops, start):
     """Any sequence of real steps (True) and steps without an update (False), MultiSteps or not: the host's count
     is the optax state's, and `lr` is the schedule's float32 value at the count of the last update."""
