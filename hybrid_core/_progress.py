@@ -117,7 +117,7 @@ def _make_bar(mode: str, total: int | None, label: str, stream: TextIO, min_inte
 
             return notebook_bar(**options)
         except ImportError:  # no ipywidgets: the text bar, which a notebook redraws in place too
-            pass
+            return tqdm(file=stream, dynamic_ncols=True, **options)
     return tqdm(file=stream, dynamic_ncols=True, **options)
 
 
